@@ -1,0 +1,136 @@
+"""Workstation credential: azure-identity's DefaultAzureCredential (az login, env, VS Code, ...).
+
+azure-identity's async credentials are asyncio-only (wire §12), so the *sync* credential runs
+in a worker thread. Only used by `kvfs mount` on a workstation; pods use the httpx flows.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import trio
+
+from kvfs.auth.base import AccessToken
+from kvfs.auth.messages import safe_text
+from kvfs.config.model import CloudConfig
+from kvfs.errors import AuthError
+
+log = logging.getLogger(__name__)
+
+# Hosts MSAL knows without asking login.microsoftonline.com (instance discovery).
+_PUBLIC_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.windows.net",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+        "login.microsoftonline.us",
+        "login-us.microsoftonline.com",
+        "login.microsoftonline.de",
+    }
+)
+_JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_-]*")
+
+
+def _host(authority: str) -> str:
+    parsed = urlparse(authority if "://" in authority else "https://" + authority)
+    return (parsed.hostname or "").lower()
+
+
+def _default_factory(**kwargs: Any) -> Any:
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(**kwargs)
+
+
+class DefaultChainCredential:
+    """DefaultAzureCredential in a worker thread, pointed at the configured cloud.
+
+    AZURE_AUTHORITY_HOST, when set, wins over the cloud's authority (azure-identity reads it
+    itself). For authorities outside the public Azure clouds, instance discovery is disabled so
+    nothing calls login.microsoftonline.com (air-gapped Azure Stack, the emulator).
+    """
+
+    def __init__(
+        self,
+        cloud: CloudConfig,
+        tenant_id: str,
+        *,
+        credential_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        self.cloud = cloud
+        self.tenant_id = tenant_id
+        env_authority = os.environ.get("AZURE_AUTHORITY_HOST", "").strip()
+        self.authority = env_authority or cloud.authority_host
+        kwargs: dict[str, Any] = {
+            "exclude_interactive_browser_credential": True,
+            # the vault's tenant may differ from the signed-in home tenant
+            "additionally_allowed_tenants": ["*"],
+        }
+        if not env_authority:
+            kwargs["authority"] = cloud.authority_host
+        if not cloud.is_public_azure or _host(self.authority) not in _PUBLIC_AUTHORITY_HOSTS:
+            kwargs["disable_instance_discovery"] = True
+        self.kwargs = kwargs
+        self._factory = credential_factory or _default_factory
+        self._credential: Any = None
+
+    def __repr__(self) -> str:
+        return f"DefaultChainCredential(authority={self.authority!r}, tenant_id={self.tenant_id!r})"
+
+    def _get_sync(self, scope: str) -> tuple[str, float]:
+        if self._credential is None:
+            self._credential = self._factory(**self.kwargs)
+        options: dict[str, Any] = {"tenant_id": self.tenant_id} if self.tenant_id else {}
+        result = self._credential.get_token(scope, **options)
+        return result.token, float(result.expires_on)
+
+    async def get_token(self, scope: str) -> AccessToken:
+        from azure.core.exceptions import AzureError, ClientAuthenticationError
+        from azure.identity import CredentialUnavailableError
+
+        try:
+            token, expires_on = await trio.to_thread.run_sync(
+                self._get_sync, scope, abandon_on_cancel=True
+            )
+        except CredentialUnavailableError as exc:
+            raise AuthError(self._message("no workstation credential is available", exc),
+                            code="default_chain_unavailable") from None
+        except ClientAuthenticationError as exc:
+            m = re.search(r"AADSTS(\d+)", str(exc))
+            if m:
+                code = f"AADSTS{m.group(1)}"
+            elif "failed to retrieve a token from the included credentials" in str(exc):
+                code = "default_chain_unavailable"  # every credential in the chain was unavailable
+            else:
+                code = "default_chain_failed"
+            raise AuthError(self._message("workstation sign-in failed", exc), code=code) from None
+        except (AzureError, ValueError, OSError) as exc:
+            raise AuthError(self._message("workstation credential error", exc),
+                            code="default_chain_error", errno=_errno.EIO) from None
+        return AccessToken(token=token, expires_at=trio.current_time() + (expires_on - time.time()))
+
+    def _message(self, what: str, exc: BaseException) -> str:
+        # The chain's text lists what each credential tried; keep all lines, minus any JWT.
+        text = _JWT_RE.sub("<redacted-jwt>", str(exc)).strip()
+        text = " | ".join(line.strip() for line in text.splitlines() if line.strip()).rstrip(".")
+        if len(text) > 2000:
+            text = text[:2000] + "..."
+        return (
+            f"{what} (DefaultAzureCredential, authority {self.authority}, tenant"
+            f" {self.tenant_id or '-'}): {text or safe_text(type(exc).__name__)}. Fix: sign in with"
+            f" `az login --tenant {self.tenant_id or '<tenantID>'}`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID/"
+            "AZURE_CLIENT_SECRET, or pass --secrets with clientid/clientsecret."
+        )
+
+    async def aclose(self) -> None:
+        cred, self._credential = self._credential, None
+        if cred is not None:
+            await trio.to_thread.run_sync(cred.close)

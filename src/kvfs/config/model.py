@@ -1,0 +1,139 @@
+"""The validated configuration of one volume: what every lower layer consumes.
+
+Produced by `kvfs.config.parameters.parse_parameters` from SecretProviderClass parameters
+(plus --param overlays / volumeAttributes and node-publish secrets). Immutable; safe to pickle
+and hand to a forked daemon. Holds credentials material only in `AuthConfig.client_secret`
+and `AuthConfig.sa_token` (never logged: their repr is redacted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+ObjectType = Literal["secret", "key", "cert"]
+AuthMode = Literal[
+    "workload_identity",  # clientID set: SA token exchanged at Entra ID
+    "service_principal",  # clientid/clientsecret from node-publish secrets / --secrets
+    "vm_managed_identity",  # IMDS, useVMManagedIdentity
+    "pod_identity",  # NMI, usePodIdentity (deprecated upstream)
+    "default_chain",  # workstation only: azure-identity DefaultAzureCredential
+]
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Endpoints of one Azure cloud."""
+
+    name: str  # canonical, e.g. "AzurePublicCloud", "AzureStackCloud"
+    keyvault_dns_suffix: str  # e.g. "vault.azure.net" (may carry ":port" for private clouds)
+    keyvault_resource: str  # token resource, no trailing slash: "https://vault.azure.net"
+    authority_host: str  # Entra ID, no trailing slash: "https://login.microsoftonline.com"
+
+    @property
+    def scope(self) -> str:
+        return self.keyvault_resource + "/.default"
+
+    @property
+    def is_public_azure(self) -> bool:
+        """True for clouds whose authority is a Microsoft-run host (MSAL instance discovery ok)."""
+        return self.name in {
+            "AzurePublicCloud",
+            "AzureUSGovernmentCloud",
+            "AzureChinaCloud",
+            "AzureGermanCloud",
+        }
+
+    def vault_url(self, vault_name: str) -> str:
+        return f"https://{vault_name}.{self.keyvault_dns_suffix}/"
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One entry of `objects.array`, validated and normalised (strings trimmed)."""
+
+    name: str  # Key Vault object name
+    type: ObjectType
+    alias: str = ""  # file path relative to the mount root; may contain "/"
+    version: str = ""  # "" = latest; else a 32-hex version (or "latest" with history)
+    version_history: int = 0  # >= 2: folder with files 0..N-1
+    format: Literal["", "pem", "pfx"] = ""  # lower-cased
+    encoding: Literal["", "utf-8", "base64", "hex"] = ""  # lower-cased
+    file_mode: int = 0o644
+
+    @property
+    def file_name(self) -> str:
+        """Path of the file (or history folder) relative to the mount root."""
+        return self.alias or self.name
+
+    @property
+    def object_id(self) -> str:
+        """Upstream's object id, e.g. ``secret/db-password`` (the alias never appears)."""
+        return f"{self.type}/{self.name}"
+
+    @property
+    def pinned(self) -> bool:
+        """A fixed version never changes, so it is never refreshed."""
+        return bool(self.version) and self.version.lower() != "latest"
+
+
+def _redacted(value: str) -> str:
+    return "<redacted>" if value else ""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """How this volume gets Key Vault tokens."""
+
+    mode: AuthMode
+    tenant_id: str = ""
+    client_id: str = ""  # workload identity / service principal client id
+    user_assigned_identity_id: str = ""  # VM MI: a client id; "" = system-assigned
+    client_secret: str = field(default="", repr=False)  # service principal only
+    # Workload identity: the SA token given inline (CSI request); when empty, read from
+    # `sa_token_file` (AZURE_FEDERATED_TOKEN_FILE), re-read when it changes.
+    sa_token: str = field(default="", repr=False)
+    sa_token_file: str = ""
+    sa_token_audience: str = "api://AzureADTokenExchange"
+    pod_name: str = ""  # pod identity (NMI) headers
+    pod_namespace: str = ""
+
+    def __repr__(self) -> str:  # belt and braces: never show secrets
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["client_secret"] = _redacted(self.client_secret)
+        fields["sa_token"] = _redacted(self.sa_token)
+        inner = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        return f"AuthConfig({inner})"
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything one volume needs; the output of parameter parsing."""
+
+    vault_name: str
+    cloud: CloudConfig
+    auth: AuthConfig
+    objects: tuple[ObjectSpec, ...]
+    split_cert_key: bool = False  # upstream --write-cert-and-key-in-separate-files
+    construct_pem_chain: bool = True  # upstream --construct-pem-chain
+    refresh_interval: float = 120.0  # seconds; 0 disables background refresh
+    max_staleness: float = 0.0  # seconds; 0 = serve last good bytes without bound
+    pod_name: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+    service_account_name: str = ""
+    secret_provider_class: str = ""
+
+    @property
+    def vault_url(self) -> str:
+        return self.cloud.vault_url(self.vault_name)
+
+    def summary(self) -> str:
+        """One log line describing the mount; contains no secret material."""
+        return (
+            f"vault={self.vault_url} cloud={self.cloud.name} auth={self.auth.mode}"
+            f" tenant={self.auth.tenant_id or '-'} client_id={self.auth.client_id or '-'}"
+            f" objects={len(self.objects)} refresh={self.refresh_interval:g}s"
+            + (f" pod={self.pod_namespace}/{self.pod_name}" if self.pod_name else "")
+        )
