@@ -1,0 +1,382 @@
+"""The filesystem core: FUSE semantics as plain async methods, without importing pyfuse3.
+
+Tests drive this class directly; `kvfs.fs.adapter` only translates to and from pyfuse3.
+
+Semantics (docs/SEMANTICS.md states them for users; tests check each):
+- One inode per (name, version) holding immutable bytes. A name's lookup returns the inode of
+  the version it shows now; rotation re-points the name and asks the kernel to drop the dentry.
+- `open()` pins the inode's bytes in the handle, so an open file keeps reading its version.
+- Sizes are exact; mtime is the version's `updated` time.
+- Listing never fetches: an unfetched file is listed with a placeholder inode that expires at once.
+
+Concurrency (trio, one thread): every method runs as its own task. State changes happen only
+between awaits: `_version_inode` and `_forget` contain no await, so the inode table is never
+seen half-updated. The only awaits are the resolver calls, whose results are applied afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvfs.config.model import MountConfig, ObjectSpec
+from kvfs.errors import KvfsError
+from kvfs.fs.tree import DirNode, FileNode, HistoryNode, Node, Tree, build_tree
+
+if TYPE_CHECKING:
+    from kvfs.cache.resolver import Resolver, Version
+
+log = logging.getLogger(__name__)
+
+# Version inodes never change, so the kernel may cache their attributes for long. Names that
+# follow "latest" are re-validated often to bound staleness if an invalidation is lost.
+IMMUTABLE_TIMEOUT = 3600.0
+NAME_TIMEOUT = 1.0
+DIR_TIMEOUT = 1.0
+XATTR_PREFIX = "user.kvfs."
+
+
+class FsError(KvfsError):
+    """A filesystem-level failure with an errno (ENOENT for unknown names, ...)."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class Attr:
+    """What the adapter turns into pyfuse3.EntryAttributes."""
+
+    inode: int
+    mode: int
+    size: int = 0
+    mtime_ns: int = 0
+    uid: int = 0
+    gid: int = 0
+    entry_timeout: float = NAME_TIMEOUT
+    attr_timeout: float = IMMUTABLE_TIMEOUT
+
+
+@dataclass(eq=False)
+class _VersionInode:
+    """An immutable file: one version of one node."""
+
+    inode: int
+    data: bytes
+    version: Version
+    mode: int
+    lookups: int = 0
+    opens: int = 0
+    current: bool = True  # still what its name points to
+
+
+@dataclass
+class _Stats:
+    lookups: int = 0
+    opens: int = 0
+    reads: int = 0
+    invalidations: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class FilesystemCore:
+    """Names → versions → inodes, for one volume."""
+
+    def __init__(
+        self,
+        config: MountConfig,
+        resolver: Resolver,
+        *,
+        invalidate_entry: Callable[[int, str], None] | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.tree: Tree = build_tree(config)
+        self._invalidate_entry = invalidate_entry or (lambda parent, name: None)
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._next_inode = max(self.tree.dirs) + 1
+        self._mounted_ns = time.time_ns()
+        self._inodes: dict[int, _VersionInode] = {}
+        # (node identity, history index or -1) → the inode that name shows now.
+        self._current: dict[tuple[int, int], _VersionInode] = {}
+        self._handles: dict[int, _VersionInode] = {}
+        self._placeholders: dict[int, FileNode] = {}
+        self._placeholder_inodes: dict[int, int] = {}
+        self._next_fh = 1
+        self.stats = _Stats()
+
+    # ----- attributes ---------------------------------------------------------------------
+
+    def _dir_attr(self, inode: int) -> Attr:
+        return Attr(
+            inode=inode,
+            mode=stat.S_IFDIR | 0o755,
+            mtime_ns=self._mounted_ns,
+            uid=self._uid,
+            gid=self._gid,
+            entry_timeout=DIR_TIMEOUT,
+            attr_timeout=DIR_TIMEOUT,
+        )
+
+    def _file_attr(self, vinode: _VersionInode, entry_timeout: float) -> Attr:
+        return Attr(
+            inode=vinode.inode,
+            mode=stat.S_IFREG | vinode.mode,
+            size=len(vinode.data),
+            mtime_ns=vinode.version.updated * 1_000_000_000,
+            uid=self._uid,
+            gid=self._gid,
+            entry_timeout=entry_timeout,
+            attr_timeout=IMMUTABLE_TIMEOUT,
+        )
+
+    # ----- resolving names ----------------------------------------------------------------
+
+    def _version_inode(self, node: Node, index: int, version: Version, data: bytes) -> _VersionInode:
+        """The inode showing `version` at `node` (history `index`, -1 for plain files)."""
+        key = (id(node), index)
+        vinode = self._current.get(key)
+        if vinode is not None and vinode.version.version == version.version:
+            return vinode
+        if vinode is not None:
+            # The name moves on; the old inode lives while the kernel or a handle knows it.
+            vinode.current = False
+            self._maybe_drop(vinode)
+        vinode = _VersionInode(self._next_inode, data, version, version.spec.file_mode)
+        self._next_inode += 1
+        self._inodes[vinode.inode] = vinode
+        self._current[key] = vinode
+        return vinode
+
+    def _maybe_drop(self, vinode: _VersionInode) -> None:
+        if not vinode.current and vinode.lookups <= 0 and vinode.opens <= 0:
+            self._inodes.pop(vinode.inode, None)
+
+    async def _resolve_file(self, node: FileNode) -> _VersionInode:
+        version = await self._call_resolver(node.spec, self.resolver.current(node.spec))
+        data = version.files.get(node.suffix)
+        if data is None:  # a split companion of a secret that is not certificate-backed
+            raise FsError(errno.ENOENT, f"{node.spec.file_name}{node.suffix}: not a certificate")
+        return self._version_inode(node, -1, version, data)
+
+    async def _resolve_history(self, node: HistoryNode) -> list[Version]:
+        return await self._call_resolver(node.spec, self.resolver.history(node.spec))
+
+    async def _call_resolver(self, spec: ObjectSpec, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        except KvfsError as err:
+            code = getattr(err, "code", "") or type(err).__name__
+            self.stats.errors[spec.file_name] = self.stats.errors.get(spec.file_name, 0) + 1
+            raise FsError(err.errno, f"{spec.file_name}: {code}") from err
+
+    def _child(self, parent_inode: int, name: str) -> Node:
+        parent = self.tree.dirs.get(parent_inode)
+        if parent is None:
+            raise FsError(errno.ENOENT)
+        if isinstance(parent, HistoryNode):
+            raise FsError(errno.ENOENT)  # handled by the caller
+        child = parent.children.get(name)
+        if child is None:
+            raise FsError(errno.ENOENT)
+        return child
+
+    # ----- operations ---------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: str) -> Attr:
+        """Resolve one name; fetches that object (only) when it is not cached."""
+        self.stats.lookups += 1
+        parent = self.tree.dirs.get(parent_inode)
+        if isinstance(parent, HistoryNode):
+            vinode = await self._history_entry(parent, name)
+            vinode.lookups += 1
+            return self._file_attr(vinode, NAME_TIMEOUT)
+        child = self._child(parent_inode, name)
+        if isinstance(child, (DirNode, HistoryNode)):
+            return self._dir_attr(child.inode)
+        vinode = await self._resolve_file(child)
+        vinode.lookups += 1
+        entry_timeout = IMMUTABLE_TIMEOUT if child.spec.pinned else NAME_TIMEOUT
+        return self._file_attr(vinode, entry_timeout)
+
+    async def _history_entry(self, node: HistoryNode, name: str) -> _VersionInode:
+        if not name.isdigit() or (len(name) > 1 and name.startswith("0")):
+            raise FsError(errno.ENOENT)
+        index = int(name)
+        if index >= node.spec.version_history:
+            raise FsError(errno.ENOENT)
+        versions = await self._resolve_history(node)
+        if index >= len(versions):
+            raise FsError(errno.ENOENT)
+        version = versions[index]
+        return self._version_inode(node, index, version, version.files.get("", b""))
+
+    def forget(self, inode: int, count: int) -> None:
+        vinode = self._inodes.get(inode)
+        if vinode is not None:
+            vinode.lookups -= count
+            self._maybe_drop(vinode)
+
+    async def getattr(self, inode: int) -> Attr:
+        if inode in self.tree.dirs:
+            return self._dir_attr(inode)
+        vinode = self._inodes.get(inode)
+        if vinode is not None:
+            return self._file_attr(vinode, NAME_TIMEOUT)
+        node = self._placeholders.get(inode)
+        if node is not None:
+            return self._placeholder_attr(node)
+        raise FsError(errno.ENOENT)
+
+    async def readdir(self, inode: int) -> list[tuple[str, Attr]]:
+        """Entries with attributes where known without fetching (placeholders otherwise).
+
+        An entry returned with a real inode counts as a lookup (READDIRPLUS); the adapter calls
+        `unreaddir` for entries the kernel did not accept.
+        """
+        node = self.tree.dirs.get(inode)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if isinstance(node, HistoryNode):
+            return await self._readdir_history(node)
+        entries: list[tuple[str, Attr]] = []
+        for name, child in node.children.items():
+            entries.append((name, self._peek_attr(child)))
+        return entries
+
+    async def _readdir_history(self, node: HistoryNode) -> list[tuple[str, Attr]]:
+        versions = await self._resolve_history(node)
+        entries = []
+        for index, version in enumerate(versions[: node.spec.version_history]):
+            vinode = self._version_inode(node, index, version, version.files.get("", b""))
+            vinode.lookups += 1
+            entries.append((str(index), self._file_attr(vinode, NAME_TIMEOUT)))
+        return entries
+
+    def _peek_attr(self, child: Node) -> Attr:
+        if isinstance(child, (DirNode, HistoryNode)):
+            return self._dir_attr(child.inode)
+        version = self.resolver.peek(child.spec)
+        data = None if version is None else version.files.get(child.suffix)
+        if version is None or data is None:
+            return self._placeholder_attr(child)
+        vinode = self._version_inode(child, -1, version, data)
+        vinode.lookups += 1
+        timeout = IMMUTABLE_TIMEOUT if child.spec.pinned else NAME_TIMEOUT
+        return self._file_attr(vinode, timeout)
+
+    def _placeholder_attr(self, node: FileNode) -> Attr:
+        """Attributes for a listed but unfetched file.
+
+        The kernel drops entries without an inode from listings, so an unfetched file is listed
+        with a per-name placeholder inode whose entry and attributes expire at once: any
+        access (stat, open) then looks the name up again and gets the real version's inode.
+        """
+        inode = self._placeholder_inodes.get(id(node))
+        if inode is None:
+            inode = self._next_inode
+            self._next_inode += 1
+            self._placeholder_inodes[id(node)] = inode
+            self._placeholders[inode] = node
+        return Attr(
+            inode=inode,
+            mode=stat.S_IFREG | node.spec.file_mode,
+            uid=self._uid,
+            gid=self._gid,
+            entry_timeout=0.0,
+            attr_timeout=0.0,
+        )
+
+    def unreaddir(self, attr: Attr) -> None:
+        """Undo the lookup count of a readdir entry the kernel did not take."""
+        self.forget(attr.inode, 1)
+
+    async def open(self, inode: int, flags: int) -> int:
+        """Pin the inode's bytes to a new handle; write access is refused."""
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT):
+            raise FsError(errno.EROFS)
+        vinode = self._inodes.get(inode)
+        if vinode is None and inode in self._placeholders:
+            vinode = await self._resolve_file(self._placeholders[inode])
+        if vinode is None:
+            raise FsError(errno.EISDIR if inode in self.tree.dirs else errno.ENOENT)
+        self.stats.opens += 1
+        vinode.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = vinode
+        return fh
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        self.stats.reads += 1
+        vinode = self._handles.get(fh)
+        if vinode is None:
+            raise FsError(errno.EBADF)
+        return vinode.data[offset : offset + size]
+
+    async def release(self, fh: int) -> None:
+        vinode = self._handles.pop(fh, None)
+        if vinode is not None:
+            vinode.opens -= 1
+            self._maybe_drop(vinode)
+
+    # ----- extended attributes ------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[str, str]:
+        vinode = self._inodes.get(inode)
+        if vinode is None:
+            return {}
+        version = vinode.version
+        attrs = {
+            "object": version.spec.object_id,
+            "id": version.kv_id,
+            "version": version.version,
+            "content_type": version.content_type,
+            "updated": str(version.updated),
+        }
+        if version.expires is not None:
+            attrs["expires"] = str(version.expires)
+        return attrs
+
+    async def listxattr(self, inode: int) -> list[str]:
+        return [XATTR_PREFIX + name for name in self._xattrs(inode)]
+
+    async def getxattr(self, inode: int, name: str) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            raise FsError(errno.ENODATA)
+        value = self._xattrs(inode).get(name[len(XATTR_PREFIX) :])
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value.encode()
+
+    # ----- rotation -----------------------------------------------------------------------
+
+    async def on_change(self, spec: ObjectSpec, version: Version) -> None:
+        """A new version of `spec` appeared: drop the kernel's dentries for its names.
+
+        The resolver already serves the new version, so the next lookup of any of these names
+        returns the new inode; open handles keep the old one.
+        """
+        for parent_inode, name, node in self.tree.locations.get(spec, []):
+            if isinstance(node, HistoryNode):
+                for index in range(spec.version_history):
+                    self._invalidate(node.inode, str(index))
+            self._invalidate(parent_inode, name)
+
+    def _invalidate(self, parent_inode: int, name: str) -> None:
+        self.stats.invalidations += 1
+        self._invalidate_entry(parent_inode, name)
+
+    def known_inodes(self) -> Iterator[int]:
+        """For tests: file inodes the core still holds."""
+        return iter(self._inodes)
