@@ -1,0 +1,174 @@
+"""Azure cloud names → Key Vault and Entra ID endpoints (`cloudName`, `cloudEnvFileName`).
+
+Mirrors go-autorest's environment table as the upstream provider uses it: names are
+case-insensitive and "" means AzurePublicCloud. AzureStackCloud reads its endpoints from a JSON
+file; unlike upstream (which sets AZURE_ENVIRONMENT_FILEPATH process-wide, fault #13) the file is
+read per mount and nothing global changes. Error texts keep upstream's
+``cloudName <x> is not valid, error: ...`` prefix and then say how to fix the input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from kvfs.config.model import CloudConfig
+from kvfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_PUBLIC = CloudConfig(
+    name="AzurePublicCloud",
+    keyvault_dns_suffix="vault.azure.net",
+    keyvault_resource="https://vault.azure.net",
+    authority_host="https://login.microsoftonline.com",
+)
+
+_CLOUDS: dict[str, CloudConfig] = {
+    "AZUREPUBLICCLOUD": _PUBLIC,
+    "AZUREUSGOVERNMENTCLOUD": CloudConfig(
+        name="AzureUSGovernmentCloud",
+        keyvault_dns_suffix="vault.usgovcloudapi.net",
+        keyvault_resource="https://vault.usgovcloudapi.net",
+        authority_host="https://login.microsoftonline.us",
+    ),
+    "AZURECHINACLOUD": CloudConfig(
+        name="AzureChinaCloud",
+        keyvault_dns_suffix="vault.azure.cn",
+        keyvault_resource="https://vault.azure.cn",
+        authority_host="https://login.chinacloudapi.cn",
+    ),
+    "AZUREGERMANCLOUD": CloudConfig(
+        name="AzureGermanCloud",
+        keyvault_dns_suffix="vault.microsoftazure.de",
+        keyvault_resource="https://vault.microsoftazure.de",
+        authority_host="https://login.microsoftonline.de",
+    ),
+}
+_STACK = "AZURESTACKCLOUD"
+
+VALID_CLOUD_NAMES: tuple[str, ...] = (
+    "AzurePublicCloud",
+    "AzureUSGovernmentCloud",
+    "AzureChinaCloud",
+    "AzureGermanCloud",
+    "AzureStackCloud",
+)
+
+# host[:port], the form a Key Vault DNS suffix takes in a vault URL
+_DNS_SUFFIX = re.compile(
+    r"^(?=.{1,253}(:|$))[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?$"
+)
+_STACK_FIELDS = ("activeDirectoryEndpoint", "keyVaultEndpoint", "keyVaultDNSSuffix")
+_STACK_FIX = (
+    "cloudEnvFileName must name a JSON file with activeDirectoryEndpoint, keyVaultEndpoint "
+    "and keyVaultDNSSuffix, e.g. "
+    '{"activeDirectoryEndpoint": "https://adfs.local.azurestack.external/adfs/", '
+    '"keyVaultEndpoint": "https://vault.local.azurestack.external/", '
+    '"keyVaultDNSSuffix": "vault.local.azurestack.external"}'
+)
+
+
+def _invalid(cloud_name: str, error: str, fix: str) -> ConfigError:
+    text = f"cloudName {cloud_name} is not valid, error: {error}"
+    return ConfigError("cloudName", cloud_name, text, fix, message=text)
+
+
+def resolve_cloud(cloud_name: str, env_file: str = "") -> CloudConfig:
+    """Endpoints for `cloud_name`; `env_file` is only read for AzureStackCloud."""
+    name = cloud_name.strip()
+    key = name.upper()
+    if key == "":
+        cloud = _PUBLIC
+    elif key in _CLOUDS:
+        cloud = _CLOUDS[key]
+    elif key == _STACK:
+        return _load_stack(name, env_file.strip())
+    else:
+        raise _invalid(
+            name,
+            f'autorest/azure: There is no cloud environment matching the name "{key}"',
+            "valid cloudName values (case-insensitive): " + ", ".join(VALID_CLOUD_NAMES),
+        )
+    if env_file.strip():
+        log.warning("cloudEnvFileName is ignored: it only applies to cloudName AzureStackCloud")
+    return cloud
+
+
+def _load_stack(name: str, env_file: str) -> CloudConfig:
+    """Read an Azure Stack environment file (go-autorest's JSON, keys matched like Go's json)."""
+    if not env_file:
+        raise _invalid(name, "cloudEnvFileName is not set", _STACK_FIX)
+    try:
+        with open(env_file, encoding="utf-8") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise _invalid(name, f"open {env_file}: no such file or directory", _STACK_FIX) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise _invalid(
+            name,
+            f"open {env_file}: {reason.lower()}",
+            "make the file readable by kvfs (UTF-8 JSON)",
+        ) from None
+    try:
+        doc: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _invalid(
+            name,
+            f"{env_file} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            _STACK_FIX,
+        ) from None
+    if not isinstance(doc, dict):
+        raise _invalid(name, f"{env_file} must hold a JSON object", _STACK_FIX)
+    values: dict[str, str] = {}
+    for field in _STACK_FIELDS:
+        value = _json_field(doc, field)
+        if not isinstance(value, str) or not value.strip():
+            raise _invalid(
+                name,
+                f"{env_file}: field {field} is missing or not a non-empty string",
+                f'add "{field}" to {env_file}; {_STACK_FIX}',
+            )
+        values[field] = value.strip()
+
+    authority = _https_endpoint(name, env_file, "activeDirectoryEndpoint", values)
+    resource = _https_endpoint(name, env_file, "keyVaultEndpoint", values)
+    suffix = values["keyVaultDNSSuffix"]
+    if not _DNS_SUFFIX.match(suffix):
+        raise _invalid(
+            name,
+            f"{env_file}: keyVaultDNSSuffix {suffix!r} is not a host name with an optional :port",
+            'write it like "vault.local.azurestack.external" (no scheme, no leading dot, no path)',
+        )
+    return CloudConfig(
+        name="AzureStackCloud",
+        keyvault_dns_suffix=suffix,
+        keyvault_resource=resource,
+        authority_host=authority,
+    )
+
+
+def _json_field(doc: dict[str, Any], field: str) -> Any:
+    """Go's encoding/json matches object keys case-insensitively; the exact spelling wins."""
+    if field in doc:
+        return doc[field]
+    for key, value in doc.items():
+        if str(key).lower() == field.lower():
+            return value
+    return None
+
+
+def _https_endpoint(name: str, env_file: str, field: str, values: dict[str, str]) -> str:
+    """An endpoint URL from the env file, without trailing slash; HTTPS only."""
+    url = values[field]
+    if not url.lower().startswith("https://") or len(url.rstrip("/")) <= len("https://"):
+        raise _invalid(
+            name,
+            f"{env_file}: {field} {url!r} is not an https:// URL",
+            f'write {field} like "https://host.example/" (kvfs only talks HTTPS)',
+        )
+    return url.rstrip("/")

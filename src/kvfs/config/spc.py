@@ -1,0 +1,296 @@
+"""Where parameters come from: a SecretProviderClass manifest, --param overlays, --secrets files.
+
+`kvfs mount --spc FILE` takes the same manifest `kubectl apply` would; the CSI plugin gets the
+same object from the Kubernetes API as JSON. Both end in `spc_parameters`, which returns
+`spec.parameters` as str → str. Scalars keep the text the user wrote (``0755`` stays "0755",
+not 493); YAML booleans become "true"/"false". Errors name the file and the field, and never
+echo a value from a secrets file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+from yaml.nodes import ScalarNode
+
+from kvfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+API_VERSIONS = ("secrets-store.csi.x-k8s.io/v1", "secrets-store.csi.x-k8s.io/v1alpha1")
+KIND = "SecretProviderClass"
+PROVIDER = "azure"
+
+
+class _RawScalarLoader(yaml.SafeLoader):
+    """SafeLoader that keeps numbers and timestamps as the text written; bools as true/false."""
+
+
+def _raw_text(loader: yaml.SafeLoader, node: ScalarNode) -> str:
+    return str(node.value)
+
+
+def _bool_text(loader: yaml.SafeLoader, node: ScalarNode) -> str:
+    return "true" if loader.construct_yaml_bool(node) else "false"
+
+
+for _tag in ("int", "float", "timestamp"):
+    _RawScalarLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _raw_text)
+_RawScalarLoader.add_constructor("tag:yaml.org,2002:bool", _bool_text)
+
+
+def _file_error(path: str, problem: str, fix: str, field: str = "") -> ConfigError:
+    where = f"{path}: {field}: " if field else f"{path}: "
+    return ConfigError(field or path, None, problem, fix, message=where + problem)
+
+
+def _read_text(path: str, what: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise _file_error(path, f"{what} not found", f"check the path given to {flag}") from None
+    except IsADirectoryError:
+        raise _file_error(path, "is a directory", f"{flag} takes a file") from None
+    except UnicodeDecodeError:
+        raise _file_error(path, "is not UTF-8 text", f"{flag} takes a YAML or JSON file") from None
+    except OSError as exc:
+        raise _file_error(
+            path,
+            f"cannot read {what}: {exc.strerror or type(exc).__name__}",
+            "check its permissions",
+        ) from None
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return ""
+    return f" at line {mark.line + 1} column {mark.column + 1}"
+
+
+def load_manifest(path: str) -> dict[str, str]:
+    """`spec.parameters` of the one SecretProviderClass in a YAML file (multi-document ok)."""
+    text = _read_text(path, "SecretProviderClass manifest", "--spc")
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_RawScalarLoader) if d is not None]
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise _file_error(
+            path, f"not valid YAML{_yaml_position(exc)}: {problem}", "fix the manifest's YAML"
+        ) from None
+    candidates: list[Any] = []
+    for doc in docs:
+        if (
+            isinstance(doc, dict)
+            and doc.get("kind") == "List"
+            and isinstance(doc.get("items"), list)
+        ):
+            candidates.extend(doc["items"])  # `kubectl get -o yaml` output
+        else:
+            candidates.append(doc)
+    spcs = [d for d in candidates if isinstance(d, dict) and d.get("kind") == KIND]
+    if not spcs:
+        kinds = sorted({str(d.get("kind")) for d in candidates if isinstance(d, dict)})
+        fix = f"give a manifest with kind: {KIND} and apiVersion: {API_VERSIONS[0]}"
+        if any(k.lower() == KIND.lower() for k in kinds):
+            fix = f"kind is case-sensitive: write kind: {KIND}"
+        found = ", ".join(kinds) if kinds else "none"
+        raise _file_error(path, f"no {KIND} found (kinds found: {found})", fix, "kind")
+    if len(spcs) > 1:
+        names = ", ".join(_spc_name(d) for d in spcs)
+        raise _file_error(
+            path,
+            f"holds {len(spcs)} SecretProviderClasses ({names}); kvfs mounts one",
+            "put each SecretProviderClass in its own file",
+            "kind",
+        )
+    return spc_parameters(spcs[0], source=path)
+
+
+def _spc_name(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    return str(name) if name else "<unnamed>"
+
+
+def spc_parameters(spc_object: Mapping[str, Any], *, source: str = KIND) -> dict[str, str]:
+    """`spec.parameters` of a parsed SecretProviderClass (manifest or Kubernetes API JSON).
+
+    `source` names where it came from (a file path, or namespace/name) in error messages.
+    """
+    api_version = spc_object.get("apiVersion")
+    if api_version not in API_VERSIONS:
+        raise _file_error(
+            source,
+            f"unsupported apiVersion {api_version!r}",
+            "use apiVersion: " + " or ".join(API_VERSIONS),
+            "apiVersion",
+        )
+    if spc_object.get("kind") != KIND:
+        raise _file_error(
+            source, f"kind is {spc_object.get('kind')!r}, not {KIND}", f"use kind: {KIND}", "kind"
+        )
+    spec = spc_object.get("spec")
+    if not isinstance(spec, Mapping):
+        raise _file_error(
+            source,
+            "spec is missing or not a mapping",
+            "add spec.provider and spec.parameters",
+            "spec",
+        )
+    provider = spec.get("provider")
+    if provider not in (None, "", PROVIDER):
+        fix = f"kvfs serves Azure Key Vault only: use provider: {PROVIDER}"
+        if isinstance(provider, str) and provider.strip().lower() == PROVIDER:
+            fix = f"the provider name is case-sensitive: write provider: {PROVIDER}"
+        raise _file_error(source, f"provider {provider!r} is not supported", fix, "spec.provider")
+    if spec.get("secretObjects"):
+        log.warning(
+            "%s: spec.secretObjects is ignored: kvfs does not sync Kubernetes Secrets", source
+        )
+    raw = spec.get("parameters")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _file_error(
+            source,
+            "spec.parameters must be a mapping of names to strings",
+            "see the kvfs docs",
+            "spec.parameters",
+        )
+    params: dict[str, str] = {}
+    for key, value in raw.items():
+        params[str(key)] = _parameter_text(source, str(key), value)
+    return params
+
+
+def _parameter_text(source: str, key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    fix = f'{key} must be a string: quote it, e.g. {key}: "..."'
+    if key == "objects":
+        fix = "objects is a YAML text block: write `objects: |` and indent the array below it"
+    raise _file_error(
+        source,
+        f"value of {key} is a {type(value).__name__}, not a string",
+        fix,
+        f"spec.parameters.{key}",
+    )
+
+
+def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
+    """Apply `--param KEY=VALUE` pairs over `params`; like volumeAttributes, the overlay wins."""
+    out = dict(params)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            shown = pair if not sep else "=..."
+            raise ConfigError(
+                "--param",
+                shown,
+                "expected KEY=VALUE",
+                "e.g. --param keyvaultName=myvault; parameter names are case-sensitive",
+            )
+        out[key] = value
+    return out
+
+
+def load_secrets_file(path: str) -> dict[str, str]:
+    """A flat YAML/JSON mapping (clientid, clientsecret) or a Kubernetes Secret manifest.
+
+    Stands in for a nodePublishSecretRef. Error messages name keys, never values.
+    """
+    text = _read_text(path, "secrets file", "--secrets")
+    try:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("%s holds credentials and is readable by other users; chmod 600 it", path)
+    except OSError:
+        pass
+    doc: Any
+    json_error: json.JSONDecodeError | None = None
+    if text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            json_error = exc  # maybe a YAML flow mapping such as {clientid: x}
+    if json_error is not None or not text.lstrip().startswith("{"):
+        try:
+            doc = yaml.load(text, Loader=_RawScalarLoader)
+        except yaml.YAMLError as exc:
+            if json_error is not None:
+                raise _file_error(
+                    path,
+                    f"not valid JSON: {json_error.msg} at line {json_error.lineno}"
+                    f" column {json_error.colno}",
+                    'write a JSON object like {"clientid": "...", "clientsecret": "..."}',
+                ) from None
+            # The problem text can quote the file's characters, so only the position is shown.
+            raise _file_error(
+                path,
+                f"not valid YAML{_yaml_position(exc)}",
+                "write a flat mapping: clientid: ... and clientsecret: ... on their own lines",
+            ) from None
+    if not isinstance(doc, dict):
+        raise _file_error(
+            path,
+            "must hold a mapping with clientid and clientsecret",
+            "write clientid: ... and clientsecret: ... on their own lines, or JSON",
+        )
+    if doc.get("kind") == "Secret" and ("data" in doc or "stringData" in doc):
+        return _secret_manifest_data(path, doc)
+    out: dict[str, str] = {}
+    for key, value in doc.items():
+        out[str(key)] = _secret_value(path, str(key), value)
+    return out
+
+
+def _secret_value(path: str, key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise _file_error(
+        path,
+        f"value of {key} must be a string",
+        "the secrets file is a flat mapping of strings",
+        key,
+    )
+
+
+def _secret_manifest_data(path: str, doc: Mapping[str, Any]) -> dict[str, str]:
+    """`data` (base64) and `stringData` of a Kubernetes Secret; stringData wins, as in K8s."""
+    out: dict[str, str] = {}
+    data = doc.get("data") or {}
+    string_data = doc.get("stringData") or {}
+    if not isinstance(data, Mapping) or not isinstance(string_data, Mapping):
+        raise _file_error(path, "data and stringData must be mappings", "fix the Secret manifest")
+    for key, value in data.items():
+        try:
+            out[str(key)] = base64.b64decode(str(value), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _file_error(
+                path,
+                f"data.{key} is not base64 of UTF-8 text",
+                "Secret data values are base64; use stringData for plain text",
+                f"data.{key}",
+            ) from None
+    for key, value in string_data.items():
+        out[str(key)] = _secret_value(path, f"stringData.{key}", value)
+    return out
