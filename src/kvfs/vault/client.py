@@ -1,0 +1,313 @@
+"""VaultClient: the only code that speaks Key Vault REST.
+
+Why it exists as one small class: every request must carry the bearer token for the configured
+vault only, honour the retry policy and the read deadline, and turn Key Vault's error envelope
+into a `VaultError` with the right errno and a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import re
+from typing import Any, Literal, Protocol, runtime_checkable
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from kvfs.auth.base import Credential
+from kvfs.errors import ConfigError, VaultError
+from kvfs.vault.retry import DeadlineExceeded, RetryPolicy, is_tls_verification_error
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["secret", "key", "cert"]
+
+_NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
+_VERSION_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+_COLLECTION: dict[str, str] = {"secret": "secrets", "key": "keys", "cert": "certificates"}
+_ROUTE_NOUN: dict[str, str] = {"secret": "secret", "key": "key", "cert": "certificate"}
+_RBAC_ROLE: dict[str, str] = {
+    "secret": "Key Vault Secrets User",
+    "key": "Key Vault Crypto User",
+    "cert": "Key Vault Certificate User",
+}
+_MAX_PAGES = 1000
+
+
+@runtime_checkable
+class InvalidatingCredential(Protocol):
+    """Optional: a credential that can drop its cached token so the next get_token() is fresh."""
+
+    def invalidate(self, scope: str) -> Any: ...
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    """(scheme, host, port) with the default port made explicit, so `host:443` ≡ `host`."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return (url.scheme.lower(), url.host.lower().rstrip("."), port)
+
+
+def parse_challenge(header: str) -> dict[str, str]:
+    """Parse `Bearer authorization="…", resource="…"` into lower-cased keys (quotes stripped)."""
+    _, _, params = header.strip().partition(" ")
+    out: dict[str, str] = {}
+    for item in params.split(","):
+        key, sep, value = item.partition("=")
+        if sep:
+            out[key.strip().lower()] = value.strip().strip('"').strip()
+    return out
+
+
+def challenge_tenant(header: str) -> str:
+    """Tenant named by a 401 challenge: first path segment of its authorization URL, or ""."""
+    params = parse_challenge(header)
+    uri = params.get("authorization") or params.get("authorization_uri") or ""
+    if not uri:
+        return ""
+    try:
+        path = httpx.URL(uri).path
+    except (httpx.InvalidURL, ValueError):
+        return ""
+    segments = [s for s in path.split("/") if s]
+    return segments[0] if segments else ""
+
+
+def _envelope(response: httpx.Response) -> tuple[str, str, str]:
+    """(code, inner_code, message) from Key Vault's error body; empty strings when absent."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "", "", ""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return "", "", ""
+    inner = err.get("innererror")
+    inner_code = ""
+    # innererror nests; the innermost code is the most specific one.
+    while isinstance(inner, dict):
+        inner_code = str(inner.get("code") or inner_code)
+        inner = inner.get("innererror")
+    return str(err.get("code") or ""), inner_code, str(err.get("message") or "")
+
+
+class VaultClient:
+    """Reads secrets, keys and certificates (and their version lists) from one vault."""
+
+    def __init__(
+        self,
+        vault_url: str,
+        credential: Credential,
+        scope: str,
+        http: httpx.AsyncClient,
+        *,
+        api_version: str = "7.4",
+        deadline: float = 25.0,
+        tenant_id: str = "",
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        url = httpx.URL(vault_url)
+        if url.scheme != "https" or not url.host:
+            raise ConfigError(
+                "vault URL",
+                vault_url,
+                "must be an https:// URL",
+                "check keyvaultName and the cloud's keyVaultDNSSuffix",
+            )
+        self._base = str(url.copy_with(path="/", query=None, fragment=None)).rstrip("/")
+        self._origin = _origin(url)
+        self.vault = url.host
+        self._credential = credential
+        self._scope = scope
+        self._http = http
+        self._api_version = api_version
+        self._deadline = deadline
+        self._tenant_id = tenant_id
+        self._retry = retry or RetryPolicy(deadline=deadline)
+        self.request_counts: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"VaultClient({self._base!r}, api_version={self._api_version!r})"
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def get_secret(self, name: str, version: str = "") -> dict:
+        return await self._get("secret", name, version)
+
+    async def get_key(self, name: str, version: str = "") -> dict:
+        return await self._get("key", name, version)
+
+    async def get_certificate(self, name: str, version: str = "") -> dict:
+        return await self._get("cert", name, version)
+
+    async def list_versions(self, kind: Kind, name: str) -> list[dict]:
+        """All version items of one object, following nextLink through empty pages."""
+        self._check(kind, name, "")
+        route = f"list_{_ROUTE_NOUN[kind]}_versions"
+        what = f"{kind} '{name}' versions"
+        deadline = trio.current_time() + self._deadline
+        url: httpx.URL | None = httpx.URL(
+            f"{self._base}/{_COLLECTION[kind]}/{quote(name, safe='')}/versions",
+            params={"api-version": self._api_version, "maxresults": "25"},
+        )
+        items: list[dict] = []
+        seen: set[str] = set()
+        while url is not None:
+            if len(seen) >= _MAX_PAGES or str(url) in seen:
+                raise VaultError(
+                    f"{what}: Key Vault paging did not end (nextLink repeats)", status=0, code="PagingLoop"
+                )
+            seen.add(str(url))
+            page = await self._request(kind, route, url, what, deadline)
+            value = page.get("value")
+            if isinstance(value, list):
+                items.extend(v for v in value if isinstance(v, dict))
+            url = self._next_link(page.get("nextLink"), what)
+        return items
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check(self, kind: str, name: str, version: str) -> None:
+        if kind not in _COLLECTION:
+            raise ConfigError("objectType", kind, "must be secret, key or cert")
+        if not _NAME_RE.match(name):
+            raise ConfigError("objectName", name, "must be 1-127 characters of 0-9, a-z, A-Z and '-'")
+        if version and not _VERSION_RE.match(version):
+            raise ConfigError("objectVersion", version, "must be empty or a 32-character hex version id")
+
+    async def _get(self, kind: Kind, name: str, version: str) -> dict:
+        self._check(kind, name, version)
+        path = f"/{_COLLECTION[kind]}/{quote(name, safe='')}"
+        if version:
+            path += f"/{quote(version, safe='')}"
+        url = httpx.URL(self._base + path, params={"api-version": self._api_version})
+        what = f"{kind} '{name}'" + (f" version {version}" if version else "")
+        deadline = trio.current_time() + self._deadline
+        return await self._request(kind, f"get_{_ROUTE_NOUN[kind]}", url, what, deadline)
+
+    def _next_link(self, link: object, what: str) -> httpx.URL | None:
+        if link is None or link == "":
+            return None
+        try:
+            url = httpx.URL(str(link))
+        except (httpx.InvalidURL, ValueError):
+            raise VaultError(f"{what}: Key Vault sent an invalid nextLink", code="BadNextLink") from None
+        if _origin(url) != self._origin:
+            # Never send the vault token to another host (private link / custom DNS rewrites).
+            raise VaultError(
+                f"{what}: Key Vault's nextLink points to {url.scheme}://{url.host}, not to the vault"
+                f" {self.vault}; refusing to send the token there (check private endpoint / DNS setup)",
+                code="ForeignNextLink",
+            )
+        return url.copy_set_param("api-version", self._api_version)
+
+    async def _token(self, *, fresh: bool = False) -> str:
+        if fresh and isinstance(self._credential, InvalidatingCredential):
+            result = self._credential.invalidate(self._scope)
+            if inspect.isawaitable(result):
+                await result
+        return (await self._credential.get_token(self._scope)).token
+
+    async def _request(self, kind: str, route: str, url: httpx.URL, what: str, deadline: float) -> dict:
+        response = await self._send(route, url, what, deadline, fresh=False)
+        if response.status_code == 401:
+            tenant = challenge_tenant(response.headers.get("www-authenticate", ""))
+            if tenant and self._tenant_id and tenant.lower() != self._tenant_id.lower():
+                code, inner, _ = _envelope(response)
+                log.debug("vault=%s object=%s status=401 code=%s tenant=%s", self.vault, what, code, tenant)
+                raise VaultError(
+                    f"{what}: vault {self.vault} belongs to tenant {tenant}, but the token is from tenant"
+                    f" {self._tenant_id} (set the SecretProviderClass parameter tenantID to {tenant})",
+                    status=401,
+                    code=code or "Unauthorized",
+                    inner_code=inner,
+                )
+            log.debug("vault=%s object=%s status=401: refreshing the token once", self.vault, what)
+            response = await self._send(route, url, what, deadline, fresh=True)
+        if response.status_code == 200:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise VaultError(
+                    f"{what}: Key Vault answered with invalid JSON", status=200, code="BadResponse"
+                )
+            return body
+        raise self._error(response, kind, what)
+
+    async def _send(
+        self, route: str, url: httpx.URL, what: str, deadline: float, *, fresh: bool
+    ) -> httpx.Response:
+        first = True
+
+        async def attempt() -> httpx.Response:
+            nonlocal first
+            token = await self._token(fresh=fresh and first)
+            first = False
+            self.request_counts[route] += 1
+            return await self._http.get(
+                url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
+            )
+
+        try:
+            return await self._retry.run(attempt, deadline=deadline, what=f"{self.vault} {route} {what}")
+        except DeadlineExceeded:
+            log.debug("vault=%s object=%s code=Timeout", self.vault, what)
+            raise VaultError(
+                f"{what}: no answer from vault {self.vault} within {self._deadline:g} s", code="Timeout"
+            ) from None
+        except httpx.HTTPError as exc:
+            code = "TLSVerifyFailed" if is_tls_verification_error(exc) else type(exc).__name__
+            log.debug("vault=%s object=%s code=%s", self.vault, what, code)
+            if code == "TLSVerifyFailed":
+                msg = (
+                    f"{what}: the TLS certificate of {self.vault} is not trusted"
+                    " (add its CA to the file named by SSL_CERT_FILE)"
+                )
+            else:
+                msg = f"{what}: cannot reach vault {self.vault} ({code}: {exc})"
+            raise VaultError(msg, code=code) from None
+
+    def _error(self, response: httpx.Response, kind: str, what: str) -> VaultError:
+        status = response.status_code
+        code, inner, message = _envelope(response)
+        retry_after = self._retry.retry_after(response)
+        log.debug("vault=%s object=%s status=%d code=%s inner=%s", self.vault, what, status, code, inner)
+        detail = f"{code or 'HTTP ' + str(status)}" + (f"/{inner}" if inner else "")
+        if status == 404:
+            fix = "check objectName, objectType and objectVersion"
+            text = f"{what}: not found in vault {self.vault} ({detail}; {fix})"
+        elif status == 403:
+            fix = self._fix_403(kind, inner, message)
+            text = f"{what}: access denied by vault {self.vault} ({detail}): {message}; {fix}"
+        elif status == 401:
+            text = (
+                f"{what}: vault {self.vault} rejected the token ({detail}): {message};"
+                " check tenantID and that the identity's token is for the vault's cloud"
+            )
+        elif status == 429:
+            text = f"{what}: vault {self.vault} is throttling requests ({detail}); retried until the deadline"
+        elif status >= 500 or status == 408:
+            text = f"{what}: vault {self.vault} is failing ({detail}); retried until the deadline"
+        else:
+            text = f"{what}: vault {self.vault} refused the request ({detail}): {message}"
+        return VaultError(text, status=status, code=code, inner_code=inner, retry_after=retry_after)
+
+    def _fix_403(self, kind: str, inner: str, message: str) -> str:
+        """Branch on the inner-code family, not exact codes (AccessDenied/ForbiddenByPolicy vary)."""
+        lowered = inner.lower()
+        role = _RBAC_ROLE.get(kind, "Key Vault Secrets User")
+        if "disabled" in lowered or "disabled" in message.lower():
+            return "enable the object (or its version) in Key Vault, or pin an enabled objectVersion"
+        if "rbac" in lowered:
+            return f'grant the identity the role "{role}" on the vault'
+        if "firewall" in lowered or "connection" in lowered:
+            return "allow this node's network in the vault's firewall, or use its private endpoint"
+        noun = _COLLECTION.get(kind, "secrets")
+        return (
+            f"grant the identity get (and list, for objectVersionHistory) permission on {noun}"
+            f' in the vault\'s access policy, or the role "{role}"'
+        )

@@ -1,0 +1,149 @@
+"""The one HTTP client every kvfs network call goes through.
+
+Why a factory: TLS trust (system CAs plus `SSL_CERT_FILE`), the User-Agent, pooling limits and
+the `*.localhost` → loopback rule (RFC 6761 §6.3, so the emulator needs no /etc/hosts entry)
+must be identical for the Key Vault client and the Entra ID flows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import urllib.request
+
+import httpx
+
+import kvfs
+from kvfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+USER_AGENT = f"kvfs/{kvfs.__version__}"
+
+
+def is_localhost(host: str) -> bool:
+    """True for `localhost` and any name under `.localhost` (RFC 6761 §6.3: always loopback)."""
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def make_ssl_context(*, trust_env: bool = True) -> ssl.SSLContext:
+    """System CAs plus the CA file named by `SSL_CERT_FILE`.
+
+    OpenSSL's "default verify paths" are *replaced* by SSL_CERT_FILE when it is set, so the
+    compiled-in system bundle is loaded explicitly as well: the extra file adds trust, it never
+    removes the public CAs.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    paths = ssl.get_default_verify_paths()
+    if paths.openssl_cafile and os.path.isfile(paths.openssl_cafile):
+        try:
+            ctx.load_verify_locations(cafile=paths.openssl_cafile)
+        except (ssl.SSLError, OSError):  # a broken system bundle must not stop the mount
+            log.warning("could not load the system CA bundle %s", paths.openssl_cafile)
+    if paths.openssl_capath and os.path.isdir(paths.openssl_capath):
+        ctx.load_verify_locations(capath=paths.openssl_capath)
+    extra = os.environ.get("SSL_CERT_FILE", "") if trust_env else ""
+    if extra:
+        try:
+            ctx.load_verify_locations(cafile=extra)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                "SSL_CERT_FILE",
+                extra,
+                f"cannot load trusted CA certificates ({exc.__class__.__name__}: {exc.strerror or exc})",
+                "point SSL_CERT_FILE at a readable PEM file of CA certificates, or unset it",
+            ) from None
+    return ctx
+
+
+class LoopbackTransport(httpx.AsyncBaseTransport):
+    """Routes `localhost` / `*.localhost` to 127.0.0.1 without DNS; everything else unchanged.
+
+    The Host header and the TLS SNI / certificate hostname check keep the original name (the
+    `sni_hostname` request extension). Each loopback name gets its own connection pool: pools are
+    keyed by the connected address, and a TLS connection verified for one name must never be
+    reused for another.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        limits: httpx.Limits,
+        proxy: str | None = None,
+    ) -> None:
+        self._ssl = ssl_context
+        self._limits = limits
+        self._direct = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits, http2=False)
+        self._proxied = (
+            httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits, http2=False, proxy=proxy)
+            if proxy
+            else None
+        )
+        self._loopback: dict[str, httpx.AsyncHTTPTransport] = {}
+
+    def _loopback_transport(self, host: str) -> httpx.AsyncHTTPTransport:
+        transport = self._loopback.get(host)
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(verify=self._ssl, limits=self._limits, http2=False)
+            self._loopback[host] = transport
+        return transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if is_localhost(host):
+            # A copy, so the caller's request (and logs, response.url) keep the original name.
+            # Headers are copied as they are: Host was set from the original URL.
+            extensions = dict(request.extensions)
+            if request.url.scheme == "https":
+                extensions["sni_hostname"] = host
+            loopback = httpx.Request(
+                request.method,
+                request.url.copy_with(host=LOOPBACK),
+                headers=request.headers,
+                stream=request.stream,
+                extensions=extensions,
+            )
+            return await self._loopback_transport(host.lower()).handle_async_request(loopback)
+        if self._proxied is not None and not urllib.request.proxy_bypass_environment(host):
+            return await self._proxied.handle_async_request(request)
+        return await self._direct.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._direct.aclose()
+        if self._proxied is not None:
+            await self._proxied.aclose()
+        for transport in self._loopback.values():
+            await transport.aclose()
+        self._loopback.clear()
+
+
+def make_http_client(
+    *,
+    timeout: float = 10.0,
+    trust_env: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """Build the shared client: HTTP/1.1, pooled, verified TLS, `*.localhost` on loopback.
+
+    `transport` replaces the network entirely (tests pass `httpx.MockTransport`); it is used as
+    given. With `trust_env`, `SSL_CERT_FILE` adds CAs and `HTTPS_PROXY`/`NO_PROXY` are honoured
+    (never for loopback names).
+    """
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=60.0)
+    if transport is None:
+        proxy = urllib.request.getproxies_environment().get("https") if trust_env else None
+        transport = LoopbackTransport(
+            ssl_context=make_ssl_context(trust_env=trust_env), limits=limits, proxy=proxy or None
+        )
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(timeout),
+        headers={"User-Agent": USER_AGENT},
+        follow_redirects=False,
+        trust_env=False,  # env proxies / SSL_CERT_FILE are applied above, once, explicitly
+    )
