@@ -1,0 +1,109 @@
+"""`kvfs emulator`: run the local Key Vault + Entra ID emulator in the foreground until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from .seed import SeedError, load_seed
+from .server import Emulator, open_emulator
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve an emulated Azure Key Vault (secrets, keys, certificates) and Entra ID (token endpoint,
+OIDC issuer for service account tokens, IMDS, NMI) on loopback over HTTPS with a generated CA.
+When ready it writes DIR/emulator.json (tenant_id, authority_host, ca_file, cloud_env_file, vaults,
+app {client_id, client_secret}, sa_token_file, ...) and prints the environment to export.
+Admin API (faults, counters, content): GET/POST https://localhost:PORT/_emulator/... (docs/EMULATOR.md).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `kvfs emulator` (the top-level CLI wires this up)."""
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
+                        help="folder for emulator.json, ca.pem, cloud-env.json, sa-token and the server key "
+                             "(created if missing)")
+    parser.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                        help="address to listen on (default: 127.0.0.1; keep it on loopback)")
+    parser.add_argument("--port", type=int, default=0, metavar="PORT",
+                        help="HTTPS port for Key Vault, Entra ID, OIDC and the admin API (default: 0 = pick a free one)")
+    parser.add_argument("--http-port", type=int, default=0, metavar="PORT",
+                        help="plain-HTTP port for IMDS and NMI (default: 0 = pick a free one)")
+    parser.add_argument("--seed", type=Path, metavar="FILE",
+                        help="YAML file with initial vault content (secrets, keys, certificates; see docs/EMULATOR.md)")
+    parser.add_argument("--vault", action="append", metavar="NAME", dest="vaults",
+                        help="vault to serve as https://NAME.vault.localhost:PORT/ (repeatable; default: demo)")
+    parser.add_argument("--token-lifetime", type=int, default=3600, metavar="SECONDS",
+                        help="lifetime of issued access tokens in seconds (default: 3600)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level for the emulator's own messages (default: INFO)")
+
+
+def summary(emu: Emulator) -> str:
+    """The human summary printed once the emulator serves (no secrets: those are in emulator.json)."""
+    info = emu.info
+    lines = [f"kvfs emulator ready (tenant {emu.tenant_id})"]
+    for name, url in info["vaults"].items():
+        lines.append(f"  vault {name}: {url}")
+    lines += [
+        f"  authority:   {emu.authority_host}/",
+        f"  IMDS / NMI:  {emu.imds_url}",
+        f"  admin:       {emu.admin_url}/",
+        f"  files:       {emu.dir / 'emulator.json'} (app client secret inside), {emu.ca_file},",
+        f"               {emu.cloud_env_file}, {emu.sa_token_file}",
+        "export:",
+        f"  export SSL_CERT_FILE={emu.ca_file} REQUESTS_CA_BUNDLE={emu.ca_file}",
+        f"  export AZURE_TENANT_ID={emu.tenant_id} AZURE_CLIENT_ID={info['app']['client_id']}",
+        f"  export AZURE_AUTHORITY_HOST={emu.authority_host}/ AZURE_FEDERATED_TOKEN_FILE={emu.sa_token_file}",
+        f"  export AZURE_POD_IDENTITY_AUTHORITY_HOST={emu.imds_url} KVFS_NMI_URL={emu.nmi_url}",
+        "(stop with Ctrl-C or SIGTERM)",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input, 1 when the ports are taken."""
+    logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.token_lifetime < 60:
+        print(f"kvfs emulator: --token-lifetime {args.token_lifetime}: must be at least 60 seconds", file=sys.stderr)
+        return 2
+    seed: dict[str, object] = {}
+    if args.seed is not None:
+        try:
+            seed = load_seed(args.seed)
+        except SeedError as err:
+            print(f"kvfs emulator: {err}", file=sys.stderr)
+            return 2
+    vaults = tuple(args.vaults or ["demo"])
+    try:
+        trio.run(_serve, args, seed, vaults)
+    except ValueError as err:  # SeedError, bad vault names
+        print(f"kvfs emulator: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"kvfs emulator: {err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(args: argparse.Namespace, seed: dict[str, object], vaults: tuple[str, ...]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_emulator(
+            args.dir, seed=seed, vaults=vaults, token_lifetime=args.token_lifetime,
+            host=args.host, port=args.port, http_port=args.http_port,
+        ) as emu:
+            print(summary(emu), flush=True)
+            async for signum in signals:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                break

@@ -1,0 +1,520 @@
+"""`kvfs emulator` in-process: HTTPS Key Vault + Entra ID on one port, IMDS/NMI on a plain-HTTP port.
+
+`open_emulator()` runs it inside the caller's trio world; `EmulatorThread` runs the same thing in
+a background thread (for tests that do blocking file I/O on a real mount). Both yield an
+`Emulator`: the files it wrote, its URLs, and thread-safe knobs (content, grants, faults, counts).
+
+Host names: vaults are `https://<name>.vault.localhost:P/` (routed by the Host header), the
+authority is `https://localhost:P/`, and the Key Vault token resource is `https://vault.localhost:P`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
+from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
+
+from . import pki
+from .faults import Counts, Faults
+from .identity import IdentityProvider
+from .seed import apply_seed, seed_vault_names
+from .vault_api import ApiError, VaultApi, read_body, send_json
+from .vaults import Kind, VaultStore
+
+log = logging.getLogger(__name__)
+
+VAULT_SUFFIX = ".vault.localhost"
+VAULT_NAME_RE = re.compile(r"^[a-zA-Z](?!.*--)[0-9a-zA-Z-]{1,22}[0-9a-zA-Z]$")
+SA_NAMESPACE = "default"
+SA_NAME = "workload"
+
+
+class Emulator:
+    """A running emulator: its files, URLs and knobs. Mutating methods are thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        dir: Path,
+        host: str,
+        https_port: int,
+        http_port: int,
+        tenant_id: str,
+        identity: IdentityProvider,
+        store: VaultStore,
+        faults: Faults,
+        counts: Counts,
+    ) -> None:
+        self.dir = dir
+        self.host = host
+        self.https_port = https_port
+        self.http_port = http_port
+        self.tenant_id = tenant_id
+        self.identity = identity
+        self.store = store
+        self.faults = faults
+        self.counts = counts
+        self.authority_host = f"https://localhost:{https_port}"
+        self.kv_resource = f"https://vault.localhost:{https_port}"
+        self.oidc_issuer = f"{self.authority_host}/oidc"
+        self.imds_url = f"http://{_url_host(host)}:{http_port}"
+        self.nmi_url = self.imds_url
+        self.admin_url = f"{self.authority_host}/_emulator"
+        self.ca_file = dir / "ca.pem"
+        self.cloud_env_file = dir / "cloud-env.json"
+        self.sa_token_file = dir / "sa-token"
+        self.info: dict[str, Any] = {}
+
+    # -- addresses ------------------------------------------------------------------------------
+    def vault_url(self, vault: str) -> str:
+        """`https://<vault>.vault.localhost:P/` — what the Azure SDK and kvfs take."""
+        return f"https://{self.store.vault(vault).name}{VAULT_SUFFIX}:{self.https_port}/"
+
+    # -- content --------------------------------------------------------------------------------
+    def add_vault(self, vault: str) -> str:
+        """Serve another vault (the server cert's wildcard covers it); returns its URL."""
+        self.store.add_vault(vault, f"https://{vault}{VAULT_SUFFIX}:{self.https_port}")
+        self.store.grant(vault, self.identity.default_app.client_id)
+        return self.vault_url(vault)
+
+    def set_secret(
+        self,
+        vault: str,
+        name: str,
+        value: str,
+        *,
+        content_type: str | None = None,
+        enabled: bool = True,
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        """Add a new version of a secret; returns the version id."""
+        return self.store.set_secret(vault, name, value, content_type=content_type, enabled=enabled, tags=tags).version
+
+    def set_enabled(self, vault: str, kind: Kind, name: str, version: str | None, enabled: bool) -> None:
+        """Enable or disable one version (latest when `version` is None); certificates mirror to key+secret."""
+        self.store.update(vault, kind, name, version, enabled=enabled)
+
+    def import_key(self, vault: str, name: str, private_key: pki.PrivateKey, *, hsm: bool = False) -> str:
+        return self.store.add_key(vault, name, private_key, hsm=hsm).version
+
+    def import_certificate(
+        self,
+        vault: str,
+        name: str,
+        *,
+        pem: bytes | None = None,
+        pfx: bytes | None = None,
+        content_type: str | None = None,
+        password: str | None = None,
+    ) -> str:
+        """Store a certificate bundle and its backing key and secret (same version); returns the version."""
+        if (pem is None) == (pfx is None):
+            raise ValueError("import_certificate: give exactly one of pem= or pfx=")
+        material = pki.parse_pem_bundle(pem) if pem is not None else pki.parse_pfx(pfx or b"", password)
+        ctype = content_type or (pki.PEM if pem is not None else pki.PKCS12)
+        return self.store.add_certificate(vault, name, material, content_type=ctype, issuer="Unknown").version
+
+    def grant(self, vault: str, client_id: str) -> None:
+        self.store.grant(vault, client_id)
+
+    def revoke(self, vault: str, client_id: str) -> None:
+        self.store.revoke(vault, client_id)
+
+    # -- counters -------------------------------------------------------------------------------
+    def count(self, vault: str | None = None, route: str | None = None, client_id: str | None = None) -> int:
+        """Requests seen matching every filter given; identity routes count with vault None."""
+        return self.counts.count(vault, route, client_id)
+
+    def reset_counts(self) -> None:
+        self.counts.reset()
+
+    def __repr__(self) -> str:
+        return f"Emulator(dir={str(self.dir)!r}, https_port={self.https_port}, vaults={self.store.names()})"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror} (choose another --port/--http-port)") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+class _App:
+    """Top-level ASGI app: admin, vault hosts, identity HTTPS routes, identity HTTP routes."""
+
+    def __init__(self, emu: Emulator, api: VaultApi, admin: _Admin) -> None:
+        self.emu = emu
+        self.api = api
+        self.admin = admin
+        self.https_router = Router(routes=list(emu.identity.https_routes()), default=_not_found)
+        self.http_router = Router(routes=list(emu.identity.http_routes()), default=_not_found)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            if scope["path"].startswith("/_emulator/"):
+                await self.admin(scope, receive, send)
+                return
+            if scope.get("scheme") == "https":
+                host = _host(scope)
+                if host.endswith(VAULT_SUFFIX):
+                    await self.api.handle(host[: -len(VAULT_SUFFIX)], scope, receive, send)
+                    return
+                await self.https_router(scope, receive, send)
+                return
+            await self.http_router(scope, receive, send)
+        except Exception:  # noqa: BLE001 - never let one request take the server down
+            log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            raise
+
+
+def _host(scope: Scope) -> str:
+    for k, v in scope.get("headers", []):
+        if k == b"host":
+            host = v.decode("latin-1").lower()
+            if host.startswith("["):
+                return host.split("]")[0] + "]"
+            return host.rsplit(":", 1)[0] if ":" in host else host
+    return ""
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    err = ApiError(404, "NotFound", f"The requested resource {scope.get('path', '')[:200]} does not exist.")
+    await send_json(send, 404, err.body(), {})
+
+
+class _Admin:
+    """`/_emulator/...` on both ports: info, counts, faults, content and grants (loopback, no auth)."""
+
+    def __init__(self, emu: Emulator) -> None:
+        self.emu = emu
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            body = await read_body(receive, headers)
+            status, payload = self._route(scope["method"].upper(), scope["path"], scope, body)
+        except ApiError as err:
+            status, payload = err.status, err.body()
+        except (ValueError, KeyError, TypeError) as err:
+            status, payload = 400, ApiError(400, "BadParameter", f"Bad admin request: {err}").body()
+        except Exception:  # noqa: BLE001 - only a closed connection gets here
+            return
+        await send_json(send, status, payload, {})
+
+    def _route(self, method: str, path: str, scope: Scope, raw: bytes) -> tuple[int, dict[str, Any]]:
+        emu = self.emu
+        body: dict[str, Any] = json.loads(raw) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        path = path.rstrip("/")
+        if (method, path) == ("GET", "/_emulator/info"):
+            return 200, emu.info
+        if (method, path) == ("GET", "/_emulator/counts"):
+            from urllib.parse import parse_qsl
+
+            q = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            n = emu.count(q.get("vault"), q.get("route"), q.get("client_id"))
+            return 200, {"count": n, "entries": emu.counts.snapshot()}
+        if (method, path) == ("POST", "/_emulator/counts/reset"):
+            emu.reset_counts()
+            return 200, {"count": 0}
+        if (method, path) == ("GET", "/_emulator/faults"):
+            return 200, emu.faults.state()
+        if (method, path) == ("POST", "/_emulator/faults"):
+            emu.faults.apply(body)
+            return 200, emu.faults.state()
+        if (method, path) == ("POST", "/_emulator/secrets"):
+            version = emu.set_secret(
+                body["vault"], body["name"], str(body["value"]),
+                content_type=body.get("content_type"), enabled=bool(body.get("enabled", True)),
+            )
+            return 200, {"version": version}
+        if (method, path) == ("POST", "/_emulator/enabled"):
+            emu.set_enabled(body["vault"], body["kind"], body["name"], body.get("version"), bool(body["enabled"]))
+            return 200, {"enabled": bool(body["enabled"])}
+        if (method, path) == ("POST", "/_emulator/grants"):
+            (emu.grant if body.get("granted", True) else emu.revoke)(body["vault"], body["client_id"])
+            return 200, {"granted": bool(body.get("granted", True))}
+        raise ApiError(404, "NotFound", f"No admin endpoint {method} {path}.")
+
+
+class _Server:
+    """hypercorn's per-connection server on our own sockets, remembering each connection's socket
+    so an injected fault can drop it (ASGI has no way to abort a connection)."""
+
+    def __init__(self, config: Config) -> None:
+        self.app: Any = None
+        self.config = config
+        self.context = WorkerContext(None)
+        self.conns: dict[tuple[str, int], trio.socket.SocketType] = {}
+
+    async def drop(self, scope: Scope) -> None:
+        client = scope.get("client")
+        sock = self.conns.get((client[0], client[1])) if client else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    async def _handle(self, stream: Any) -> None:
+        raw = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+        try:
+            peer = raw.getpeername()
+        except OSError:
+            await stream.aclose()
+            return
+        key = (peer[0], peer[1])
+        self.conns[key] = raw
+        try:
+            await TCPServer(self.app, self.config, self.context, {}, stream)
+        finally:
+            self.conns.pop(key, None)
+
+    async def serve(
+        self, https_sock: socket.socket, http_sock: socket.socket,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ssl_context = self.config.create_ssl_context()
+        assert ssl_context is not None
+        tls = trio.SSLListener(
+            trio.SocketListener(trio.socket.from_stdlib_socket(https_sock)), ssl_context, https_compatible=True
+        )
+        plain = trio.SocketListener(trio.socket.from_stdlib_socket(http_sock))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_listeners, self._handle, [tls, plain], handler_nursery=nursery))
+            task_status.started()
+
+
+@asynccontextmanager
+async def open_emulator(
+    dir: Path | None = None,
+    *,
+    seed: dict[str, Any] | None = None,
+    vaults: Sequence[str] = ("demo",),
+    token_lifetime: int = 3600,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    http_port: int = 0,
+) -> AsyncIterator[Emulator]:
+    """Start the emulator in this trio run; writes DIR/emulator.json (atomically) once serving."""
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="kvfs-emulator-")
+        dir = Path(tmp.name)
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    https_sock = _bind(host, port)
+    try:
+        http_sock = _bind(host, http_port)
+    except OSError:
+        https_sock.close()
+        raise
+    try:
+        emu = _build(dir, host, https_sock, http_sock, seed or {}, vaults, token_lifetime)
+        config = _hypercorn_config(dir)
+        server = _Server(config)
+        api = VaultApi(
+            emu.store, identity=emu.identity, faults=emu.faults, counts=emu.counts,
+            authority_host=emu.authority_host, tenant_id=emu.tenant_id, kv_resource=emu.kv_resource,
+            dropper=server.drop,
+        )
+        server.app = wrap_app(_App(emu, api, _Admin(emu)), config.wsgi_max_body_size, "asgi")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, https_sock, http_sock)
+            nursery.start_soon(_refresh_sa_token, emu, token_lifetime)
+            _write_atomic(dir / "emulator.json", json.dumps(emu.info, indent=2).encode() + b"\n")
+            log.info("emulator serving on %s (vaults: %s)", emu.authority_host, ", ".join(emu.store.names()))
+            try:
+                yield emu
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        https_sock.close()
+        http_sock.close()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _hypercorn_config(dir: Path) -> Config:
+    config = Config()
+    config.certfile = str(dir / "server.pem")
+    config.keyfile = str(dir / "server-key.pem")
+    config.alpn_protocols = ["http/1.1"]
+    config.keep_alive_timeout = 30
+    config.backlog = 1024
+    config.accesslog = None
+    config.errorlog = logging.getLogger("kvfs.emulator.http")
+    return config
+
+
+def _build(
+    dir: Path, host: str, https_sock: socket.socket, http_sock: socket.socket,
+    seed: dict[str, Any], vaults: Sequence[str], token_lifetime: int,
+) -> Emulator:
+    https_port = https_sock.getsockname()[1]
+    http_port = http_sock.getsockname()[1]
+    names = list(dict.fromkeys([*vaults, *seed_vault_names(seed)]))
+    for name in names:
+        if not VAULT_NAME_RE.match(name):
+            raise ValueError(
+                f"vault name {name!r} is invalid: use 3-24 letters, digits and single hyphens, "
+                "starting with a letter and not ending with a hyphen"
+            )
+    tenant_id = str(uuid.uuid4())
+    authority = f"https://localhost:{https_port}"
+    identity = IdentityProvider(
+        authority_host=authority, tenant_id=tenant_id, kv_resource=f"https://vault.localhost:{https_port}",
+        oidc_issuer=f"{authority}/oidc", token_lifetime=token_lifetime,
+    )
+    counts = Counts()
+    identity.on_request = lambda route, client_id: counts.add(None, route, client_id)
+    emu = Emulator(
+        dir=dir, host=host, https_port=https_port, http_port=http_port, tenant_id=tenant_id,
+        identity=identity, store=VaultStore(), faults=Faults(identity), counts=counts,
+    )
+    mi = identity.add_managed_identity(system=True)
+    for name in names:
+        emu.add_vault(name)
+        emu.grant(name, mi.client_id)
+    apply_seed(emu.store, seed)
+
+    hosts = ["localhost", "*.vault.localhost", *(f"{n.lower()}{VAULT_SUFFIX}" for n in names), "127.0.0.1", "::1"]
+    if host not in hosts:
+        hosts.append(host)
+    tls = pki.make_tls_material(hosts)
+    _write_atomic(dir / "ca.pem", tls.ca_pem)
+    _write_atomic(dir / "server.pem", tls.cert_pem)
+    _write_atomic(dir / "server-key.pem", tls.key_pem, 0o600)
+    cloud = {
+        "name": "AzureStackCloud",
+        "activeDirectoryEndpoint": f"{authority}/",
+        "activeDirectoryResourceID": f"{authority}/",
+        "resourceManagerEndpoint": f"{authority}/",
+        "keyVaultEndpoint": f"https://vault.localhost:{https_port}/",
+        "keyVaultDNSSuffix": f"vault.localhost:{https_port}",
+        "tokenAudience": f"{authority}/",
+    }
+    _write_atomic(emu.cloud_env_file, json.dumps(cloud, indent=2).encode() + b"\n")
+    _write_atomic(emu.sa_token_file, _mint_sa(emu, token_lifetime).encode(), 0o600)
+    app = identity.default_app
+    emu.info = {
+        "tenant_id": tenant_id,
+        "authority_host": authority,
+        "ca_file": str(emu.ca_file),
+        "cloud_env_file": str(emu.cloud_env_file),
+        "cloud_name": "AzureStackCloud",
+        "vaults": {n: emu.vault_url(n) for n in emu.store.names()},
+        "app": {"client_id": app.client_id, "client_secret": app.client_secret},
+        "sa_token_file": str(emu.sa_token_file),
+        "service_account": {"namespace": SA_NAMESPACE, "name": SA_NAME},
+        "managed_identity": {"client_id": mi.client_id},
+        "https_port": https_port,
+        "http_port": http_port,
+        "kv_resource": emu.kv_resource,
+        "key_vault_dns_suffix": f"vault.localhost:{https_port}",
+        "imds_url": emu.imds_url,
+        "nmi_url": emu.nmi_url,
+        "oidc_issuer": emu.oidc_issuer,
+        "admin_url": emu.admin_url,
+        "pid": os.getpid(),
+    }
+    return emu
+
+
+def _mint_sa(emu: Emulator, token_lifetime: int) -> str:
+    return emu.identity.mint_sa_token(SA_NAMESPACE, SA_NAME, lifetime=max(token_lifetime, 3600))
+
+
+async def _refresh_sa_token(emu: Emulator, token_lifetime: int) -> None:
+    """Rewrite the SA token file at half its lifetime, like kubelet does for projected tokens."""
+    while True:
+        await trio.sleep(max(token_lifetime, 3600) / 2)
+        _write_atomic(emu.sa_token_file, _mint_sa(emu, token_lifetime).encode(), 0o600)
+
+
+class EmulatorThread:
+    """`with EmulatorThread(dir, seed=..., vaults=...) as emu:` — the emulator on its own thread + trio.run."""
+
+    def __init__(self, dir: Path | None = None, **kwargs: Any) -> None:
+        self._dir = dir
+        self._kwargs = kwargs
+        self._ready = threading.Event()
+        self._emu: Emulator | None = None
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Emulator:
+        self._thread = threading.Thread(target=self._run, name="kvfs-emulator", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._emu is not None
+        return self._emu
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as err:  # noqa: BLE001 - reported to the thread that waits
+            if not self._ready.is_set():
+                self._error = err
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with open_emulator(self._dir, **self._kwargs) as emu:
+            self._emu = emu
+            self._ready.set()
+            await self._stop.wait()
