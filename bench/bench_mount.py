@@ -1,0 +1,153 @@
+"""kvfs mount benchmark: one table of ratios against baselines measured in the same run.
+
+    .venv/bin/python bench/bench_mount.py [--latency 0.02] [--seconds 3]
+
+- mount-to-first-read: `kvfs mount` of N configured objects until the first file's bytes are read,
+  vs the eager baseline (bench/eager_baseline.py: fetch all N sequentially into tmpfs, then read),
+  both as fresh processes against the emulator with the same injected per-request latency.
+- cached open+read+close ops/s on a kvfs file vs the same bytes on tmpfs.
+- Key Vault requests per read when many readers read a few objects repeatedly.
+- the daemon's memory (RSS and PSS) after reading every one of 1000 objects.
+Needs root and /dev/fuse. Timings vary between machines; compare ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from e2e.conftest import Mounter, is_mounted, workload_parameters  # noqa: E402
+
+from kvfs.emulator.server import EmulatorThread  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def ops_per_second(path: Path, seconds: float) -> float:
+    deadline = time.perf_counter() + seconds
+    count = 0
+    while time.perf_counter() < deadline:
+        for _ in range(100):
+            fd = os.open(path, os.O_RDONLY)
+            os.read(fd, 65536)
+            os.close(fd)
+        count += 100
+    return count / seconds
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return rss, pss
+
+
+def time_first_read(mounter: Mounter, emu, names: list[str]) -> float:  # type: ignore[no-untyped-def]
+    objects = [{"objectName": n, "objectType": "secret"} for n in names]
+    start = time.perf_counter()
+    mount = mounter.start(workload_parameters(emu, *objects), wait=False)
+    while True:
+        try:
+            if is_mounted(mount.path):
+                (mount.path / names[0]).read_bytes()
+                break
+        except OSError:
+            pass
+        if mount.process.poll() is not None:
+            raise SystemExit(mount.log())
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - start
+    mount.stop()
+    return elapsed
+
+
+def time_eager(emu, names: list[str], env: dict[str, str]) -> float:  # type: ignore[no-untyped-def]
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as out:
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(HERE / "eager_baseline.py"), str(emu.dir / "emulator.json"), "demo", out, *names],
+            check=True,
+            env=env,
+        )
+        return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency", type=float, default=0.02, help="injected Key Vault latency per request (s)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each ops/s loop")
+    args = parser.parse_args()
+
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp, EmulatorThread(Path(tmp) / "emulator") as emu:
+        for i in range(1000):
+            emu.set_secret("demo", f"secret-{i:04d}", f"value-{i:04d}-" + "x" * 64)
+        mounter = Mounter(emu, Path(tmp))
+        env = mounter.env(KVFS_LOG_LEVEL="WARNING")
+        emu.faults.latency(args.latency)
+        try:
+            for count in (1, 100, 1000):
+                names = [f"secret-{i:04d}" for i in range(count)]
+                kvfs_s = min(time_first_read(mounter, emu, names) for _ in range(2))
+                eager_s = min(time_eager(emu, names, env) for _ in range(2))
+                rows.append(
+                    (f"mount-to-first-read, {count} objects", f"{kvfs_s * 1000:.0f} ms",
+                     f"eager {eager_s * 1000:.0f} ms", f"{eager_s / kvfs_s:.1f}x faster")
+                )
+            emu.faults.latency(0)
+
+            names = [f"secret-{i:04d}" for i in range(1000)]
+            mount = mounter.start(workload_parameters(emu, *({"objectName": n, "objectType": "secret"} for n in names)))
+            path = mount.path / names[0]
+            payload = path.read_bytes()
+            with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+                tmpfs_file = Path(shm) / "file"
+                tmpfs_file.write_bytes(payload)
+                kvfs_ops = ops_per_second(path, args.seconds)
+                tmpfs_ops = ops_per_second(tmpfs_file, args.seconds)
+            rows.append(("cached open+read+close", f"{kvfs_ops:,.0f} ops/s", f"tmpfs {tmpfs_ops:,.0f} ops/s",
+                         f"{kvfs_ops / tmpfs_ops:.3f}x tmpfs"))
+
+            emu.reset_counts()
+            reads = 0
+            for _ in range(20):
+                for name in names[:50]:
+                    (mount.path / name).read_bytes()
+                    reads += 1
+            gets = emu.count(route="get_secret")
+            rows.append(("Key Vault GETs per read (50 objects x 20 reads)", f"{gets / reads:.3f}",
+                         f"eager: {1.0:.3f} per object per mount", f"{reads} reads, {gets} GETs"))
+
+            for name in names:
+                (mount.path / name).read_bytes()
+            rss, pss = memory_kib(mount.process.pid)
+            rows.append(("daemon memory after reading 1000 objects", f"RSS {rss / 1024:.1f} MiB",
+                         f"PSS {pss / 1024:.1f} MiB", ""))
+        finally:
+            mounter.close()
+
+    widths = [max(len(row[i]) for row in rows + [("what", "kvfs", "baseline", "ratio")]) for i in range(4)]
+    header = ("what", "kvfs", "baseline", "ratio")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"\n(injected Key Vault latency {args.latency * 1000:.0f} ms per request; {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The `kvfs` command line: `kvfs mount`, `kvfs emulator`, `kvfs csi node|mounter`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from kvfs import __version__
+from kvfs.errors import ConfigError
+from kvfs.logsafe import setup_logging
+
+log = logging.getLogger("kvfs")
+
+MOUNT_EPILOG = """\
+examples:
+  kvfs mount --spc spc.yaml /mnt/secrets
+  kvfs mount --spc spc.yaml --param keyvaultName=other-vault --refresh-interval 30s ./secrets
+  kvfs mount --spc spc.yaml --secrets sp.yaml ./secrets     # service principal (clientid/clientsecret)
+
+identity (chosen like the Azure provider does):
+  clientID set              workload identity; the token comes from $AZURE_FEDERATED_TOKEN_FILE
+  --secrets FILE            service principal from a flat YAML/JSON mapping clientid, clientsecret
+  useVMManagedIdentity      VM managed identity (IMDS; base URL from $AZURE_POD_IDENTITY_AUTHORITY_HOST)
+  none of these             azure-identity's DefaultAzureCredential (az login, environment, ...)
+
+environment:
+  SSL_CERT_FILE             extra trusted CA certificates (private clouds, `kvfs emulator`)
+"""
+
+
+def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "mount",
+        help="mount a SecretProviderClass as a read-only folder (stays in the foreground)",
+        description="Mount the objects of a SecretProviderClass manifest as read-only files. "
+        "Objects are fetched when first read, cached, and refreshed in the background. "
+        "Stays in the foreground; SIGTERM or Ctrl-C unmounts cleanly.",
+        epilog=MOUNT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--spc", required=True, metavar="FILE", help="SecretProviderClass manifest (YAML)")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, as a pod's volumeAttributes do (repeatable)",
+    )
+    parser.add_argument(
+        "--secrets",
+        metavar="FILE",
+        help="what a nodePublishSecretRef gives: flat YAML/JSON with clientid and clientsecret",
+    )
+    parser.add_argument(
+        "--refresh-interval",
+        metavar="DURATION",
+        help="how often objects that were read are refreshed: seconds or 30s, 2m, 1h (default 2m; 0 = never)",
+    )
+    parser.add_argument(
+        "--max-staleness",
+        metavar="DURATION",
+        help="stop serving cached bytes this long after the last successful refresh "
+        "(default: serve the last good bytes while Key Vault is unreachable)",
+    )
+    parser.add_argument(
+        "--write-cert-and-key-in-separate-files",
+        action="store_true",
+        help="also show <name>.crt and <name>.key for certificate-backed secrets (like the Azure provider's flag)",
+    )
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)",
+    )
+    parser.set_defaults(func=_run_mount)
+
+
+def _mount_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from kvfs.config.parameters import parse_duration, parse_parameters
+    from kvfs.config.spc import load_manifest, load_secrets_file, overlay
+
+    params = overlay(load_manifest(args.spc), args.param)
+    secrets = load_secrets_file(args.secrets) if args.secrets else None
+    config = parse_parameters(params, secrets, context="cli")
+    changes: dict[str, object] = {}
+    if args.refresh_interval is not None:
+        changes["refresh_interval"] = parse_duration(args.refresh_interval, "--refresh-interval")
+    if args.max_staleness is not None:
+        changes["max_staleness"] = parse_duration(args.max_staleness, "--max-staleness")
+    if args.write_cert_and_key_in_separate_files:
+        changes["split_cert_key"] = True
+    return dataclasses.replace(config, **changes)
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    config = _mount_config(args)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise ConfigError("MOUNTPOINT", args.mountpoint, "is not a directory", "create it first: mkdir -p DIR")
+    from kvfs.fs.mount import run_mount
+
+    return run_mount(config, mountpoint, allow_other=args.allow_other)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvfs",
+        description="Azure Key Vault secrets, keys and certificates as a lazy, cached, read-only filesystem.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvfs {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("KVFS_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_mount(subparsers)
+
+    from kvfs.emulator import cli as emulator_cli
+
+    emulator = subparsers.add_parser(
+        "emulator",
+        help="run a local Key Vault + Entra ID + OIDC issuer for development and tests",
+        description="Serve a local imitation of Azure Key Vault, Entra ID, a Kubernetes OIDC issuer, "
+        "IMDS and NMI over HTTPS on loopback, until SIGTERM.",
+    )
+    emulator_cli.add_arguments(emulator)
+    emulator.set_defaults(func=emulator_cli.run)
+
+    from kvfs.csi import cli as csi_cli
+
+    csi = subparsers.add_parser("csi", help="the Kubernetes CSI node plugin and its mounter")
+    csi_cli.add_arguments(csi.add_subparsers(dest="csi_command", metavar="COMMAND", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"kvfs: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

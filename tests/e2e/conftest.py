@@ -1,0 +1,163 @@
+"""Real mounts: `kvfs mount` in a subprocess, talking HTTPS to the emulator (in a thread)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvfs.emulator.server import Emulator, EmulatorThread
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="real mounts need /dev/fuse and root"
+)
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == str(path) for line in mounts)
+
+
+def objects_yaml(*objects: dict) -> str:
+    """The upstream `objects` shape: a mapping with `array`, each item a YAML string."""
+    return yaml.safe_dump({"array": [yaml.safe_dump(o, sort_keys=False) for o in objects]}, sort_keys=False)
+
+
+def spc_manifest(parameters: dict[str, str]) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "secrets-store.csi.x-k8s.io/v1",
+            "kind": "SecretProviderClass",
+            "metadata": {"name": "test"},
+            "spec": {"provider": "azure", "parameters": parameters},
+        },
+        sort_keys=False,
+    )
+
+
+def workload_parameters(emu: Emulator, *objects: dict, vault: str = "demo", **extra: str) -> dict[str, str]:
+    params = {
+        "clientID": emu.identity.default_app.client_id,
+        "tenantId": emu.tenant_id,
+        "keyvaultName": vault,
+        "cloudName": "AzureStackCloud",
+        "cloudEnvFileName": str(emu.cloud_env_file),
+        "objects": objects_yaml(*objects),
+    }
+    params.update(extra)
+    return params
+
+
+@dataclass
+class Mount:
+    path: Path
+    process: subprocess.Popen[bytes]
+    log_file: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                subprocess.run(["umount", "-l", str(self.path)], check=False)
+        return self.process.returncode
+
+
+class Mounter:
+    """Starts `kvfs mount` processes and guarantees they are gone after the test."""
+
+    def __init__(self, emu: Emulator, tmp: Path) -> None:
+        self.emu = emu
+        self.tmp = tmp
+        self.mounts: list[Mount] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            SSL_CERT_FILE=str(self.emu.ca_file),
+            AZURE_FEDERATED_TOKEN_FILE=str(self.emu.sa_token_file),
+            KVFS_LOG_LEVEL="DEBUG",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def start(
+        self,
+        parameters: dict[str, str],
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> Mount:
+        index = len(self.mounts)
+        path = self.tmp / f"mnt{index}"
+        path.mkdir()
+        spc = self.tmp / f"spc{index}.yaml"
+        spc.write_text(spc_manifest(parameters))
+        log_file = self.tmp / f"mount{index}.log"
+        env = env or self.env()
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kvfs", "mount", "--spc", str(spc), str(path), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        mount = Mount(path, process, log_file, env)
+        self.mounts.append(mount)
+        if wait:
+            deadline = time.monotonic() + 30
+            while not is_mounted(path):
+                if process.poll() is not None:
+                    raise AssertionError(f"kvfs mount exited with {process.returncode}:\n{mount.log()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"kvfs mount did not mount in time:\n{mount.log()}")
+                time.sleep(0.05)
+        return mount
+
+    def close(self) -> None:
+        for mount in self.mounts:
+            mount.stop()
+            assert not is_mounted(mount.path), f"{mount.path} still mounted"
+
+
+@pytest.fixture
+def emu(tmp_path: Path) -> Iterator[Emulator]:
+    with EmulatorThread(tmp_path / "emulator") as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def mounter(emu: Emulator, tmp_path: Path) -> Iterator[Mounter]:
+    mounter = Mounter(emu, tmp_path)
+    try:
+        yield mounter
+    finally:
+        mounter.close()
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll a condition of the outside world (a real mount); never used to assert timings."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
