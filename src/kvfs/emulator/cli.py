@@ -8,10 +8,10 @@ import signal
 import sys
 from pathlib import Path
 
-import trio
+from typing import TYPE_CHECKING
 
-from .seed import SeedError, load_seed
-from .server import Emulator, open_emulator
+if TYPE_CHECKING:  # the server stack is imported only when the emulator runs: `kvfs --help` stays fast
+    from .server import Emulator
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ def summary(emu: Emulator) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input, 1 when the ports are taken."""
+    import trio
+
+    from .seed import SeedError, load_seed
+
     logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.token_lifetime < 60:
@@ -98,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, seed: dict[str, object], vaults: tuple[str, ...]) -> None:
+    import trio
+
+    from .server import open_emulator
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_emulator(
             args.dir, seed=seed, vaults=vaults, token_lifetime=args.token_lifetime,

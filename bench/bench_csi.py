@@ -1,0 +1,153 @@
+"""CSI benchmark: NodePublishVolume latency for N volumes and the private memory each volume adds.
+
+Acts as kubelet against a real `kvfs csi node` process (which starts its mounter), publishing N
+inline volumes one after the other, then reads /proc/PID/smaps_rollup of every daemon.
+Needs root and /dev/fuse. Default daemon: the stand-in (no Key Vault); with
+`--daemon-entry kvfs.csi.daemon:run_volume` pass real parameters with `--param KEY=VALUE`.
+
+    python bench/bench_csi.py [--volumes 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from kvfs.csi.mounter import MounterClient
+from kvfs.csi.proto import load
+from kvfs.csi.state import StateStore
+
+pb2, pb2_grpc = load()
+
+DEFAULT_PARAMS = {
+    "keyvaultName": "kvfs-bench",
+    "tenantID": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+    "clientID": "00000000-0000-0000-0000-0000000000c1",
+    "objects": "array:\n  - |\n    objectName: demo-secret\n    objectType: secret\n",
+    "csi.storage.k8s.io/pod.name": "bench",
+    "csi.storage.k8s.io/pod.namespace": "default",
+    "csi.storage.k8s.io/serviceAccount.tokens": json.dumps(
+        {"api://AzureADTokenExchange": {"token": "eyJ.bench.token", "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+    ),
+}
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """kB values of /proc/PID/smaps_rollup (Rss, Pss, Private_Clean, Private_Dirty, ...)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0])
+    return values
+
+
+def uss(m: dict[str, int]) -> int:
+    return m["Private_Clean"] + m["Private_Dirty"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=50)
+    parser.add_argument("--daemon-entry", default="kvfs.csi.standin:run")
+    parser.add_argument("--param", action="append", default=[], help="KEY=VALUE overriding a volume attribute")
+    args = parser.parse_args()
+    params = dict(DEFAULT_PARAMS)
+    for item in args.param:
+        key, _, value = item.partition("=")
+        params[key] = value
+
+    state_dir = tempfile.mkdtemp(prefix="kvfsbench-", dir="/tmp")
+    endpoint = f"unix://{state_dir}/csi.sock"
+    log = open(os.path.join(state_dir, "plugin.log"), "ab")
+    plugin = subprocess.Popen(
+        [sys.executable, "-m", "kvfs.csi.cli", "node", "--endpoint", endpoint, "--node-id", "bench",
+         "--state-dir", state_dir, "--daemon-entry", args.daemon_entry, "--log-level", "WARNING",
+         "--mounter-log", os.path.join(state_dir, "mounter.log")],
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    channel = grpc.insecure_channel(endpoint)
+    node = pb2_grpc.NodeStub(channel)
+    targets: list[str] = []
+    latencies: list[float] = []
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        mounter_pid = int((MounterClient(os.path.join(state_dir, "mounter.sock")).ping() or {"pid": 0})["pid"])
+        mounter_before = smaps_rollup(mounter_pid)
+        cap = pb2.VolumeCapability(mount=pb2.VolumeCapability.MountVolume())
+        for i in range(args.volumes):
+            target = os.path.join(state_dir, "pods", f"pod-{i}", "mount")
+            os.makedirs(os.path.dirname(target))
+            req = pb2.NodePublishVolumeRequest(
+                volume_id=f"bench-{i}", target_path=target, readonly=True, volume_capability=cap,
+                volume_context=params,
+            )  # fmt: skip
+            start = time.perf_counter()
+            node.NodePublishVolume(req, timeout=120)
+            latencies.append((time.perf_counter() - start) * 1000)
+            targets.append(target)
+        store = StateStore(state_dir)
+        daemons = [smaps_rollup(store.load(t).pid) for t in targets]  # type: ignore[union-attr]
+        mounter_after = smaps_rollup(mounter_pid)
+        start = time.perf_counter()
+        req_re = pb2.NodePublishVolumeRequest(
+            volume_id="bench-0", target_path=targets[0], readonly=True, volume_capability=cap, volume_context=params
+        )
+        for _ in range(20):
+            node.NodePublishVolume(req_re, timeout=30)
+        republish_ms = (time.perf_counter() - start) * 1000 / 20
+    finally:
+        for i, target in enumerate(targets):
+            try:
+                node.NodeUnpublishVolume(
+                    pb2.NodeUnpublishVolumeRequest(volume_id=f"bench-{i}", target_path=target), timeout=30
+                )
+            except grpc.RpcError as exc:
+                print(f"unpublish {target}: {exc}", file=sys.stderr)
+        plugin.terminate()
+        plugin.wait(10)
+        info = MounterClient(os.path.join(state_dir, "mounter.sock")).ping()
+        if info:
+            os.kill(int(info["pid"]), 15)
+        log.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    mean = statistics.mean
+    rows = [
+        ("volumes published", f"{len(latencies)}"),
+        ("daemon", args.daemon_entry),
+        ("publish latency median", f"{statistics.median(latencies):.1f} ms"),
+        ("publish latency p99", f"{percentile(latencies, 0.99):.1f} ms"),
+        ("publish latency max", f"{max(latencies):.1f} ms"),
+        ("republish (token push) mean", f"{republish_ms:.1f} ms"),
+        ("mounter Pss / USS", f"{mounter_before['Pss'] / 1024:.1f} / {uss(mounter_before) / 1024:.1f} MiB"),
+        ("mounter USS change (pages now shared)", f"{(uss(mounter_after) - uss(mounter_before)) / 1024:.1f} MiB"),
+        ("per volume: daemon Rss (mean)", f"{mean(d['Rss'] for d in daemons) / 1024:.1f} MiB"),
+        ("per volume: daemon Pss (mean)", f"{mean(d['Pss'] for d in daemons) / 1024:.1f} MiB"),
+        ("per volume: daemon USS (mean)", f"{mean(uss(d) for d in daemons) / 1024:.1f} MiB"),
+        ("USS / Rss (shared by fork)", f"{mean(uss(d) for d in daemons) / mean(d['Rss'] for d in daemons):.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{'metric'.ljust(width)}  value")
+    print(f"{'-' * width}  {'-' * 24}")
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

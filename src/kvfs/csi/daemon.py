@@ -1,0 +1,92 @@
+"""The per-volume daemon's entry point, as the mounter calls it in a freshly forked child.
+
+The mounter has already dropped privileges and closed every other fd; this turns the request
+(parameters, node-publish secrets, fds) into a MountConfig and serves it on the handed-over
+FUSE connection. Any entry with the same signature can stand in (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENTRY = "kvfs.csi.daemon:run_volume"
+
+
+@dataclass
+class DaemonSpec:
+    """Everything one volume's daemon gets from the plugin; secrets never appear in its repr."""
+
+    volume_id: str
+    params: dict[str, str] = field(repr=False)
+    secrets: dict[str, str] = field(repr=False)
+    allow_node_identity: bool
+    fuse_fd: int  # already mounted at the target by the plugin: serve "/dev/fd/<fuse_fd>"
+    control_fd: int  # a listening unix socket (token / status / stop)
+    ready_fd: int  # write b"ready\n" or b"error <message>\n", then close
+
+    @property
+    def mountpoint(self) -> str:
+        return f"/dev/fd/{self.fuse_fd}"
+
+
+DaemonEntry = Callable[[DaemonSpec], int]
+
+
+def report_error(ready_fd: int, message: str) -> None:
+    """Tell the mounter why start-up failed (one line), if nobody did yet."""
+    line = "error " + " ".join(message.split())
+    try:
+        os.write(ready_fd, line.encode()[:4000] + b"\n")
+    except OSError:
+        pass
+
+
+def run_volume(spec: DaemonSpec) -> int:
+    """Default entry: kvfs.config parameters → kvfs.fs.mount.run_mount on /dev/fd/N."""
+    from kvfs.config.parameters import parse_parameters
+    from kvfs.errors import KvfsError
+    from kvfs.fs.mount import run_mount
+
+    try:
+        config = parse_parameters(
+            spec.params, spec.secrets, context="csi", allow_node_identity=spec.allow_node_identity
+        )
+    except KvfsError as exc:
+        report_error(spec.ready_fd, str(exc))
+        return 2
+    return run_mount(config, spec.mountpoint, ready_fd=spec.ready_fd, control_fd=spec.control_fd)
+
+
+def load_entry(name: str) -> DaemonEntry:
+    """`module:function` → the callable; importing the module here is what pre-loads it."""
+    module_name, _, func_name = name.partition(":")
+    if not module_name or not func_name:
+        raise ValueError(f"--daemon-entry {name!r}: expected MODULE:FUNCTION")
+    module = importlib.import_module(module_name)
+    entry = getattr(module, func_name)
+    if not callable(entry):
+        raise ValueError(f"--daemon-entry {name!r}: {func_name} is not callable")
+    return entry  # type: ignore[no-any-return]
+
+
+def preload() -> None:
+    """Import what every daemon needs once, in the mounter, so forks share those pages."""
+    for name in (
+        "trio",
+        "pyfuse3",
+        "httpx",
+        "kvfs.config.parameters",
+        "kvfs.fs.mount",
+        "kvfs.vault.client",
+        "kvfs.auth.factory",
+    ):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            log.warning("mounter could not pre-load %s: %s", name, exc)

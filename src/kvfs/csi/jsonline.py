@@ -1,0 +1,112 @@
+"""Newline-delimited JSON over unix stream sockets, with file descriptors riding along (SCM_RIGHTS).
+
+The plugin talks to the mounter and to each daemon's control socket this way. Reads are bounded
+in size and time: a daemon is unprivileged and its answers are not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+MAX_LINE = 4 * 1024 * 1024
+MAX_FDS = 8
+
+
+class ProtocolError(Exception):
+    """The peer closed early, sent garbage, or did not answer in time."""
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+class LineReader:
+    """Reads one JSON line at a time from `sock`, collecting any fds passed with it."""
+
+    def __init__(self, sock: socket.socket, limit: int = MAX_LINE) -> None:
+        self.sock = sock
+        self.limit = limit
+        self.buf = b""
+        self.fds: list[int] = []
+
+    def read(self, timeout: float | None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            if len(self.buf) > self.limit:
+                raise ProtocolError(f"message longer than {self.limit} bytes")
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError(f"no answer within {timeout:g}s")
+                self.sock.settimeout(left)
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+            except socket.timeout:
+                raise ProtocolError(f"no answer within {timeout:g}s") from None
+            except OSError as exc:
+                raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
+            self.fds.extend(fds)
+            if not data:
+                raise ProtocolError("connection closed before a full answer")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ProtocolError("answer is not JSON") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("answer is not a JSON object")
+        return message
+
+    def try_read(self) -> dict[str, Any] | None:
+        """One non-blocking receive; the message once a full line is in, else None."""
+        if b"\n" not in self.buf:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
+            self.fds.extend(fds)
+            if not data:
+                raise ProtocolError("connection closed before a full message")
+            self.buf += data
+            if b"\n" not in self.buf:
+                if len(self.buf) > self.limit:
+                    raise ProtocolError(f"message longer than {self.limit} bytes")
+                return None
+        return self.read(None)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+def request(path: str, message: dict[str, Any], timeout: float, limit: int = 65536) -> dict[str, Any]:
+    """Connect to `path`, send one request, return one answer; ProtocolError on any failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            send(sock, message)
+        except OSError as exc:
+            raise ProtocolError(f"cannot reach {path}: {exc.strerror or exc}") from None
+        reader = LineReader(sock, limit)
+        try:
+            return reader.read(timeout)
+        finally:
+            reader.close_fds()
+    finally:
+        sock.close()

@@ -1,0 +1,521 @@
+"""Publish, republish, unpublish and watch volumes: the node plugin's logic, free of gRPC.
+
+Every operation on one target path holds that target's lock; state lives on disk (state.py) so a
+restarted plugin continues where the old one stopped. The privileged steps are only: create the
+target folder, open /dev/fuse, mount(2), bind the daemon's control socket, unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from kvfs.csi import jsonline, syscalls
+from kvfs.csi.daemon import DEFAULT_ENTRY
+from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
+from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
+from kvfs.csi.mounter import MounterClient, SpawnError
+from kvfs.csi.request import (
+    RequestError,
+    VolumeInputs,
+    check_node_identity,
+    daemon_params,
+    split_inputs,
+    token_for_audience,
+)
+from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+
+log = logging.getLogger(__name__)
+
+Validator = Callable[[dict[str, str], dict[str, str], bool], None]
+
+
+@dataclass
+class NodeConfig:
+    node_id: str
+    state_dir: str = "/var/lib/kvfs/csi"
+    driver_name: str = "csi.kvfs.io"
+    daemon_uid: int = 65534
+    daemon_gid: int = 65534
+    mounter_socket: str = ""  # default: <state_dir>/mounter.sock
+    allow_node_identity: bool = False
+    kubeconfig: str = ""
+    publish_timeout: float = 60.0
+    probe_timeout: float = 1.0
+    daemon_entry: str = DEFAULT_ENTRY
+    start_mounter: bool = True
+    mounter_log: str = ""  # default: inherit the plugin's stderr
+    log_level: str = "INFO"
+    max_volumes: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.mounter_socket:
+            self.mounter_socket = os.path.join(self.state_dir, "mounter.sock")
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    volume_id: str
+    target_path: str
+    readonly: bool
+    has_capability: bool
+    is_block: bool
+    volume_context: dict[str, str] = field(repr=False)
+    secrets: dict[str, str] = field(repr=False)
+
+
+def default_validator(params: dict[str, str], secrets: dict[str, str], allow_node_identity: bool) -> None:
+    """kvfs.config.parameters.parse_parameters, so bad parameters fail the publish, not the daemon."""
+    try:
+        from kvfs.config.parameters import parse_parameters
+    except ImportError:
+        log.warning("kvfs.config.parameters is not available: parameters are checked by the daemon only")
+        return
+    from kvfs.errors import ConfigError
+
+    try:
+        parse_parameters(params, secrets, context="csi", allow_node_identity=allow_node_identity)
+    except ConfigError as exc:
+        raise RequestError("INVALID_ARGUMENT", str(exc)) from None
+
+
+class Volumes:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        validator: Validator = default_validator,
+        kube_factory: Callable[[], KubeClient] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.mounter = MounterClient(config.mounter_socket)
+        self.validator = validator
+        self._kube_factory = kube_factory or self._default_kube
+        self._kube: KubeClient | None = None
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._mounter_guard = threading.Lock()
+        self.prober = Prober()
+        self.health: dict[str, Probe] = {}  # target -> last reported probe
+
+    # ---- plumbing ----
+
+    def _lock(self, target: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(target, threading.Lock())
+
+    def _default_kube(self) -> KubeClient:
+        if self.config.kubeconfig:
+            return KubeClient.from_kubeconfig(self.config.kubeconfig)
+        return KubeClient.in_cluster()
+
+    def kube(self) -> KubeClient:
+        if self._kube is None:
+            self._kube = self._kube_factory()
+        return self._kube
+
+    def ensure_mounter(self) -> None:
+        """Start `kvfs csi mounter` detached when nobody answers on the mounter socket."""
+        with self._mounter_guard:
+            if self.mounter.ping() is not None:
+                return
+            if not self.config.start_mounter:
+                raise RequestError("UNAVAILABLE", f"no mounter answers on {self.config.mounter_socket}")
+            log.info("no mounter on %s: starting one", self.config.mounter_socket)
+            start_mounter_detached(self.config)
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                if self.mounter.ping(timeout=1.0) is not None:
+                    return
+                time.sleep(0.05)
+            raise RequestError("UNAVAILABLE", f"the mounter did not come up on {self.config.mounter_socket}")
+
+    # ---- publish ----
+
+    def publish(self, req: PublishRequest) -> None:
+        _check_publish(req)
+        target = os.path.normpath(req.target_path)
+        inputs = split_inputs(req.volume_context, req.secrets)
+        with self._lock(target):
+            state = self.store.load(target)
+            mounted = is_kvfs_mount(target)
+            if state is not None:
+                if state.volume_id != req.volume_id:
+                    raise RequestError(
+                        "ALREADY_EXISTS",
+                        f"target {target} is already published for volume {state.volume_id!r}, "
+                        f"not {req.volume_id!r}",
+                    )
+                if state.phase == "ready" and mounted:
+                    self._republish(state, inputs)
+                    return
+                log.info("volume %s: cleaning up an incomplete or unmounted publish first", req.volume_id)
+                self._teardown(state, mounted)
+            elif mounted:
+                log.warning("target %s holds a kvfs mount without state: unmounting it first", target)
+                _umount_all(target, detach=True)
+            params = self._params(inputs)
+            check_node_identity(params, self.config.allow_node_identity)
+            self.validator(params, inputs.secrets, self.config.allow_node_identity)
+            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets)
+
+    def _params(self, inputs: VolumeInputs) -> dict[str, str]:
+        spc: dict[str, str] = {}
+        if inputs.spc_name:
+            spc = self._lookup_spc(inputs.namespace, inputs.spc_name)
+        return daemon_params(spc, inputs)
+
+    def _lookup_spc(self, namespace: str, name: str) -> dict[str, str]:
+        if not namespace:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"secretProviderClass {name!r}: the pod namespace is missing from the volume context "
+                "(the CSIDriver object must set podInfoOnMount: true)",
+            )
+        try:
+            obj = self.kube().get_secret_provider_class(namespace, name)
+        except KubeConfigError as exc:
+            raise RequestError(
+                "FAILED_PRECONDITION",
+                f"secretProviderClass {name!r} needs the Kubernetes API, which is not configured: {exc}",
+            ) from None
+        except KubeError as exc:
+            if exc.status == 404:
+                raise RequestError(
+                    "NOT_FOUND",
+                    f'SecretProviderClass "{name}" not found in namespace "{namespace}": create it before the '
+                    f"pod, or fix the volume's secretProviderClass attribute ({exc})",
+                ) from None
+            if exc.status in (401, 403):
+                raise RequestError(
+                    "PERMISSION_DENIED",
+                    f'reading SecretProviderClass "{name}" in namespace "{namespace}" was refused: grant the '
+                    f"plugin's service account get on secretproviderclasses ({exc})",
+                ) from None
+            raise RequestError(
+                "UNAVAILABLE", f'reading SecretProviderClass "{name}" in namespace "{namespace}" failed: {exc}'
+            ) from None
+        from kvfs.errors import ConfigError
+
+        try:
+            return spc_parameters(obj)
+        except ConfigError as exc:
+            raise RequestError(
+                "FAILED_PRECONDITION", f'SecretProviderClass "{name}" in namespace "{namespace}" is unusable: {exc}'
+            ) from None
+
+    def _mount_and_spawn(self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str]) -> None:
+        cfg = self.config
+        self.ensure_mounter()
+        try:
+            os.makedirs(target, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise RequestError("INTERNAL", f"cannot create target {target}: {exc.strerror}") from None
+        state = new_state(volume_id, target, cfg.daemon_uid, cfg.daemon_gid)
+        self.store.save(state)
+        control = fuse_fd = -1
+        try:
+            control = self._bind_control(target)
+            fuse_fd = syscalls.open_fuse_device()
+            syscalls.mount_fuse(fuse_fd, target, cfg.daemon_uid, cfg.daemon_gid)
+        except (OSError, ValueError) as exc:
+            for fd in (fuse_fd, control):
+                if fd >= 0:
+                    os.close(fd)
+            self.store.remove(target)
+            raise RequestError("INTERNAL", f"volume {volume_id}: mounting {target} failed: {exc}") from None
+
+        def on_forked(pid: int) -> None:
+            nonlocal state
+            state = replace(state, pid=pid, pid_start=process_start_time(pid) or 0)
+            self.store.save(state)
+
+        try:
+            self.mounter.spawn(
+                volume_id=volume_id,
+                params=params,
+                secrets=secrets,
+                uid=cfg.daemon_uid,
+                gid=cfg.daemon_gid,
+                allow_node_identity=cfg.allow_node_identity,
+                fuse_fd=fuse_fd,
+                control_fd=control,
+                timeout=cfg.publish_timeout,
+                on_forked=on_forked,
+            )
+        except (SpawnError, jsonline.ProtocolError) as exc:
+            self._teardown(state, True)
+            timed_out = "in time" in str(exc) or "no answer" in str(exc)
+            raise RequestError(
+                "DEADLINE_EXCEEDED" if timed_out else "INTERNAL",
+                f"volume {volume_id}: the kvfs daemon did not start: {exc}",
+            ) from None
+        state = replace(state, phase="ready")
+        self.store.save(state)
+        self.health.pop(target, None)
+        log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid)
+
+    def _bind_control(self, target: str) -> int:
+        path = str(self.store.control_socket(target))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            os.chown(path, self.config.daemon_uid, self.config.daemon_gid)
+            sock.listen(16)
+        except OSError:
+            sock.close()
+            raise
+        return sock.detach()
+
+    def _republish(self, state: VolumeState, inputs: VolumeInputs) -> None:
+        """Fresh token to the running daemon; never fails the call (kubernetes #121271)."""
+        token = token_for_audience(inputs.tokens_json)
+        if not token:
+            log.debug("volume %s: republish without a service account token", state.volume_id)
+            return
+        path = str(self.store.control_socket(state.target_path))
+        try:
+            reply = jsonline.request(path, {"op": "token", "token": token}, timeout=2.0)
+            if not reply.get("ok"):
+                raise jsonline.ProtocolError(str(reply.get("error", "refused")))
+        except jsonline.ProtocolError as exc:
+            log.error(
+                "volume %s at %s: could not pass the fresh service account token to its daemon (%s); "
+                "the mount is left as it is",
+                state.volume_id,
+                state.target_path,
+                exc,
+            )
+            self._report(state, Probe(Health.DEAD, f"control socket: {exc}"))
+
+    # ---- unpublish ----
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        if not volume_id:
+            raise RequestError("INVALID_ARGUMENT", "volume_id is missing")
+        if not target_path:
+            raise RequestError("INVALID_ARGUMENT", "target_path is missing")
+        target = os.path.normpath(target_path)
+        with self._lock(target):
+            state = self.store.load(target)
+            if state is not None and state.volume_id != volume_id:
+                log.warning(
+                    "unpublish of %s at %s: the target belongs to volume %s; cleaning it up anyway",
+                    volume_id,
+                    target,
+                    state.volume_id,
+                )
+            mounted = is_kvfs_mount(target)
+            if state is not None:
+                self._teardown(state, mounted)
+            elif mounted:
+                _umount_all(target, detach=True)
+            _remove_dir(target)
+            self.health.pop(target, None)
+            log.info("volume %s: unpublished from %s", volume_id, target)
+
+    def _teardown(self, state: VolumeState, mounted: bool) -> None:
+        """Unmount (detached when the daemon is dead), stop the daemon, forget the state."""
+        alive = process_alive(state.pid, state.pid_start)
+        if mounted:
+            _umount_all(state.target_path, detach=not alive)
+        if alive:
+            self._stop_daemon(state)
+        self.store.remove(state.target_path)
+
+    def _stop_daemon(self, state: VolumeState) -> None:
+        try:
+            jsonline.request(str(self.store.control_socket(state.target_path)), {"op": "stop"}, timeout=1.0)
+        except (jsonline.ProtocolError, ValueError):
+            pass  # unmounting usually ends it already
+        for sig, wait in ((None, 2.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+            if sig is not None:
+                try:
+                    os.kill(state.pid, sig)
+                except ProcessLookupError:
+                    return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not process_alive(state.pid, state.pid_start):
+                    return
+                time.sleep(0.01)
+        log.error("volume %s: daemon pid %d did not exit", state.volume_id, state.pid)
+
+    # ---- restart recovery and health ----
+
+    def recover(self) -> list[VolumeState]:
+        """Adopt the volumes of a previous plugin process; clean up half-done publishes."""
+        entries = read_mountinfo()
+        kept = []
+        for state in self.store.all():
+            with self._lock(state.target_path):
+                mounted = is_kvfs_mount(state.target_path, entries)
+                if state.phase == "ready" and mounted:
+                    kept.append(state)
+                    continue
+                log.warning(
+                    "volume %s at %s: %s; cleaning up",
+                    state.volume_id,
+                    state.target_path,
+                    "publish was interrupted" if state.phase != "ready" else "no longer mounted",
+                )
+                self._teardown(state, mounted)
+        log.info("recovered %d volume(s) from %s", len(kept), self.config.state_dir)
+        return kept
+
+    def check_health(self) -> dict[str, Probe]:
+        """Probe every ready volume (bounded); log each change once. Never repairs anything."""
+        states = [s for s in self.store.all() if s.phase == "ready"]
+        probes = self.prober.probe_many([s.target_path for s in states], self.config.probe_timeout)
+        for state in states:
+            # only the daemon holds the connection fd, so a statfs answer proves it serves
+            self._report(state, probes[state.target_path])
+        for target in set(self.health) - {s.target_path for s in states}:
+            del self.health[target]
+        _metrics_update(self.health)
+        return dict(self.health)
+
+    def _report(self, state: VolumeState, probe: Probe) -> None:
+        previous = self.health.get(state.target_path)
+        self.health[state.target_path] = probe
+        if previous is not None and previous.health is probe.health:
+            return
+        if probe.health is Health.HEALTHY:
+            if previous is not None:
+                log.info("volume %s at %s is healthy again", state.volume_id, state.target_path)
+            return
+        log.error(
+            "volume %s at %s is %s: %s (pods using it get errors; recreate the pod to get a new mount)",
+            state.volume_id,
+            state.target_path,
+            probe.health.value,
+            probe.detail,
+        )
+
+    def list_volumes(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "volume_id": s.volume_id,
+                "target_path": s.target_path,
+                "pid": s.pid,
+                "health": self.health.get(s.target_path, Probe(Health.HEALTHY)).health.value,
+            }
+            for s in self.store.all()
+        ]
+
+
+def _check_publish(req: PublishRequest) -> None:
+    """Argument checks, in csi-sanity's order; nothing touched yet."""
+    if not req.volume_id:
+        raise RequestError("INVALID_ARGUMENT", "volume_id is missing")
+    if not req.target_path:
+        raise RequestError("INVALID_ARGUMENT", "target_path is missing")
+    if not os.path.isabs(req.target_path):
+        raise RequestError("INVALID_ARGUMENT", f"target_path {req.target_path!r} must be an absolute path")
+    if not req.has_capability:
+        raise RequestError("INVALID_ARGUMENT", "volume_capability is missing")
+    if req.is_block:
+        raise RequestError(
+            "INVALID_ARGUMENT",
+            "volume_capability: block access is not supported; kvfs volumes are read-only filesystems "
+            "(use a mount volume)",
+        )
+    if not req.readonly:
+        raise RequestError(
+            "INVALID_ARGUMENT",
+            "readonly is not true in the request: kvfs volumes are read-only (set readOnly: true on the "
+            "pod's csi volume)",
+        )
+    if not req.volume_context:
+        raise RequestError(
+            "INVALID_ARGUMENT",
+            "volume_context is empty: name a secretProviderClass or give the parameters as volumeAttributes",
+        )
+
+
+def _umount_all(target: str, *, detach: bool) -> None:
+    for _ in range(8):  # stacked mounts: peel them all
+        if not is_kvfs_mount(target):
+            return
+        try:
+            syscalls.umount(target, detach=detach)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY and not detach:
+                detach = True
+                continue
+            raise RequestError("INTERNAL", f"cannot unmount {target}: {exc.strerror}") from None
+
+
+def _remove_dir(target: str) -> None:
+    try:
+        os.rmdir(target)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("left %s in place: %s", target, exc.strerror)
+
+
+def start_mounter_detached(config: NodeConfig) -> None:
+    """`python -m kvfs.csi.cli mounter` in a new session, reparented away from this process.
+
+    An intermediate process starts it and exits at once, so the mounter is not this process's
+    child (no zombie, and it survives this process being killed).
+    """
+    import kvfs
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvfs.csi.cli",
+        "mounter",
+        "--socket",
+        config.mounter_socket,
+        "--daemon-entry",
+        config.daemon_entry,
+        "--log-level",
+        config.log_level,
+    ]
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(kvfs.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    log_target = config.mounter_log
+    launcher = (
+        "import os, subprocess, sys\n"
+        "log = sys.argv[1]\n"
+        "out = open(log, 'ab') if log else None\n"
+        "subprocess.Popen(sys.argv[2:], start_new_session=True, stdin=subprocess.DEVNULL,"
+        " stdout=out or None, stderr=out or None, close_fds=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", launcher, log_target, *cmd], env=env, check=True, timeout=30)
+
+
+# ---- metrics (optional: prometheus_client) ----
+
+try:
+    from prometheus_client import Gauge
+
+    _VOLUMES = Gauge("kvfs_csi_volumes", "Published kvfs volumes by health", ["health"])
+except ImportError:  # pragma: no cover
+    _VOLUMES = None
+
+
+def _metrics_update(health: dict[str, Probe]) -> None:
+    if _VOLUMES is None:
+        return
+    for h in Health:
+        _VOLUMES.labels(health=h.value).set(sum(1 for p in health.values() if p.health is h))

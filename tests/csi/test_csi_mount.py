@@ -1,0 +1,202 @@
+"""Real mounts (root + /dev/fuse) with the stand-in daemon: the publish/unpublish lifecycle,
+fd ownership, republish, plugin restarts and daemon crashes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import pytest
+
+from csi_harness import Kubelet, PluginProcess, inline_params, wait_for
+from kvfs.csi.mountinfo import Health, is_kvfs_mount, probe_mount
+from kvfs.csi.state import process_alive
+
+pytestmark = pytest.mark.mount
+
+
+def _fuse_holders() -> dict[int, int]:
+    """pid -> number of open /dev/fuse fds, for every process."""
+    holders: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        n = 0
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                    n += 1
+            except OSError:
+                pass
+        if n:
+            holders[int(pid)] = n
+    return holders
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def test_publish_serves_files_at_once_and_unpublish_removes_everything(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    target = csi_plugin.target(tmp_path, "p")
+    csi_plugin.publish("vol-a", target, inline_params(**{"standin.file.demo-secret": "s3cret-bytes"}))
+    # ready means FUSE_INIT is done: the first access answers (it would hang before INIT)
+    assert Path(target, "demo-secret").read_text() == "s3cret-bytes"
+    assert is_kvfs_mount(target)
+    state = csi_plugin.state(target)
+    assert state.phase == "ready" and state.pid > 0
+    pid = state.pid
+    assert "vol-a" in _cmdline(pid)
+    assert _uid(pid) == 65534
+    assert os.stat(target).st_mode & 0o777 == 0o755
+    csi_plugin.unpublish("vol-a", target)
+    assert not is_kvfs_mount(target)
+    assert not os.path.exists(target)
+    wait_for(lambda: not process_alive(pid, 0), 5, "daemon exit")
+    assert csi_plugin.state(target) is None
+    assert os.listdir(Path(csi_plugin.state_dir, "volumes")) == []
+
+
+def test_only_the_daemon_holds_the_fuse_fd(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
+    plugin = csi_process()
+    kubelet = plugin.kubelet
+    assert kubelet is not None
+    targets = [kubelet.target(tmp_path, f"p{i}") for i in range(2)]
+    for i, target in enumerate(targets):
+        kubelet.publish(f"vol-{i}", target)
+    daemons = {kubelet.state(t).pid for t in targets}
+    holders = _fuse_holders()
+    assert plugin.proc is not None
+    assert plugin.proc.pid not in holders
+    assert plugin.mounter_pid() not in holders
+    for pid in daemons:
+        assert holders.get(pid) == 1
+
+
+def test_republish_passes_the_fresh_token_quickly(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    target = csi_plugin.target(tmp_path, "p")
+    csi_plugin.publish("vol-a", target, token="first-token")
+    first = csi_plugin.control(target, {"op": "status"})
+    assert first["token_sha256"] == hashlib.sha256(b"first-token").hexdigest()[:12]
+    pid = csi_plugin.state(target).pid
+    csi_plugin.publish("vol-a", target, token="second-token", token_in_secrets=True)
+    second = csi_plugin.control(target, {"op": "status"})
+    assert second["token_sha256"] == hashlib.sha256(b"second-token").hexdigest()[:12]
+    assert second["token_updates"] == 1
+    assert csi_plugin.state(target).pid == pid  # same daemon, same mount
+
+
+def test_ready_timeout_kills_the_daemon_and_unmounts(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    kubelet = csi_plugin.make(publish_timeout=0.5)  # type: ignore[attr-defined]
+    target = kubelet.target(tmp_path, "p")
+    with pytest.raises(grpc.RpcError) as info:
+        kubelet.publish("vol-a", target, inline_params(**{"standin.hang": "true"}))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not report ready in time" in info.value.details()
+    assert not is_kvfs_mount(target)
+    assert kubelet.state(target) is None
+
+
+def test_daemon_start_error_is_reported_and_cleaned_up(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    target = csi_plugin.target(tmp_path, "p")
+    with pytest.raises(grpc.RpcError) as info:
+        csi_plugin.publish("vol-a", target, inline_params(**{"standin.fail": "vault exploded (test)"}))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "vault exploded (test)" in info.value.details()
+    assert not is_kvfs_mount(target)
+    assert csi_plugin.state(target) is None
+    csi_plugin.publish("vol-a", target)  # kubelet's retry starts clean
+    assert Path(target, "hello").exists()
+
+
+def test_killed_plugin_restarts_and_keeps_volumes(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
+    plugin = csi_process()
+    kubelet = plugin.kubelet
+    assert kubelet is not None
+    targets = [kubelet.target(tmp_path, f"p{i}") for i in range(2)]
+    for i, target in enumerate(targets):
+        kubelet.publish(f"vol-{i}", target, token="t0")
+    pids = [kubelet.state(t).pid for t in targets]
+    mounter = plugin.mounter_pid()
+    plugin.kill()
+    for target in targets:  # still served while no plugin runs
+        assert Path(target, "hello").read_text().startswith("hello from vol-")
+    kubelet = plugin.start()
+    assert plugin.mounter_pid() == mounter  # the old mounter was found, not replaced
+    kubelet.publish("vol-0", targets[0], token="after-restart")  # republish by the new plugin
+    status = kubelet.control(targets[0], {"op": "status"})
+    assert status["token_sha256"] == hashlib.sha256(b"after-restart").hexdigest()[:12]
+    assert kubelet.state(targets[0]).pid == pids[0]
+    for i, target in enumerate(targets):
+        kubelet.unpublish(f"vol-{i}", target)
+        assert not is_kvfs_mount(target) and not os.path.exists(target)
+    for pid in pids:
+        wait_for(lambda: not process_alive(pid, 0), 5, "daemon exit")
+
+
+def test_one_dead_daemon_hurts_only_its_volume(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
+    plugin = csi_process()
+    kubelet = plugin.kubelet
+    assert kubelet is not None
+    dead, alive = kubelet.target(tmp_path, "dead"), kubelet.target(tmp_path, "alive")
+    kubelet.publish("vol-dead", dead)
+    kubelet.publish("vol-alive", alive)
+    os.kill(kubelet.state(dead).pid, signal.SIGKILL)
+    with pytest.raises(OSError) as info:
+        wait_for(lambda: os.listdir(dead) and False, 5, "ENOTCONN")  # raises once the connection is gone
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert probe_mount(dead).health is Health.DEAD
+    assert Path(alive, "hello").read_text() == "hello from vol-alive\n"
+    assert kubelet.probe() is True
+    log = wait_for(lambda: "vol-dead" in plugin.log() and plugin.log(), 5, "the report")
+    dead_lines = [line for line in log.splitlines() if " is dead" in line]
+    assert dead_lines and all("vol-dead" in line for line in dead_lines)
+    # republish of the broken volume: reported, not unmounted, and kubelet gets OK
+    kubelet.publish("vol-dead", dead, token="fresh")
+    assert is_kvfs_mount(dead)
+    kubelet.unpublish("vol-dead", dead)  # detached unmount of a dead mount
+    assert not is_kvfs_mount(dead) and not os.path.exists(dead)
+
+
+def test_many_volumes_publish_concurrently(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    targets = [csi_plugin.target(tmp_path, f"p{i}") for i in range(6)]
+    start = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda it: csi_plugin.publish(f"vol-{it[0]}", it[1]), enumerate(targets)))
+    assert time.monotonic() - start < 30
+    for i, target in enumerate(targets):
+        assert Path(target, "hello").read_text() == f"hello from vol-{i}\n"
+    pids = {csi_plugin.state(t).pid for t in targets}
+    assert len(pids) == 6
+    health: dict[str, Any] = csi_plugin.volumes.check_health()  # type: ignore[attr-defined]
+    assert {p.health for p in health.values()} == {Health.HEALTHY}
+
+
+def test_sigterm_stops_the_plugin_but_not_the_volumes(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
+    plugin = csi_process()
+    kubelet = plugin.kubelet
+    assert kubelet is not None and plugin.proc is not None
+    target = kubelet.target(tmp_path, "p")
+    kubelet.publish("vol-a", target)
+    plugin.proc.terminate()
+    assert plugin.proc.wait(10) == 0
+    assert Path(target, "hello").read_text() == "hello from vol-a\n"
+    plugin.start().unpublish("vol-a", target)
+    assert not is_kvfs_mount(target)

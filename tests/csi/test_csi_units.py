@@ -1,0 +1,181 @@
+"""Pure units: mountinfo parsing, state files, request assembly, proto loading, kube config."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fakekube import FakeKube
+from kvfs.csi import request
+from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError
+from kvfs.csi.mountinfo import Health, find_mount, is_kvfs_mount, parse_mountinfo, probe_mount
+from kvfs.csi.state import StateStore, new_state, process_alive, process_start_time, volume_key
+
+MOUNTINFO = (
+    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+    "40 22 0:35 / /var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/my\\040vol/mount ro,nosuid,nodev "
+    "shared:20 master:3 - fuse.kvfs kvfs ro,user_id=65534,group_id=65534,default_permissions,allow_other\n"
+    "41 22 0:36 / /mnt/stacked rw - tmpfs tmpfs rw\n"
+    "42 41 0:37 / /mnt/stacked ro - fuse.kvfs kvfs ro\n"
+    "garbage line\n"
+    "43 22 0:38 / /mnt/other rw - fuse.sshfs host:/ rw\n"
+)
+
+
+def test_mountinfo_parsing_unescapes_and_reads_optional_fields() -> None:
+    entries = parse_mountinfo(MOUNTINFO)
+    assert len(entries) == 5  # the garbage line is skipped
+    vol = entries[1]
+    assert vol.mount_point == "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/my vol/mount"
+    assert vol.optional_fields == ("shared:20", "master:3")
+    assert (vol.fstype, vol.source) == ("fuse.kvfs", "kvfs")
+    assert "allow_other" in vol.super_options
+    assert entries[0].optional_fields == ("shared:1",)
+
+
+def test_find_mount_sees_the_top_of_a_stack() -> None:
+    entries = parse_mountinfo(MOUNTINFO)
+    assert is_kvfs_mount("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/my vol/mount/", entries)
+    top = find_mount("/mnt/stacked", entries)
+    assert top is not None and top.fstype == "fuse.kvfs"
+    assert not is_kvfs_mount("/mnt/other", entries)
+    assert not is_kvfs_mount("/mnt/none", entries)
+
+
+def test_probe_of_an_unmounted_path(tmp_path: Path) -> None:
+    assert probe_mount(str(tmp_path)).health is Health.UNMOUNTED
+
+
+def test_state_store_round_trip_and_no_secret_fields(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    state = new_state("vol-1", "/pods/x/mount/", 65534, 65534)
+    store.save(state)
+    assert store.load("/pods/x/mount") == state
+    assert oct(os.stat(tmp_path / "state").st_mode & 0o777) == "0o700"
+    raw = json.loads((store.volume_dir("/pods/x/mount") / "state.json").read_text())
+    assert set(raw) == {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created"}
+    assert [s.volume_id for s in store.all()] == ["vol-1"]
+    store.remove("/pods/x/mount")
+    assert store.load("/pods/x/mount") is None and store.all() == []
+    assert volume_key("/a/b") == volume_key("/a/b/") != volume_key("/a/c")
+
+
+def test_unreadable_state_is_ignored(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    folder = store.volume_dir("/t")
+    folder.mkdir()
+    (folder / "state.json").write_text("{not json")
+    assert store.all() == []
+
+
+def test_long_state_dir_is_refused_with_a_fix(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / ("x" * 100))
+    with pytest.raises(ValueError, match="shorter --state-dir"):
+        store.control_socket("/t")
+
+
+def test_process_identity() -> None:
+    me = process_start_time(os.getpid())
+    assert me is not None
+    assert process_alive(os.getpid(), me)
+    assert not process_alive(os.getpid(), me + 1)  # pid reuse guard
+    assert not process_alive(0, 0)
+
+
+def test_tokens_read_from_secrets_first() -> None:
+    tok = lambda t: json.dumps({request.AUDIENCE: {"token": t}})  # noqa: E731
+    inputs = request.split_inputs(
+        {request.TOKENS_KEY: tok("from-context"), "keyvaultName": "kv"}, {request.TOKENS_KEY: tok("from-secrets"), "clientid": "c"}
+    )
+    assert request.token_for_audience(inputs.tokens_json) == "from-secrets"
+    assert request.TOKENS_KEY not in inputs.secrets and request.TOKENS_KEY not in inputs.attributes
+    assert "from-" not in repr(inputs) and "'c'" not in repr(inputs)
+    inputs = request.split_inputs({request.TOKENS_KEY: tok("from-context")}, {})
+    assert request.token_for_audience(inputs.tokens_json) == "from-context"
+    assert request.token_for_audience("not json") == ""
+    assert request.token_for_audience(json.dumps({"other": {"token": "x"}})) == ""
+
+
+def test_daemon_params_overlay_order() -> None:
+    inputs = request.split_inputs({"keyvaultName": "pod", "a": "1"}, {})
+    params = request.daemon_params({"keyvaultName": "spc", "b": "2"}, inputs)
+    assert params == {"keyvaultName": "pod", "a": "1", "b": "2"}
+
+
+def test_proto_load_is_idempotent() -> None:
+    from kvfs.csi.proto import load
+
+    a, b = load(), load()
+    assert a[0] is b[0]
+    assert a[0].NodePublishVolumeRequest.DESCRIPTOR.fields_by_name["volume_context"].number == 8
+    assert a[0].NodeGetInfoResponse.DESCRIPTOR.fields_by_name["max_volumes_per_node"].number == 2
+
+
+# ---- the Kubernetes client against the fake API server ----
+
+
+@pytest.fixture
+def fake_kube(tmp_path: Path) -> FakeKube:
+    kube = FakeKube(tmp_path / "kube")
+    kube.add_spc("ns1", "demo", {"keyvaultName": "kv1"})
+    yield kube  # type: ignore[misc]
+    kube.close()
+
+
+def test_in_cluster_config(fake_kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "ca.crt").write_bytes(fake_kube.ca_pem)
+    (sa / "token").write_text(fake_kube.allowed_token + "\n")
+    host, port = fake_kube.url.removeprefix("https://").split(":")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    client = KubeClient.in_cluster(sa)
+    obj = client.get_secret_provider_class("ns1", "demo")
+    assert obj["spec"]["parameters"] == {"keyvaultName": "kv1"}
+    (sa / "token").write_text("rotated-and-wrong")  # re-read per call
+    with pytest.raises(KubeError) as info:
+        client.get_secret_provider_class("ns1", "demo")
+    assert info.value.status == 401
+    assert "rotated-and-wrong" not in str(info.value)
+    client.close()
+
+
+def test_kubeconfig_errors(fake_kube: FakeKube, tmp_path: Path) -> None:
+    with pytest.raises(KubeConfigError, match="cannot read"):
+        KubeClient.from_kubeconfig(str(tmp_path / "missing"))
+    path = fake_kube.kubeconfig(tmp_path / "kc")
+    doc = json.loads(path.read_text())
+    doc["users"][0]["user"] = {"exec": {"command": "aws"}}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KubeConfigError, match="'exec'"):
+        KubeClient.from_kubeconfig(str(path))
+    doc["clusters"][0]["cluster"]["server"] = "http://plain"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KubeConfigError, match="https://"):
+        KubeClient.from_kubeconfig(str(path))
+
+
+def test_kubeconfig_with_ca_file_and_untrusted_server(fake_kube: FakeKube, tmp_path: Path) -> None:
+    path = fake_kube.kubeconfig(tmp_path / "kc")
+    doc = json.loads(path.read_text())
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+    doc["clusters"][0]["cluster"]["certificate-authority"] = "ca.pem"
+    (tmp_path / "ca.pem").write_bytes(fake_kube.ca_pem)
+    path.write_text(json.dumps(doc))
+    assert KubeClient.from_kubeconfig(str(path)).get_secret_provider_class("ns1", "demo")["kind"] == "SecretProviderClass"
+    other = FakeKube(tmp_path / "other")  # a different CA: TLS must fail
+    try:
+        doc["clusters"][0]["cluster"] = {
+            "server": fake_kube.url,
+            "certificate-authority-data": base64.b64encode(other.ca_pem).decode(),
+        }
+        path.write_text(json.dumps(doc))
+        with pytest.raises(KubeError, match="unreachable"):
+            KubeClient.from_kubeconfig(str(path)).get_secret_provider_class("ns1", "demo")
+    finally:
+        other.close()
