@@ -216,7 +216,7 @@ async def test_cached_read_never_awaits_the_network(autojump_clock: trio.testing
     assert resolver.statistics.hits == 10
 
 
-async def test_errors_reach_every_waiter_and_are_not_cached(autojump_clock: trio.testing.MockClock) -> None:
+async def test_errors_reach_every_waiter_and_are_remembered_briefly(autojump_clock: trio.testing.MockClock) -> None:
     vault = FakeVault()
     vault.add("secret", "db", "v")
     vault.latency = 1.0
@@ -236,6 +236,11 @@ async def test_errors_reach_every_waiter_and_are_not_cached(autojump_clock: trio
     assert len(errors) == 5 and vault.calls["get"] == 1 and errors[0].errno == errno.EIO
     assert resolver.peek(SECRET) is None
     vault.fail = None
+    # Within the cooldown the failure is answered from memory, without another request.
+    with pytest.raises(VaultError):
+        await resolver.current(SECRET)
+    assert vault.calls["get"] == 1
+    await trio.sleep(5.1)
     assert (await resolver.current(SECRET)).files[""] == b"v"
     assert vault.calls["get"] == 2
 
@@ -253,6 +258,7 @@ async def test_first_failure_logged_once_per_object(
     for _ in range(5):
         with pytest.raises(VaultError):
             await resolver.current(SECRET)
+        await trio.sleep(6)  # past the error cooldown: each read really asks Key Vault
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "secret/db" in warnings[0].getMessage() and "ForbiddenByRbac" in warnings[0].getMessage()
@@ -419,6 +425,7 @@ async def test_max_staleness_bounds_serving_stale(autojump_clock: trio.testing.M
     with pytest.raises(VaultError):
         await resolver.current(SECRET)  # too old: behaves as uncached
     vault.fail = None
+    await trio.sleep(6)  # past the error cooldown
     assert (await resolver.current(SECRET)).files[""] == b"one"
     assert vault.calls["get"] == 3
 

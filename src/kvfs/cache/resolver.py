@@ -130,6 +130,7 @@ class Resolver:
         on_change: OnChange | None = None,
         max_concurrency: int = 16,
         deadline: float = 28.0,
+        error_cooldown: float = 5.0,
         rng: random.Random | None = None,
     ) -> None:
         if render is None:
@@ -143,6 +144,10 @@ class Resolver:
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self._max_concurrency = max_concurrency
         self._deadline = deadline
+        # A failed load is answered from memory for a few seconds: an app polling a missing or
+        # forbidden object must not turn into a stream of Key Vault requests.
+        self._error_cooldown = error_cooldown
+        self._recent_errors: dict[tuple[str, ObjectSpec], tuple[float, BaseException]] = {}
         self._rng = rng or random.Random()
         self._current: dict[ObjectSpec, _Entry[Version]] = {}
         self._histories: dict[ObjectSpec, _Entry[list[Version]]] = {}
@@ -176,7 +181,7 @@ class Resolver:
         if entry is not None and self._fresh(spec, entry):
             self.statistics.hits += 1
             return entry.value
-        return await self._single_flight(("current", spec), lambda: self._load_current(spec))
+        return await self._remembering(("current", spec), lambda: self._load_current(spec))
 
     async def history(self, spec: ObjectSpec) -> list[Version]:
         """Exactly `spec.version_history` versions (fewer if fewer exist), newest first."""
@@ -185,7 +190,20 @@ class Resolver:
         if entry is not None and self._fresh(spec, entry):
             self.statistics.hits += 1
             return list(entry.value)
-        return list(await self._single_flight(("history", spec), lambda: self._load_history(spec)))
+        return list(await self._remembering(("history", spec), lambda: self._load_history(spec)))
+
+    async def _remembering(self, key: tuple[str, ObjectSpec], load: Callable[[], Awaitable[T]]) -> T:
+        """A reader's load through the single flight, with failures remembered for a moment."""
+        recent = self._recent_errors.get(key)
+        if recent is not None:
+            if trio.current_time() < recent[0]:
+                raise recent[1]
+            del self._recent_errors[key]
+        try:
+            return await self._single_flight(key, load)
+        except KvfsError as exc:
+            self._recent_errors[key] = (trio.current_time() + self._error_cooldown, exc)
+            raise
 
     async def _single_flight(self, key: tuple[str, ObjectSpec], load: Callable[[], Awaitable[T]]) -> T:
         while True:
