@@ -10,6 +10,7 @@ authority is `https://localhost:P/`, and the Key Vault token resource is `https:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -124,13 +125,24 @@ class Emulator:
         pfx: bytes | None = None,
         content_type: str | None = None,
         password: str | None = None,
+        keep_value: bool = False,
     ) -> str:
-        """Store a certificate bundle and its backing key and secret (same version); returns the version."""
+        """Store a certificate bundle and its backing key and secret (same version); returns the version.
+
+        `keep_value` stores the given PEM text, or the PFX as base64, as the backing secret's value
+        byte for byte (bag order, text between PEM blocks) instead of re-serialising it, so tests
+        can feed kvfs layouts other vaults or importers produce.
+        """
         if (pem is None) == (pfx is None):
             raise ValueError("import_certificate: give exactly one of pem= or pfx=")
         material = pki.parse_pem_bundle(pem) if pem is not None else pki.parse_pfx(pfx or b"", password)
         ctype = content_type or (pki.PEM if pem is not None else pki.PKCS12)
-        return self.store.add_certificate(vault, name, material, content_type=ctype, issuer="Unknown").version
+        value: str | None = None
+        if keep_value:
+            value = pem.decode("utf-8") if pem is not None else base64.b64encode(pfx or b"").decode("ascii")
+        return self.store.add_certificate(
+            vault, name, material, content_type=ctype, issuer="Unknown", secret_value=value
+        ).version
 
     def grant(self, vault: str, client_id: str) -> None:
         self.store.grant(vault, client_id)

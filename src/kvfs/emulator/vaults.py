@@ -298,8 +298,12 @@ class VaultStore:
         enabled: bool = True,
         tags: dict[str, str] | None = None,
         issuer: str = "Self",
+        secret_value: str | None = None,
     ) -> CertVersion:
-        """Store the cert and its backing key and secret, all with the same name and version."""
+        """Store the cert and its backing key and secret, all with the same name and version.
+
+        `secret_value` (tests) replaces the backing secret's re-serialised PFX / PEM verbatim.
+        """
         if content_type not in (pki.PKCS12, pki.PEM):
             raise StoreError(
                 400, "BadParameter",
@@ -327,7 +331,8 @@ class VaultStore:
             )
             shist = self._history(vault, "secret", chist.name)
             shist.versions[version] = SecretVersion(
-                name=shist.name, version=version, value=material.secret_value(content_type),
+                name=shist.name, version=version,
+                value=material.secret_value(content_type) if secret_value is None else secret_value,
                 attributes=attrs(), content_type=content_type, tags=cv.tags,
                 kid=v.object_id("key", khist.name, version), managed=True,
             )

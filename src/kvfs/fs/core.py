@@ -251,8 +251,19 @@ class FilesystemCore:
             return await self._readdir_history(node)
         entries: list[tuple[str, Attr]] = []
         for name, child in node.children.items():
+            if isinstance(child, FileNode) and child.suffix and self._known_absent(child):
+                continue
             entries.append((name, self._peek_attr(child)))
         return entries
+
+    def _known_absent(self, node: FileNode) -> bool:
+        """A split `.crt`/`.key` of a secret already fetched and found not certificate-backed.
+
+        Its lookup is ENOENT, so listing it would show a name that cannot be opened (`cp -r`
+        fails on it); before the first fetch the content type is unknown and it stays listed.
+        """
+        version = self.resolver.peek(node.spec)
+        return version is not None and node.suffix not in version.files
 
     async def _readdir_history(self, node: HistoryNode) -> list[tuple[str, Attr]]:
         versions = await self._resolve_history(node)
