@@ -4,8 +4,11 @@ Acts as kubelet against a real `kvfs csi node` process (which starts its mounter
 inline volumes one after the other, then reads /proc/PID/smaps_rollup of every daemon.
 Needs root and /dev/fuse. Default daemon: the stand-in (no Key Vault); with
 `--daemon-entry kvfs.csi.daemon:run_volume` pass real parameters with `--param KEY=VALUE`.
+`--real` runs the real daemon against an emulator started in this process: every volume gets
+its own service account, federated app and token, and the first read of every volume (token
+exchange + Key Vault GET through FUSE) and a cached re-read are timed too.
 
-    python bench/bench_csi.py [--volumes 50]
+    python bench/bench_csi.py [--volumes 50] [--real]
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -60,17 +65,85 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+REAL_DAEMON = "kvfs.csi.daemon:run_volume"
+SECRET_NAME = "demo-secret"
+
+
+class RealVolumes:
+    """An in-process emulator and one identity per volume, for the real daemon.
+
+    Its files live in a world-readable folder: the daemons run as uid 65534 and read the CA
+    (SSL_CERT_FILE) and the cloud env file themselves.
+    """
+
+    def __init__(self, stack: ExitStack) -> None:
+        from kvfs.emulator.server import EmulatorThread
+
+        self.dir = tempfile.mkdtemp(prefix="kvfsbench-emu-", dir="/tmp")
+        os.chmod(self.dir, 0o755)
+        stack.callback(shutil.rmtree, self.dir, True)
+        self.emu = stack.enter_context(EmulatorThread(Path(self.dir), vaults=("bench",)))
+        self.value = "bench-value-" + os.urandom(8).hex()
+        self.emu.set_secret("bench", SECRET_NAME, self.value)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SSL_CERT_FILE": str(self.emu.ca_file)}
+
+    def params(self, i: int) -> dict[str, str]:
+        """Inline parameters and a fresh token for pod i, whose service account has its own app."""
+        ns, sa = f"bench-{i}", "workload"
+        identity = self.emu.identity
+        app = identity.add_app()
+        identity.add_federated_credential(
+            app.client_id, issuer=self.emu.oidc_issuer, subject=f"system:serviceaccount:{ns}:{sa}"
+        )
+        self.emu.grant("bench", app.client_id)
+        token = identity.mint_sa_token(ns, sa, pod=f"pod-{i}")
+        return {
+            "keyvaultName": "bench",
+            "tenantId": self.emu.tenant_id,
+            "clientID": app.client_id,
+            "cloudName": "AzureStackCloud",
+            "cloudEnvFileName": str(self.emu.cloud_env_file),
+            "objects": f"array:\n  - |\n    objectName: {SECRET_NAME}\n    objectType: secret\n",
+            "csi.storage.k8s.io/pod.name": f"pod-{i}",
+            "csi.storage.k8s.io/pod.namespace": ns,
+            "csi.storage.k8s.io/serviceAccount.name": sa,
+            "csi.storage.k8s.io/serviceAccount.tokens": json.dumps(
+                {"api://AzureADTokenExchange": {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+            ),
+        }
+
+
+def timed_read(path: str) -> tuple[float, bytes]:
+    start = time.perf_counter()
+    data = Path(path).read_bytes()
+    return (time.perf_counter() - start) * 1000, data
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=50)
     parser.add_argument("--daemon-entry", default="kvfs.csi.standin:run")
     parser.add_argument("--param", action="append", default=[], help="KEY=VALUE overriding a volume attribute")
+    parser.add_argument(
+        "--real", action="store_true", help=f"the real daemon ({REAL_DAEMON}) against an in-process emulator"
+    )
     args = parser.parse_args()
-    params = dict(DEFAULT_PARAMS)
-    for item in args.param:
-        key, _, value = item.partition("=")
-        params[key] = value
+    if args.real:
+        args.daemon_entry = REAL_DAEMON
+    overrides = dict(item.partition("=")[::2] for item in args.param)
+    with ExitStack() as stack:
+        real = RealVolumes(stack) if args.real else None
+        return run(args, overrides, real)
 
+
+def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes | None) -> int:
+    def volume_params(i: int) -> dict[str, str]:
+        return {**(real.params(i) if real else DEFAULT_PARAMS), **overrides}
+
+    first_reads: list[float] = []
+    cached_reads: list[float] = []
     state_dir = tempfile.mkdtemp(prefix="kvfsbench-", dir="/tmp")
     endpoint = f"unix://{state_dir}/csi.sock"
     log = open(os.path.join(state_dir, "plugin.log"), "ab")
@@ -78,12 +151,13 @@ def main() -> int:
         [sys.executable, "-m", "kvfs.csi.cli", "node", "--endpoint", endpoint, "--node-id", "bench",
          "--state-dir", state_dir, "--daemon-entry", args.daemon_entry, "--log-level", "WARNING",
          "--mounter-log", os.path.join(state_dir, "mounter.log")],
-        stdout=log, stderr=log,
+        stdout=log, stderr=log, env=real.env() if real else None,
     )  # fmt: skip
     channel = grpc.insecure_channel(endpoint)
     node = pb2_grpc.NodeStub(channel)
     targets: list[str] = []
     latencies: list[float] = []
+    params: dict[str, Any] = {}
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
         mounter_pid = int((MounterClient(os.path.join(state_dir, "mounter.sock")).ping() or {"pid": 0})["pid"])
@@ -92,6 +166,7 @@ def main() -> int:
         for i in range(args.volumes):
             target = os.path.join(state_dir, "pods", f"pod-{i}", "mount")
             os.makedirs(os.path.dirname(target))
+            params = volume_params(i)
             req = pb2.NodePublishVolumeRequest(
                 volume_id=f"bench-{i}", target_path=target, readonly=True, volume_capability=cap,
                 volume_context=params,
@@ -100,13 +175,22 @@ def main() -> int:
             node.NodePublishVolume(req, timeout=120)
             latencies.append((time.perf_counter() - start) * 1000)
             targets.append(target)
+        if real is not None:
+            for target in targets:
+                elapsed, data = timed_read(os.path.join(target, SECRET_NAME))
+                if data != real.value.encode():
+                    raise SystemExit(f"{target}: read {len(data)} unexpected bytes")
+                first_reads.append(elapsed)
+            for target in targets:
+                cached_reads.append(timed_read(os.path.join(target, SECRET_NAME))[0])
         store = StateStore(state_dir)
         daemons = [smaps_rollup(store.load(t).pid) for t in targets]  # type: ignore[union-attr]
         mounter_after = smaps_rollup(mounter_pid)
         start = time.perf_counter()
         req_re = pb2.NodePublishVolumeRequest(
-            volume_id="bench-0", target_path=targets[0], readonly=True, volume_capability=cap, volume_context=params
-        )
+            volume_id=f"bench-{len(targets) - 1}", target_path=targets[-1], readonly=True, volume_capability=cap,
+            volume_context=params,
+        )  # fmt: skip
         for _ in range(20):
             node.NodePublishVolume(req_re, timeout=30)
         republish_ms = (time.perf_counter() - start) * 1000 / 20
@@ -134,6 +218,14 @@ def main() -> int:
         ("publish latency p99", f"{percentile(latencies, 0.99):.1f} ms"),
         ("publish latency max", f"{max(latencies):.1f} ms"),
         ("republish (token push) mean", f"{republish_ms:.1f} ms"),
+    ]
+    if first_reads:
+        rows += [
+            ("first read (token exchange + GET) median", f"{statistics.median(first_reads):.1f} ms"),
+            ("first read max", f"{max(first_reads):.1f} ms"),
+            ("cached re-read median", f"{statistics.median(cached_reads):.2f} ms"),
+        ]
+    rows += [
         ("mounter Pss / USS", f"{mounter_before['Pss'] / 1024:.1f} / {uss(mounter_before) / 1024:.1f} MiB"),
         ("mounter USS change (pages now shared)", f"{(uss(mounter_after) - uss(mounter_before)) / 1024:.1f} MiB"),
         ("per volume: daemon Rss (mean)", f"{mean(d['Rss'] for d in daemons) / 1024:.1f} MiB"),

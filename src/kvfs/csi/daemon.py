@@ -76,14 +76,27 @@ def load_entry(name: str) -> DaemonEntry:
 
 
 def preload() -> None:
-    """Import what every daemon needs once, in the mounter, so forks share those pages."""
+    """Import what every daemon needs once, in the mounter, so forks share those pages.
+
+    The list includes what httpx, the IDNA codec and the renderer import lazily on a daemon's
+    first request: a daemon runs unprivileged and may be unable to read the Python library
+    files at all (an interpreter under a root-only home), so nothing may be left to import then.
+    """
     for name in (
         "trio",
         "pyfuse3",
         "httpx",
+        "httpcore",
+        "h11",
+        "h2.connection",
+        "certifi",
+        "encodings.idna",
         "kvfs.config.parameters",
         "kvfs.fs.mount",
         "kvfs.vault.client",
+        "kvfs.vault.render",
+        "kvfs.vault.pem",
+        "cryptography.hazmat.primitives.serialization.pkcs12",
         "kvfs.auth.factory",
     ):
         try:
