@@ -44,7 +44,52 @@ def _host(authority: str) -> str:
     return (parsed.hostname or "").lower()
 
 
+class _TrustingChain:
+    """DefaultAzureCredential whose HTTP trusts what kvfs trusts: system CAs plus `SSL_CERT_FILE`.
+
+    azure-identity talks through `requests`, which trusts only certifi (or REQUESTS_CA_BUNDLE)
+    and ignores SSL_CERT_FILE, so a private authority (Azure Stack, the emulator) failed TLS.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        import requests
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.identity import DefaultAzureCredential
+        from urllib3.util.retry import Retry
+
+        from kvfs.vault.transport import make_ssl_context
+
+        ssl_context = make_ssl_context()
+
+        class TrustingAdapter(requests.adapters.HTTPAdapter):
+            def init_poolmanager(self, *args: Any, **kw: Any) -> None:
+                kw["ssl_context"] = ssl_context
+                super().init_poolmanager(*args, **kw)
+
+            def proxy_manager_for(self, proxy: str, **kw: Any) -> Any:
+                kw["ssl_context"] = ssl_context
+                return super().proxy_manager_for(proxy, **kw)
+
+        self._session = requests.Session()
+        # azure-core's retry policy retries; urllib3 must not (as in azure-core's own adapter)
+        adapter = TrustingAdapter(max_retries=Retry(total=False, redirect=False, raise_on_status=False))
+        for prefix in ("https://", "http://"):
+            self._session.mount(prefix, adapter)
+        # Not the owner: every credential of the chain shares the session; close() closes it.
+        transport = RequestsTransport(session=self._session, session_owner=False)
+        self._credential = DefaultAzureCredential(transport=transport, **kwargs)
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return self._credential.get_token(*scopes, **kwargs)
+
+    def close(self) -> None:
+        self._credential.close()
+        self._session.close()
+
+
 def _default_factory(**kwargs: Any) -> Any:
+    if os.environ.get("SSL_CERT_FILE", "").strip():
+        return _TrustingChain(**kwargs)
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential(**kwargs)
