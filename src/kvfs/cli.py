@@ -87,6 +87,14 @@ def _mount_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     params = overlay(load_manifest(args.spc), args.param)
     secrets = load_secrets_file(args.secrets) if args.secrets else None
     config = parse_parameters(params, secrets, context="cli")
+    token_file = config.auth.sa_token_file
+    if config.auth.mode == "workload_identity" and not config.auth.sa_token and not os.path.isfile(token_file):
+        raise ConfigError(
+            "AZURE_FEDERATED_TOKEN_FILE",
+            token_file,
+            "no such file (workload identity reads the service account token from it)",
+            "point it at the projected service account token, or drop clientID to use another identity",
+        )
     changes: dict[str, object] = {}
     if args.refresh_interval is not None:
         changes["refresh_interval"] = parse_duration(args.refresh_interval, "--refresh-interval")

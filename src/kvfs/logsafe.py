@@ -45,3 +45,6 @@ def setup_logging(level: str = "INFO", *, stream=None) -> None:  # type: ignore[
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "hpack", "azure", "hypercorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # kvfs logs one actionable line per credential failure; azure-identity's own multi-line
+    # warning about the same failure would only repeat it.
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)

@@ -403,11 +403,20 @@ def test_pod_identity_without_pod_info_is_refused(emu: Emulator, mounter: Mounte
     assert "--param csi.storage.k8s.io/pod.namespace=NAMESPACE" in result.stderr
 
 
-def test_a_token_file_that_does_not_exist_is_named_on_read(emu: Emulator, mounter: Mounter, tmp_path: Path) -> None:
+def test_a_token_file_that_does_not_exist_is_refused_at_mount(emu: Emulator, mounter: Mounter, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-token"
-    mount = mounter.start(workload_parameters(emu, SECRET), env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(missing)))
+    result = mount_refused(emu, tmp_path, workload_parameters(emu, SECRET),
+                           env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(missing)))
+    assert "AZURE_FEDERATED_TOKEN_FILE" in result.stderr and str(missing) in result.stderr
+
+
+def test_a_token_file_that_disappears_is_named_on_read(emu: Emulator, mounter: Mounter, tmp_path: Path) -> None:
+    token = tmp_path / "vanishing-token"
+    token.write_text(emu.identity.mint_sa_token("default", "workload"))
+    mount = mounter.start(workload_parameters(emu, SECRET), env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token)))
+    token.unlink()
     emu.reset_counts()
-    assert_refused(mount, "token_file_missing", str(missing), fix="check AZURE_FEDERATED_TOKEN_FILE")
+    assert_refused(mount, "token_file_missing", str(token), fix="check AZURE_FEDERATED_TOKEN_FILE")
     assert emu.count() == 0
 
 

@@ -104,6 +104,17 @@ def _fic_fix(ctx: EntraContext, p: dict[str, str]) -> str:
     )
 
 
+def _audience_or_fic_fix(ctx: EntraContext, p: dict[str, str]) -> str:
+    """A token minted for an unusual audience is more often the mistake than the credential."""
+    if p.get("audience") and p["audience"] != DEFAULT_AUDIENCE:
+        return (
+            f"the service account token was issued for audience '{p['audience']}'; request it for"
+            f" '{DEFAULT_AUDIENCE}' (CSIDriver tokenRequests / projected volume audience), or add"
+            f" '{p['audience']}' to the credential's audiences: {_fic_fix(ctx, p)}"
+        )
+    return _fic_fix(ctx, p)
+
+
 def entra_error(status: int, body: object, ctx: EntraContext, secrets: Iterable[str] = ()) -> AuthError:
     """Map one Entra ID token-endpoint error response to an AuthError."""
     secrets = tuple(secrets)
@@ -129,8 +140,8 @@ def entra_error(status: int, body: object, ctx: EntraContext, secrets: Iterable[
         msg = (
             f"Entra ID found no federated identity credential on {who} matching the service account"
             f" token: Assertion Issuer '{p['issuer']}', Subject '{p['subject']}', Audience"
-            f" '{p['audience']}'. Fix: {_fic_fix(ctx, p)}. A credential created in the last minutes"
-            " may not have propagated yet; later reads retry."
+            f" '{p['audience']}'. Fix: {_audience_or_fic_fix(ctx, p)}. A credential created in the"
+            " last minutes may not have propagated yet; later reads retry."
         )
     elif code_num == 700211:
         msg = (
@@ -143,8 +154,7 @@ def entra_error(status: int, body: object, ctx: EntraContext, secrets: Iterable[
     elif code_num == 700212:
         msg = (
             f"Entra ID has no federated identity credential on {who} for the assertion audience"
-            f" '{p['audience']}'. Fix: the credential's audiences must include '{p['audience']}'"
-            f" (the default is '{DEFAULT_AUDIENCE}'); {_fic_fix(ctx, p)}"
+            f" '{p['audience']}'. Fix: {_audience_or_fic_fix(ctx, p)}"
         )
     elif code_num == 700213:
         msg = (
