@@ -143,10 +143,10 @@ def main() -> int:
 
     widths = [max(len(row[i]) for row in rows + [("what", "kvfs", "baseline", "ratio")]) for i in range(4)]
     header = ("what", "kvfs", "baseline", "ratio")
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("-|-".join("-" * w for w in widths))
     for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     print(f"\n(injected Key Vault latency {args.latency * 1000:.0f} ms per request; {os.cpu_count()} CPUs)")
     return 0
 

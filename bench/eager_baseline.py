@@ -13,24 +13,20 @@ from pathlib import Path
 
 import trio
 
+from kvfs.auth.flows import AssertionCredential
+from kvfs.auth.tokensource import FileTokenSource
 from kvfs.vault.transport import make_http_client
 
 
 async def main(info_file: str, vault: str, outdir: str, names: list[str]) -> None:
     info = json.loads(Path(info_file).read_text())
     async with make_http_client() as http:
-        token = await http.post(
-            f"{info['authority_host'].rstrip('/')}/{info['tenant_id']}/oauth2/v2.0/token",
-            data={
-                "grant_type": "client_credentials",
-                "client_id": info["app"]["client_id"],
-                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                "client_assertion": Path(info["sa_token_file"]).read_text().strip(),
-                "scope": info["kv_resource"].rstrip("/") + "/.default",
-            },
+        workload = AssertionCredential(
+            info["authority_host"], info["tenant_id"], info["app"]["client_id"],
+            FileTokenSource(info["sa_token_file"]), http,
         )
-        token.raise_for_status()
-        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        token = await workload.get_token(info["kv_resource"].rstrip("/") + "/.default")
+        headers = {"Authorization": f"Bearer {token.token}"}
         base = info["vaults"][vault].rstrip("/")
         out = Path(outdir)
         for name in names:  # sequential, like the provider's Mount

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from kvfs.auth.flows import ClientSecretCredential
 from kvfs.vault.transport import make_http_client
 
 KVFS = [sys.executable, "-m", "kvfs"]
@@ -49,17 +50,11 @@ async def put_secrets(info: dict, secrets: dict[str, str]) -> None:
     """Write secrets like any Key Vault client: client-credentials token, then PUT."""
     os.environ["SSL_CERT_FILE"] = info["ca_file"]
     async with make_http_client() as http:
-        token = await http.post(
-            f"{info['authority_host'].rstrip('/')}/{info['tenant_id']}/oauth2/v2.0/token",
-            data={
-                "grant_type": "client_credentials",
-                "client_id": info["app"]["client_id"],
-                "client_secret": info["app"]["client_secret"],
-                "scope": info["kv_resource"].rstrip("/") + "/.default",
-            },
+        app = ClientSecretCredential(
+            info["authority_host"], info["tenant_id"], info["app"]["client_id"], info["app"]["client_secret"], http
         )
-        token.raise_for_status()
-        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        token = await app.get_token(info["kv_resource"].rstrip("/") + "/.default")
+        headers = {"Authorization": f"Bearer {token.token}"}
         vault_url = info["vaults"]["demo"].rstrip("/")
         for name, value in secrets.items():
             reply = await http.put(

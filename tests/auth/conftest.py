@@ -1,4 +1,7 @@
-"""Fixtures for the auth tests: a jumping MockClock, SA-token-shaped JWTs, Entra error bodies."""
+"""Fixtures for the auth tests: a jumping MockClock, SA-token-shaped JWTs, Entra error bodies, a fixed TokenSource.
+
+Import helpers as `from auth.conftest import StaticSource` (tests/ is on sys.path).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,16 @@ import trio.testing
 ISSUER = "https://oidc.prod-aks.azure.com/abc/"
 SUBJECT = "system:serviceaccount:demo:workload-sa"
 AUDIENCE = "api://AzureADTokenExchange"
+
+
+class StaticSource:
+    """A TokenSource that always hands out the same assertion (no expiry wait, unlike PushedTokenSource)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def get(self) -> str:
+        return self.token
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ async def test_one_exchange_per_lifetime(autojump_clock, lifetime: float, refres
     periods = lifetime * 5 / refresh_after
     assert len(inner.calls) == pytest.approx(periods, abs=1)
     assert len(seen) == len(inner.calls)
-    gaps = [b - a for a, b in zip(inner.calls, inner.calls[1:])]
+    gaps = [b - a for a, b in zip(inner.calls, inner.calls[1:], strict=False)]
     assert all(refresh_after - 1 <= g <= refresh_after + lifetime / 120 + 1 for g in gaps), gaps
     assert inner.calls[0] == start
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from auth.conftest import StaticSource
 from kvfs.auth.flows import (
     AssertionCredential,
     ClientSecretCredential,
@@ -27,14 +28,6 @@ AUTHORITY = "https://login.microsoftonline.com"
 SCOPE = "https://vault.azure.net/.default"
 ACCESS_TOKEN = "eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJodHRwczovL3ZhdWx0LmF6dXJlLm5ldCJ9.c2lnbmF0dXJl"
 SECRET = "Xy8Q~super.secret-value_123"
-
-
-class StaticSource:
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    async def get(self) -> str:
-        return self.token
 
 
 def client(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
@@ -283,7 +276,7 @@ async def test_imds_retries_transient_then_succeeds(autojump_clock, status: int)
     async with client(handler) as http:
         token = await ImdsCredential(None, http, base_url="http://imds").get_token(SCOPE)
     assert token.token == ACCESS_TOKEN
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert gaps == pytest.approx([0.8, 1.6, 3.2])  # exponential backoff
 
 

@@ -7,6 +7,7 @@ import errno
 import httpx
 import pytest
 
+from auth.conftest import StaticSource
 from kvfs.auth.flows import AssertionCredential, ClientSecretCredential
 from kvfs.auth.messages import EntraContext, entra_error, imds_error, safe_text
 from kvfs.errors import AuthError
@@ -20,14 +21,6 @@ SECRET = "Xy8Q~super.secret-value_123"
 ECHO_ISS = "https://oidc.prod-aks.azure.com/echoed-issuer/"
 ECHO_SUB = "system:serviceaccount:echoed-ns:echoed-sa"
 ECHO_AUD = "api://AzureADTokenExchange"
-
-
-class StaticSource:
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    async def get(self) -> str:
-        return self.token
 
 
 async def exchange(status: int, body: dict, assertion: str | None) -> AuthError:

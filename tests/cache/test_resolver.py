@@ -127,7 +127,7 @@ def fake_render(
     split_cert_key: bool = False,
     construct_pem_chain: bool = True,
 ) -> dict[str, bytes]:
-    """Stand-in for kvfs.vault.render.render_object (written concurrently by a teammate)."""
+    """Stand-in for kvfs.vault.render.render_object: resolver tests need no real rendering."""
     files = {"": bundle["value"].encode()}
     if split_cert_key:
         files = {".crt": b"crt:" + files[""], ".key": b"key:" + files[""], **files}

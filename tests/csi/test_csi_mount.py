@@ -146,7 +146,7 @@ def test_killed_plugin_restarts_and_keeps_volumes(csi_process: Callable[..., Plu
         kubelet.unpublish(f"vol-{i}", target)
         assert not is_kvfs_mount(target) and not os.path.exists(target)
     for pid in pids:
-        wait_for(lambda: not process_alive(pid, 0), 5, "daemon exit")
+        wait_for(lambda pid=pid: not process_alive(pid, 0), 5, "daemon exit")
 
 
 def test_one_dead_daemon_hurts_only_its_volume(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:

@@ -21,6 +21,21 @@ needs_fuse = pytest.mark.skipif(
 )
 
 
+def read(path: Path) -> bytes:
+    """The whole file, through the mount."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def errno_of(path: Path) -> int:
+    """The errno reading `path` fails with; reading it successfully fails the test."""
+    try:
+        read(path)
+    except OSError as err:
+        return err.errno
+    raise AssertionError(f"{path} was readable")
+
+
 def is_mounted(path: Path) -> bool:
     with open("/proc/self/mountinfo") as mounts:
         return any(line.split()[4] == str(path) for line in mounts)

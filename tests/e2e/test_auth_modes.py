@@ -24,7 +24,18 @@ import jwt
 import pytest
 import yaml
 
-from e2e.conftest import Mount, Mounter, is_mounted, needs_fuse, objects_yaml, spc_manifest, wait_until, workload_parameters
+from e2e.conftest import (
+    Mount,
+    Mounter,
+    errno_of,
+    is_mounted,
+    needs_fuse,
+    objects_yaml,
+    read,
+    spc_manifest,
+    wait_until,
+    workload_parameters,
+)
 from kvfs.config.parameters import parse_parameters
 from kvfs.emulator import entra
 from kvfs.emulator.server import Emulator, EmulatorThread
@@ -40,11 +51,6 @@ WORKLOAD_SUBJECT = "system:serviceaccount:default:workload"
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def read(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def read_ok(mount: Mount, name: str = "demo-secret") -> bytes:
     """Read a file that must be readable; a failure shows the daemon's log."""
     try:
@@ -56,14 +62,6 @@ def read_ok(mount: Mount, name: str = "demo-secret") -> bytes:
 def unauthenticated(emu: Emulator) -> int:
     """Key Vault requests without a valid token (the emulator counts them with client id None)."""
     return sum(e["count"] for e in emu.counts.snapshot() if e["vault"] is not None and e["client_id"] is None)
-
-
-def errno_of(path: Path) -> int:
-    try:
-        read(path)
-    except OSError as err:
-        return err.errno
-    raise AssertionError(f"{path} was readable")
 
 
 def clean_env(mounter: Mounter, **extra: str) -> dict[str, str]:

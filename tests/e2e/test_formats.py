@@ -32,26 +32,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 import certgen
-from e2e.conftest import Mount, Mounter, is_mounted, needs_fuse, spc_manifest, workload_parameters
+from e2e.conftest import Mount, Mounter, errno_of, is_mounted, needs_fuse, read, spc_manifest, workload_parameters
 from kvfs.emulator.server import Emulator, EmulatorThread
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 VAULT = "demo"
 PERMUTATIONS = list(itertools.permutations(range(3)))  # indexes into (leaf, intermediate, root)
-
-
-def read(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def errno_of(path: Path) -> int:
-    try:
-        read(path)
-    except OSError as err:
-        return err.errno
-    raise AssertionError(f"{path} was readable")
 
 
 def objects_text(*objects: dict[str, Any] | str) -> str:
@@ -595,7 +582,7 @@ def refusals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Refusals]:
 
         emu.reset_counts()
         with ThreadPoolExecutor(len(REFUSALS)) as pool:
-            results = dict(zip(REFUSALS, pool.map(run, REFUSALS)))
+            results = dict(zip(REFUSALS, pool.map(run, REFUSALS), strict=True))
         yield Refusals(results, mountpoints, emu.count())
 
 

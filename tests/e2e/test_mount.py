@@ -12,23 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from e2e.conftest import Mounter, is_mounted, needs_fuse, objects_yaml, spc_manifest, wait_until, workload_parameters
+from e2e.conftest import (
+    Mounter,
+    errno_of,
+    is_mounted,
+    needs_fuse,
+    objects_yaml,
+    read,
+    spc_manifest,
+    wait_until,
+    workload_parameters,
+)
 from kvfs.emulator.server import Emulator
 
 pytestmark = [needs_fuse, pytest.mark.mount]
-
-
-def read(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def errno_of(path: Path) -> int:
-    try:
-        read(path)
-    except OSError as err:
-        return err.errno
-    raise AssertionError(f"{path} was readable")
 
 
 def test_seed_example_reads_exact_bytes_with_workload_identity(emu: Emulator, mounter: Mounter) -> None:

@@ -3,45 +3,17 @@
 from __future__ import annotations
 
 import base64
-import itertools
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
 
-from kvfs.emulator import oidc
+from idp import AUTH, ISSUER, KV, SCOPE, TENANT, TOKEN_PATH
 from kvfs.emulator.identity import IdentityProvider
-
-AUTH = "https://localhost:8443"
-TENANT = "5b2f3c1e-7d4a-4c8e-9f10-2a3b4c5d6e7f"
-KV = "https://vault.localhost:8443"
-ISSUER = "https://localhost:8443/oidc"
-SCOPE = KV + "/.default"
-TOKEN_PATH = f"/{TENANT}/oauth2/v2.0/token"
-JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-# Pre-generated keys keep the suite fast; each provider still gets distinct keys from its neighbours.
-_KEYS = itertools.cycle([rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(4)])
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> IdentityProvider:
-    monkeypatch.setattr(oidc, "_new_rsa_key", lambda: next(_KEYS))
-    return IdentityProvider(authority_host=AUTH, tenant_id=TENANT, kv_resource=KV, oidc_issuer=ISSUER)
-
-
-@pytest.fixture
-async def client(provider: IdentityProvider) -> AsyncIterator[httpx.AsyncClient]:
-    app = Starlette(routes=provider.https_routes())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=AUTH) as c:
-        yield c
 
 
 def secret_form(provider: IdentityProvider, **over: str) -> dict[str, str]:

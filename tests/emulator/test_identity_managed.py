@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 
-from kvfs.emulator import oidc
+from idp import KV
 from kvfs.emulator.identity import IdentityProvider
 
-AUTH = "https://localhost:8443"
-TENANT = "5b2f3c1e-7d4a-4c8e-9f10-2a3b4c5d6e7f"
-KV = "https://vault.localhost:8443"
-ISSUER = "https://localhost:8443/oidc"
 IMDS = "/metadata/identity/oauth2/token"
 MD = {"Metadata": "true"}
 MULTIPLE = (
@@ -25,17 +19,10 @@ MULTIPLE = (
     "identity in the token request"
 )
 
-_KEYS = itertools.cycle([rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(4)])
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> IdentityProvider:
-    monkeypatch.setattr(oidc, "_new_rsa_key", lambda: next(_KEYS))
-    return IdentityProvider(authority_host=AUTH, tenant_id=TENANT, kv_resource=KV, oidc_issuer=ISSUER)
-
 
 @pytest.fixture
 async def client(provider: IdentityProvider) -> AsyncIterator[httpx.AsyncClient]:
+    """IMDS and NMI are plain HTTP on the node: this overrides conftest's HTTPS client."""
     app = Starlette(routes=provider.http_routes())
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://169.254.169.254"

@@ -8,7 +8,6 @@ discovery and response parsing all run unchanged. SDK-over-real-HTTPS belongs to
 from __future__ import annotations
 
 import io
-import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,23 +27,15 @@ from azure.identity import (
     ManagedIdentityCredential,
     WorkloadIdentityCredential,
 )
-from cryptography.hazmat.primitives.asymmetric import rsa
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from kvfs.emulator import oidc
+from idp import AUTH, KV, SCOPE, TENANT, make_provider
 from kvfs.emulator.identity import IdentityProvider
 
-AUTH = "https://localhost:8443"
-TENANT = "5b2f3c1e-7d4a-4c8e-9f10-2a3b4c5d6e7f"
-KV = "https://vault.localhost:8443"
-SCOPE = KV + "/.default"
-ISSUER = "https://localhost:8443/oidc"
 IMDS_HOST = "http://169.254.169.254"
-
-_KEYS = itertools.cycle([rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(4)])
 
 
 class ASGIAdapter(BaseAdapter):
@@ -97,8 +88,7 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[IdentityProvider]:
     for name in list(os.environ):
         if name.startswith(("AZURE_", "IDENTITY_", "MSI_", "IMDS_")):
             monkeypatch.delenv(name)
-    monkeypatch.setattr(oidc, "_new_rsa_key", lambda: next(_KEYS))
-    yield IdentityProvider(authority_host=AUTH, tenant_id=TENANT, kv_resource=KV, oidc_issuer=ISSUER)
+    yield make_provider(monkeypatch)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import uuid
@@ -11,25 +10,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kvfs.emulator import oidc
+from idp import ISSUER, KV, TENANT, make_provider
 from kvfs.emulator.identity import IdentityProvider, Principal, TokenRejected
-
-AUTH = "https://localhost:8443"
-TENANT = "5b2f3c1e-7d4a-4c8e-9f10-2a3b4c5d6e7f"
-KV = "https://vault.localhost:8443"
-ISSUER = "https://localhost:8443/oidc"
-
-_KEYS = itertools.cycle([rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(4)])
-
-
-def make_provider(monkeypatch: pytest.MonkeyPatch, tenant: str = TENANT) -> IdentityProvider:
-    monkeypatch.setattr(oidc, "_new_rsa_key", lambda: next(_KEYS))
-    return IdentityProvider(authority_host=AUTH, tenant_id=tenant, kv_resource=KV, oidc_issuer=ISSUER)
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> IdentityProvider:
-    return make_provider(monkeypatch)
 
 
 def rejected(provider: IdentityProvider, token: str, audience: str = KV) -> TokenRejected:

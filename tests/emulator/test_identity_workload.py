@@ -4,44 +4,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
 
-from kvfs.emulator import oidc
+from idp import ISSUER, JWT_BEARER, KV, TOKEN_PATH
 from kvfs.emulator.identity import IdentityProvider
 
-AUTH = "https://localhost:8443"
-TENANT = "5b2f3c1e-7d4a-4c8e-9f10-2a3b4c5d6e7f"
-KV = "https://vault.localhost:8443"
-ISSUER = "https://localhost:8443/oidc"
-TOKEN_PATH = f"/{TENANT}/oauth2/v2.0/token"
-JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SUBJECT = "system:serviceaccount:default:workload"
 
-_KEYS = itertools.cycle([rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(4)])
 _FOREIGN = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> IdentityProvider:
-    monkeypatch.setattr(oidc, "_new_rsa_key", lambda: next(_KEYS))
-    return IdentityProvider(authority_host=AUTH, tenant_id=TENANT, kv_resource=KV, oidc_issuer=ISSUER)
-
-
-@pytest.fixture
-async def client(provider: IdentityProvider) -> AsyncIterator[httpx.AsyncClient]:
-    app = Starlette(routes=provider.https_routes())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=AUTH) as c:
-        yield c
 
 
 async def exchange(client: httpx.AsyncClient, client_id: str, assertion: str, **over: str) -> httpx.Response:

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
+from typing import TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -140,6 +141,17 @@ def _json(response: httpx.Response) -> object:
         return response.text
 
 
+def _token_from(body: object) -> AccessToken | None:
+    """The token in a 200 answer carrying `access_token` and `expires_in`/`expires_on`, else None."""
+    if not isinstance(body, dict):
+        return None
+    token = body.get("access_token")
+    expires_at = expires_at_from(body)
+    if not isinstance(token, str) or not token or expires_at is None:
+        return None
+    return AccessToken(token=token, expires_at=expires_at)
+
+
 def _require_https(authority_host: str) -> str:
     authority = authority_host.rstrip("/")
     if not authority.lower().startswith("https://"):
@@ -150,6 +162,14 @@ def _require_https(authority_host: str) -> str:
             "check cloudName or activeDirectoryEndpoint in the cloudEnvFileName file",
         )
     return authority
+
+
+class EntraRetry(TypedDict, total=False):
+    """Retry knobs of the Entra ID flows (see `_send_with_retries`)."""
+
+    retries: int
+    backoff: float
+    retry_budget: float
 
 
 class _EntraCredential:
@@ -221,17 +241,16 @@ class _EntraCredential:
             err = entra_error(response.status_code, body, ctx, secrets)
             log.debug("Entra ID token request failed: %s %s", response.status_code, err.code)
             raise err
-        token = body.get("access_token") if isinstance(body, dict) else None
-        expires_at = expires_at_from(body) if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token or expires_at is None:
+        token = _token_from(body)
+        if token is None:
             raise AuthError(
                 f"Entra ID at {self.authority_host} answered 200 without access_token/expires_in"
                 " (is the authority host really Entra ID?)",
                 code="entra_bad_response",
                 errno=_errno.EIO,
             )
-        log.debug("got a token for client %s, valid %.0fs", self.client_id, expires_at - trio.current_time())
-        return AccessToken(token=token, expires_at=expires_at)
+        log.debug("got a token for client %s, valid %.0fs", self.client_id, token.expires_at - trio.current_time())
+        return token
 
     def _ctx(self, scope: str, claims: Mapping[str, object] | None = None) -> EntraContext:
         return EntraContext(
@@ -271,15 +290,9 @@ class AssertionCredential(_EntraCredential):
         client_id: str,
         token_source: TokenSource,
         http: httpx.AsyncClient,
-        *,
-        retries: int = 2,
-        backoff: float = 1.0,
-        retry_budget: float = 8.0,
+        **retry: Unpack[EntraRetry],
     ) -> None:
-        super().__init__(
-            authority_host, tenant_id, client_id, http,
-            retries=retries, backoff=backoff, retry_budget=retry_budget,
-        )
+        super().__init__(authority_host, tenant_id, client_id, http, **retry)
         self.token_source = token_source
 
     async def get_token(self, scope: str) -> AccessToken:
@@ -307,15 +320,9 @@ class ClientSecretCredential(_EntraCredential):
         client_id: str,
         client_secret: str,
         http: httpx.AsyncClient,
-        *,
-        retries: int = 2,
-        backoff: float = 1.0,
-        retry_budget: float = 8.0,
+        **retry: Unpack[EntraRetry],
     ) -> None:
-        super().__init__(
-            authority_host, tenant_id, client_id, http,
-            retries=retries, backoff=backoff, retry_budget=retry_budget,
-        )
+        super().__init__(authority_host, tenant_id, client_id, http, **retry)
         if not client_secret:
             raise ConfigError("clientsecret", None, "is empty", "put the secret's Value in the secret")
         self._client_secret = client_secret
@@ -395,15 +402,14 @@ class ImdsCredential(_LocalCredential):
         body = _json(response)
         if response.status_code != 200:
             raise imds_error(response.status_code, body, base_url=self.base_url, client_id=self.client_id)
-        token = body.get("access_token") if isinstance(body, dict) else None
-        expires_at = expires_at_from(body) if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token or expires_at is None:
+        token = _token_from(body)
+        if token is None:
             raise AuthError(
                 f"IMDS at {self.base_url} answered 200 without access_token/expires_in",
                 code="imds_bad_response",
                 errno=_errno.EIO,
             )
-        return AccessToken(token=token, expires_at=expires_at)
+        return token
 
 
 class NmiCredential(_LocalCredential):
@@ -448,9 +454,9 @@ class NmiCredential(_LocalCredential):
         body = _json(response)
         if not isinstance(body, dict) or not isinstance(body.get("token"), dict) or not body.get("clientid"):
             raise nmi_bad_response(self.base_url)
-        token_obj = body["token"]
-        token = token_obj.get("access_token")
-        expires_at = expires_at_from({"expires_on": token_obj.get("expires_on")})
-        if not isinstance(token, str) or not token or expires_at is None:
+        nmi_token = body["token"]
+        # NMI passes ADAL's token through: only `expires_on` counts, whatever else it holds.
+        token = _token_from({"access_token": nmi_token.get("access_token"), "expires_on": nmi_token.get("expires_on")})
+        if token is None:
             raise nmi_bad_response(self.base_url)
-        return AccessToken(token=token, expires_at=expires_at)
+        return token

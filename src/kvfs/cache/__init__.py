@@ -1,0 +1,1 @@
+"""The resolver: object versions as immutable bytes, fetched once, shared and refreshed."""

@@ -134,7 +134,7 @@ class Resolver:
         rng: random.Random | None = None,
     ) -> None:
         if render is None:
-            from kvfs.vault.render import render_object  # the teammate's module; imported lazily
+            from kvfs.vault.render import render_object
 
             render = render_object
         self._client = client
@@ -142,7 +142,6 @@ class Resolver:
         self._render = render
         self.on_change = on_change
         self._limiter = trio.CapacityLimiter(max_concurrency)
-        self._max_concurrency = max_concurrency
         self._deadline = deadline
         # A failed load is answered from memory for a few seconds: an app polling a missing or
         # forbidden object must not turn into a stream of Key Vault requests.

@@ -47,15 +47,9 @@ class LineReader:
                     raise ProtocolError(f"no answer within {timeout:g}s")
                 self.sock.settimeout(left)
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+                self._receive("answer")
             except socket.timeout:
                 raise ProtocolError(f"no answer within {timeout:g}s") from None
-            except OSError as exc:
-                raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
-            self.fds.extend(fds)
-            if not data:
-                raise ProtocolError("connection closed before a full answer")
-            self.buf += data
         line, self.buf = self.buf.split(b"\n", 1)
         try:
             message = json.loads(line)
@@ -69,20 +63,27 @@ class LineReader:
         """One non-blocking receive; the message once a full line is in, else None."""
         if b"\n" not in self.buf:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+                self._receive("message")
             except BlockingIOError:
                 return None
-            except OSError as exc:
-                raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
-            self.fds.extend(fds)
-            if not data:
-                raise ProtocolError("connection closed before a full message")
-            self.buf += data
             if b"\n" not in self.buf:
                 if len(self.buf) > self.limit:
                     raise ProtocolError(f"message longer than {self.limit} bytes")
                 return None
         return self.read(None)
+
+    def _receive(self, what: str) -> None:
+        """One recv into the buffer; timeouts and would-block pass through for the caller to judge."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+        except (socket.timeout, BlockingIOError):
+            raise
+        except OSError as exc:
+            raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
+        self.fds.extend(fds)
+        if not data:
+            raise ProtocolError(f"connection closed before a full {what}")
+        self.buf += data
 
     def close_fds(self) -> None:
         for fd in self.fds:

@@ -15,7 +15,6 @@ import os
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
-MNT_FORCE = 1
 MNT_DETACH = 2
 
 FSTYPE = "fuse.kvfs"

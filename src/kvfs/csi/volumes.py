@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 from kvfs.csi import jsonline, syscalls
 from kvfs.csi.daemon import DEFAULT_ENTRY
@@ -406,17 +406,6 @@ class Volumes:
             probe.health.value,
             probe.detail,
         )
-
-    def list_volumes(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "volume_id": s.volume_id,
-                "target_path": s.target_path,
-                "pid": s.pid,
-                "health": self.health.get(s.target_path, Probe(Health.HEALTHY)).health.value,
-            }
-            for s in self.store.all()
-        ]
 
 
 def _check_publish(req: PublishRequest) -> None:

@@ -97,7 +97,7 @@ def _seed_secret(store: VaultStore, vault: str, item: dict[str, Any], where: str
     versions = item.get("versions")
     if versions is None:
         versions = [item]
-    for j, v in enumerate(_list(versions, f"{where}.versions")):
+    for v in _list(versions, f"{where}.versions"):
         value = v.get("value")
         if not isinstance(value, str):
             raise SeedError(f"seed field {where}.value must be a string (quote numbers and booleans)")

@@ -25,6 +25,7 @@ from .faults import Counts, Faults
 from .vaults import (
     CertVersion,
     KeyVersion,
+    Kind,
     SecretVersion,
     StoreError,
     Vault,
@@ -300,20 +301,29 @@ class VaultApi:
                 next_link += f"&maxresults={size}"
         return 200, {"value": page, "nextLink": next_link}
 
+    def _list_latest(
+        self, ctx: Ctx, kind: Kind, cls: type, item: Callable[..., dict[str, Any]], noun: str, empty: bool
+    ) -> tuple[int, dict[str, Any]]:
+        """One page of the latest version of every object of `kind`, in name order."""
+        histories = sorted(self.store.histories(ctx.vault.name, kind), key=lambda h: h.name.lower())
+        latest = (h.latest() for h in histories)
+        items = [item(ctx.vault, v, versioned=False) for v in latest if isinstance(v, cls)]
+        return self._page(ctx, f"/{noun}", items, empty)
+
+    def _list_history(
+        self, ctx: Ctx, kind: Kind, cls: type, item: Callable[..., dict[str, Any]], noun: str, empty: bool
+    ) -> tuple[int, dict[str, Any]]:
+        """One page of every version of the object named in the path."""
+        versions = self.store.versions(ctx.vault.name, kind, ctx.params["name"])
+        items = [item(ctx.vault, v, versioned=True) for v in versions if isinstance(v, cls)]
+        return self._page(ctx, f"/{noun}/{versions[0].name}/versions", items, empty)  # type: ignore[attr-defined]
+
     # -- secrets -------------------------------------------------------------------------------
     def _list_secrets(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
-        items = []
-        for h in sorted(self.store.histories(ctx.vault.name, "secret"), key=lambda h: h.name.lower()):
-            latest = h.latest()
-            if isinstance(latest, SecretVersion):
-                items.append(secret_item(ctx.vault, latest, versioned=False))
-        return self._page(ctx, "/secrets", items, empty)
+        return self._list_latest(ctx, "secret", SecretVersion, secret_item, "secrets", empty)
 
     def _list_secret_versions(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
-        name = ctx.params["name"]
-        versions = self.store.versions(ctx.vault.name, "secret", name)
-        items = [secret_item(ctx.vault, s, versioned=True) for s in versions if isinstance(s, SecretVersion)]
-        return self._page(ctx, f"/secrets/{versions[0].name}/versions", items, empty)  # type: ignore[attr-defined]
+        return self._list_history(ctx, "secret", SecretVersion, secret_item, "secrets", empty)
 
     def _get_secret(self, ctx: Ctx, _: bool) -> tuple[int, dict[str, Any]]:
         s = self.store.get(ctx.vault.name, "secret", ctx.params["name"], ctx.params.get("version") or None)
@@ -373,17 +383,10 @@ class VaultApi:
 
     # -- keys ------------------------------------------------------------------------------------
     def _list_keys(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
-        items = []
-        for h in sorted(self.store.histories(ctx.vault.name, "key"), key=lambda h: h.name.lower()):
-            latest = h.latest()
-            if isinstance(latest, KeyVersion):
-                items.append(key_item(ctx.vault, latest, versioned=False))
-        return self._page(ctx, "/keys", items, empty)
+        return self._list_latest(ctx, "key", KeyVersion, key_item, "keys", empty)
 
     def _list_key_versions(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
-        versions = self.store.versions(ctx.vault.name, "key", ctx.params["name"])
-        items = [key_item(ctx.vault, k, versioned=True) for k in versions if isinstance(k, KeyVersion)]
-        return self._page(ctx, f"/keys/{versions[0].name}/versions", items, empty)  # type: ignore[attr-defined]
+        return self._list_history(ctx, "key", KeyVersion, key_item, "keys", empty)
 
     def _get_key(self, ctx: Ctx, _: bool) -> tuple[int, dict[str, Any]]:
         k = self.store.get(ctx.vault.name, "key", ctx.params["name"], ctx.params.get("version") or None)
@@ -444,17 +447,10 @@ class VaultApi:
 
     # -- certificates ----------------------------------------------------------------------------
     def _list_certificates(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
-        items = []
-        for h in sorted(self.store.histories(ctx.vault.name, "cert"), key=lambda h: h.name.lower()):
-            latest = h.latest()
-            if isinstance(latest, CertVersion):
-                items.append(cert_item(ctx.vault, latest, versioned=False))
-        return self._page(ctx, "/certificates", items, empty)
+        return self._list_latest(ctx, "cert", CertVersion, cert_item, "certificates", empty)
 
     def _list_certificate_versions(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
-        versions = self.store.versions(ctx.vault.name, "cert", ctx.params["name"])
-        items = [cert_item(ctx.vault, c, versioned=True) for c in versions if isinstance(c, CertVersion)]
-        return self._page(ctx, f"/certificates/{versions[0].name}/versions", items, empty)  # type: ignore[attr-defined]
+        return self._list_history(ctx, "cert", CertVersion, cert_item, "certificates", empty)
 
     def _get_certificate(self, ctx: Ctx, _: bool) -> tuple[int, dict[str, Any]]:
         c = self.store.get(ctx.vault.name, "cert", ctx.params["name"], ctx.params.get("version") or None)

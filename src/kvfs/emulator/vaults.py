@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -376,12 +376,6 @@ class VaultStore:
             if content_type is not None and isinstance(obj, SecretVersion):
                 obj.content_type = content_type
             return obj
-
-    def iter_all(self) -> Iterator[tuple[str, Kind, History]]:
-        with self._lock:
-            items = [(v.name, k, h) for v in self._vaults.values() for k in ("secret", "key", "cert")
-                     for h in v.table(k).values()]  # type: ignore[arg-type]
-        yield from items
 
 
 # -- JSON shapes -------------------------------------------------------------------------------

@@ -375,7 +375,7 @@ def _bag_order(raw: bytes, certs: list[x509.Certificate]) -> list[x509.Certifica
             return certs
         search_from[der] = at + 1
         positions.append(at)
-    return [cert for _, cert in sorted(zip(positions, certs), key=lambda pair: pair[0])]
+    return [cert for _, cert in sorted(zip(positions, certs, strict=True), key=lambda pair: pair[0])]
 
 
 def pfx_to_pem(pfx_b64: str | bytes, *, construct_chain: bool = True, label: str = "") -> bytes:
