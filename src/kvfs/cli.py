@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from kvfs import __version__
-from kvfs.errors import ConfigError
+from kvfs.errors import ConfigError, KvfsError
 from kvfs.logsafe import setup_logging
 
 log = logging.getLogger("kvfs")
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 MOUNT_EPILOG = """\
 examples:
@@ -25,10 +28,15 @@ identity (chosen like the Azure provider does):
   clientID set              workload identity; the token comes from $AZURE_FEDERATED_TOKEN_FILE
   --secrets FILE            service principal from a flat YAML/JSON mapping clientid, clientsecret
   useVMManagedIdentity      VM managed identity (IMDS; base URL from $AZURE_POD_IDENTITY_AUTHORITY_HOST)
+  usePodIdentity            pod identity (NMI at $KVFS_NMI_URL; --param csi.storage.k8s.io/pod.name=NAME
+                            and --param csi.storage.k8s.io/pod.namespace=NAMESPACE)
   none of these             azure-identity's DefaultAzureCredential (az login, environment, ...)
 
 environment:
   SSL_CERT_FILE             extra trusted CA certificates (private clouds, `kvfs emulator`)
+  KVFS_LOG_LEVEL            default for --log-level
+
+exit status: 0 after a clean unmount, 2 for bad input (nothing mounted), 1 when mounting failed
 """
 
 
@@ -77,6 +85,13 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         action="store_true",
         help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)",
     )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.upper,
+        default=argparse.SUPPRESS,  # unset here keeps `kvfs --log-level X mount` working
+        help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
+    )
     parser.set_defaults(func=_run_mount)
 
 
@@ -92,8 +107,8 @@ def _mount_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise ConfigError(
             "AZURE_FEDERATED_TOKEN_FILE",
             token_file,
-            "no such file (workload identity reads the service account token from it)",
-            "point it at the projected service account token, or drop clientID to use another identity",
+            "no such file; workload identity (clientID) reads the service account token from it",
+            "export AZURE_FEDERATED_TOKEN_FILE=/path/to/token, or drop clientID to use another identity",
         )
     changes: dict[str, object] = {}
     if args.refresh_interval is not None:
@@ -105,11 +120,42 @@ def _mount_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return dataclasses.replace(config, **changes)
 
 
+def _check_mountpoint(given: str) -> str:
+    """The absolute mountpoint, if it is an existing, empty, live directory; else a ConfigError.
+
+    Checked before mounting because libfuse3 mounts over anything: a non-empty folder's files
+    would silently vanish under the mount, and a dead mount left by a killed process only says
+    "Transport endpoint is not connected".
+    """
+    mountpoint = os.path.abspath(given)
+    try:
+        entries = os.listdir(mountpoint)
+    except FileNotFoundError:
+        raise ConfigError("MOUNTPOINT", given, "does not exist", f"create it first: mkdir -p {given}") from None
+    except NotADirectoryError:
+        raise ConfigError("MOUNTPOINT", given, "is not a directory", "give an empty directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(
+                "MOUNTPOINT",
+                given,
+                "is a dead FUSE mount (its process was killed)",
+                f"unmount it first: fusermount3 -u {given}",
+            ) from None
+        raise ConfigError("MOUNTPOINT", given, f"cannot be read ({exc.strerror})", "give an empty directory") from None
+    if entries:
+        raise ConfigError(
+            "MOUNTPOINT",
+            given,
+            f"is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}); the mount would hide them",
+            "give an empty directory",
+        )
+    return mountpoint
+
+
 def _run_mount(args: argparse.Namespace) -> int:
     config = _mount_config(args)
-    mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mountpoint):
-        raise ConfigError("MOUNTPOINT", args.mountpoint, "is not a directory", "create it first: mkdir -p DIR")
+    mountpoint = _check_mountpoint(args.mountpoint)
     from kvfs.fs.mount import run_mount
 
     return run_mount(config, mountpoint, allow_other=args.allow_other)
@@ -124,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=os.environ.get("KVFS_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         type=str.upper,
         help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
     )
@@ -149,15 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DURATION_OPTIONS = ("--refresh-interval", "--max-staleness")
+
+
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--refresh-interval -5s` → `--refresh-interval=-5s`.
+
+    argparse takes a value starting with "-" for an option and only says "expected one
+    argument"; attached, the value reaches parse_duration, which names it and the fix.
+    """
+    out: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item in _DURATION_OPTIONS:
+            value = next(items, None)
+            if value is not None and value.startswith("-") and value[1:2].isdigit():
+                out.append(f"{item}={value}")
+                continue
+            out.append(item)
+            if value is not None:
+                out.append(value)
+            continue
+        out.append(item)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"kvfs: error: {err}", file=sys.stderr)
         return 2
+    except KvfsError as err:  # messages are safe to show by contract: no secrets, no tokens
+        print(f"kvfs: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -350,8 +350,8 @@ def _build_auth(
                 FEDERATED_TOKEN_FILE_ENV,
                 None,
                 "is not set: workload identity (clientID) needs a service account token file",
-                f"export {FEDERATED_TOKEN_FILE_ENV}=/path/to/token (a token federated to"
-                f" clientID with audience {WORKLOAD_IDENTITY_AUDIENCE}), or remove clientID to"
+                f"export {FEDERATED_TOKEN_FILE_ENV}=/path/to/token, a token federated to"
+                f" clientID with audience {WORKLOAD_IDENTITY_AUDIENCE}; or remove clientID to"
                 " use a service principal (--secrets) or your Azure CLI login",
             )
         return AuthConfig(
@@ -422,17 +422,22 @@ def _service_principal(
     keys = ", ".join(sorted(str(k) for k in sp_secrets)) or "none"
     for needed in ("clientid", "clientsecret"):
         if not found.get(needed):
-            raise _upstream(
-                needed,
-                f"{wrapper}could not find {needed} in secrets",
-                f"add a non-empty {needed} entry to {where} (keys present: {keys})",
-            )
+            fix = f"add a non-empty {needed} entry to {where}; keys present: {keys}"
+            near = [str(k) for k in sp_secrets if _squash(str(k)) == needed and str(k).lower() != needed]
+            if near:
+                fix += f"; rename {near[0]} to {needed}"
+            raise _upstream(needed, f"{wrapper}could not find {needed} in secrets", fix)
     return AuthConfig(
         mode="service_principal",
         tenant_id=tenant_id,
         client_id=found["clientid"],
         client_secret=found["clientsecret"],
     )
+
+
+def _squash(key: str) -> str:
+    """`client_secret`, `Client-Secret` → `clientsecret`: spots near-miss secret keys."""
+    return "".join(ch for ch in key.lower() if ch.isalnum())
 
 
 def _workload_identity_token(p: _Params, secrets: Mapping[str, str] | None) -> str:
