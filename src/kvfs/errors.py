@@ -8,6 +8,7 @@ turns these into `FUSEError(errno)`; anything else becomes EIO plus a log line.
 from __future__ import annotations
 
 import errno as _errno
+import ssl
 
 
 class KvfsError(Exception):
@@ -85,3 +86,17 @@ class RenderError(KvfsError):
     """A fetched object cannot be turned into file bytes (bad PFX, unsupported key type, ...)."""
 
     errno = _errno.EIO
+
+
+def is_tls_verification_error(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is a certificate verification failure."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(cur):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False

@@ -68,6 +68,7 @@ def test_serves_seeded_content_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert info["app"]["client_secret"] not in "".join(banner)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+        assert not (out / "emulator.json").exists(), "a stopped emulator must not look ready"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -100,3 +101,24 @@ def test_bad_vault_name_and_missing_seed(tmp_path: Path) -> None:
     proc = start("--dir", str(tmp_path), "--seed", str(tmp_path / "missing.yaml"))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "missing.yaml" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--port", "99999"], "99999 is not a port number"),
+        (["--http-port", "x"], "'x' is not a port number"),
+    ],
+)
+def test_bad_ports_are_refused_without_a_traceback(tmp_path: Path, args: list[str], fragment: str) -> None:
+    proc = start("--dir", str(tmp_path / "emu"), *args)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and fragment in err and "Traceback" not in err
+
+
+def test_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = start("--dir", str(not_a_dir))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "--dir" in err and "is not a directory" in err and "Traceback" not in err

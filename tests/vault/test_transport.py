@@ -22,7 +22,7 @@ import kvfs
 from kvfs.auth.base import AccessToken
 from kvfs.errors import ConfigError, VaultError
 from kvfs.vault.client import VaultClient
-from kvfs.vault.retry import is_tls_verification_error
+from kvfs.errors import is_tls_verification_error
 from kvfs.vault.transport import is_localhost, make_http_client, make_ssl_context
 
 SECRET_VALUE = "s3cr3t-over-tls"

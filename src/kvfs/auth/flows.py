@@ -36,7 +36,7 @@ from kvfs.auth.messages import (
     nmi_unreachable,
     safe_text,
 )
-from kvfs.errors import AuthError, ConfigError
+from kvfs.errors import AuthError, ConfigError, is_tls_verification_error
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,13 @@ class _EntraCredential:
                 errno=_errno.EIO,
             ) from None
         except httpx.TransportError as exc:
+            if is_tls_verification_error(exc):
+                raise AuthError(
+                    f"the TLS certificate of Entra ID at {self.authority_host} is not trusted"
+                    " (add its CA to the file named by SSL_CERT_FILE)",
+                    code="TLSVerifyFailed",
+                    errno=_errno.EIO,
+                ) from None
             raise AuthError(
                 f"cannot reach Entra ID at {self.authority_host} ({type(exc).__name__}:"
                 f" {safe_text(exc, secrets)}): check network egress and cloudName /"

@@ -44,6 +44,13 @@ def _run_node(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         max_volumes=args.max_volumes,
     )
+    from kvfs.csi.node import endpoint_path
+
+    try:
+        endpoint_path(args.endpoint)
+    except ValueError as exc:
+        print(f"kvfs csi node: {exc} (use unix:///PATH/csi.sock)", file=sys.stderr)
+        return 2
     return run_node(config, args.endpoint, health_interval=args.health_interval, metrics_addr=args.metrics_addr)
 
 

@@ -24,6 +24,17 @@ Admin API (faults, counters, content): GET/POST https://localhost:PORT/_emulator
 """
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 meaning "pick a free one"."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535; 0 picks a free port)")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `kvfs emulator` (the top-level CLI wires this up)."""
     parser.description = DESCRIPTION
@@ -33,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(created if missing)")
     parser.add_argument("--host", default="127.0.0.1", metavar="ADDR",
                         help="address to listen on (default: 127.0.0.1; keep it on loopback)")
-    parser.add_argument("--port", type=int, default=0, metavar="PORT",
+    parser.add_argument("--port", type=_port, default=0, metavar="PORT",
                         help="HTTPS port for Key Vault, Entra ID, OIDC and the admin API (default: 0 = pick a free one)")
-    parser.add_argument("--http-port", type=int, default=0, metavar="PORT",
+    parser.add_argument("--http-port", type=_port, default=0, metavar="PORT",
                         help="plain-HTTP port for IMDS and NMI (default: 0 = pick a free one)")
     parser.add_argument("--seed", type=Path, metavar="FILE",
                         help="YAML file with initial vault content (secrets, keys, certificates; see docs/EMULATOR.md)")
@@ -77,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.dir.exists() and not args.dir.is_dir():
+        print(f"kvfs emulator: --dir {args.dir}: is not a directory (name a folder for emulator.json)",
+              file=sys.stderr)
+        return 2
     if args.token_lifetime < 60:
         print(f"kvfs emulator: --token-lifetime {args.token_lifetime}: must be at least 60 seconds", file=sys.stderr)
         return 2

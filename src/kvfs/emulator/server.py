@@ -354,6 +354,8 @@ async def open_emulator(
         dir = Path(tmp.name)
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
+    info_file = dir / "emulator.json"
+    info_file.unlink(missing_ok=True)  # a stale file from an earlier run must not look ready
     https_sock = _bind(host, port)
     try:
         http_sock = _bind(host, http_port)
@@ -373,11 +375,12 @@ async def open_emulator(
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, https_sock, http_sock)
             nursery.start_soon(_refresh_sa_token, emu, token_lifetime)
-            _write_atomic(dir / "emulator.json", json.dumps(emu.info, indent=2).encode() + b"\n")
+            _write_atomic(info_file, json.dumps(emu.info, indent=2).encode() + b"\n")
             log.info("emulator serving on %s (vaults: %s)", emu.authority_host, ", ".join(emu.store.names()))
             try:
                 yield emu
             finally:
+                info_file.unlink(missing_ok=True)
                 nursery.cancel_scope.cancel()
     finally:
         https_sock.close()

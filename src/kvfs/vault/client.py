@@ -18,8 +18,8 @@ import httpx
 import trio
 
 from kvfs.auth.base import Credential
-from kvfs.errors import ConfigError, VaultError
-from kvfs.vault.retry import DeadlineExceeded, RetryPolicy, is_tls_verification_error
+from kvfs.errors import ConfigError, VaultError, is_tls_verification_error
+from kvfs.vault.retry import DeadlineExceeded, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,9 @@ class VaultClient:
         except DeadlineExceeded:
             log.debug("vault=%s object=%s code=Timeout", self.vault, what)
             raise VaultError(
-                f"{what}: no answer from vault {self.vault} within {self._deadline:g} s", code="Timeout"
+                f"{what}: no answer from vault {self.vault} (or from Entra ID for its token) within"
+                f" {self._deadline:g} s",
+                code="Timeout",
             ) from None
         except httpx.HTTPError as exc:
             code = "TLSVerifyFailed" if is_tls_verification_error(exc) else type(exc).__name__

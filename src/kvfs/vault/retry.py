@@ -13,13 +13,14 @@ import email.utils
 import logging
 import math
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
 import trio
+
+from kvfs.errors import is_tls_verification_error
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,6 @@ _RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
 
 class DeadlineExceeded(Exception):
     """The operation's deadline passed while an attempt was still running."""
-
-
-def is_tls_verification_error(exc: BaseException) -> bool:
-    """True when `exc` (or what caused it) is a certificate verification failure."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(cur):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float) -> float | None:

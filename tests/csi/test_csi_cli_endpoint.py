@@ -1,0 +1,17 @@
+"""`kvfs csi node` refuses endpoints it cannot serve, before starting anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_tcp_endpoint_is_refused_with_the_fix() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfs", "csi", "node", "--endpoint", "tcp://127.0.0.1:1", "--node-id", "n1",
+         "--no-start-mounter"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "only unix:// endpoints are supported" in result.stderr and "unix:///PATH/csi.sock" in result.stderr
+    assert "Traceback" not in result.stderr
