@@ -7,7 +7,6 @@ import errno
 import hashlib
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,10 +176,8 @@ def test_many_volumes_publish_concurrently(csi_plugin: Kubelet, tmp_path: Path) 
     from concurrent.futures import ThreadPoolExecutor
 
     targets = [csi_plugin.target(tmp_path, f"p{i}") for i in range(6)]
-    start = time.monotonic()
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda it: csi_plugin.publish(f"vol-{it[0]}", it[1]), enumerate(targets)))
-    assert time.monotonic() - start < 30
     for i, target in enumerate(targets):
         assert Path(target, "hello").read_text() == f"hello from vol-{i}\n"
     pids = {csi_plugin.state(t).pid for t in targets}
