@@ -149,9 +149,10 @@ def publish(kubelet: Kubelet, world: World, pod: Pod, token: str | None = None) 
 def world() -> Iterator[World]:
     if not FUSE_OK:
         pytest.skip("needs root and /dev/fuse")
-    # daemons run as uid 65534: the CA and cloud env files must be readable for them
+    # Root-only on purpose: daemons run as uid 65534 and must still use the CA and cloud env files
+    # in here (they read them before dropping privileges).
     base = Path(tempfile.mkdtemp(prefix="kvfsreal-", dir="/tmp"))
-    base.chmod(0o755)
+    base.chmod(0o700)
     kube = FakeKube(base / "kube")
     try:
         with EmulatorThread(base / "emulator", vaults=()) as emu, pytest.MonkeyPatch.context() as mp:

@@ -47,19 +47,41 @@ def report_error(ready_fd: int, message: str) -> None:
         pass
 
 
-def run_volume(spec: DaemonSpec) -> int:
-    """Default entry: kvfs.config parameters → kvfs.fs.mount.run_mount on /dev/fd/N."""
+_prepared: dict[str, object] = {}  # volume id → MountConfig or the KvfsError parsing raised
+
+
+def prepare(spec: DaemonSpec) -> None:
+    """Runs in the forked child while it is still root: read what the volume names on disk.
+
+    `cloudEnvFileName` and the CAs of SSL_CERT_FILE may be readable by root only; the daemon
+    keeps their content in memory after it drops to its unprivileged uid.
+    """
     from kvfs.config.parameters import parse_parameters
     from kvfs.errors import KvfsError
-    from kvfs.fs.mount import run_mount
+    from kvfs.vault.transport import preload_ssl_context
 
     try:
-        config = parse_parameters(
+        preload_ssl_context()
+        _prepared[spec.volume_id] = parse_parameters(
             spec.params, spec.secrets, context="csi", allow_node_identity=spec.allow_node_identity
         )
     except KvfsError as exc:
-        report_error(spec.ready_fd, str(exc))
+        _prepared[spec.volume_id] = exc
+
+
+def run_volume(spec: DaemonSpec) -> int:
+    """Default entry: kvfs.config parameters → kvfs.fs.mount.run_mount on /dev/fd/N."""
+    from kvfs.config.model import MountConfig
+    from kvfs.errors import KvfsError
+    from kvfs.fs.mount import run_mount
+
+    if spec.volume_id not in _prepared:
+        prepare(spec)
+    config = _prepared.pop(spec.volume_id)
+    if isinstance(config, KvfsError):
+        report_error(spec.ready_fd, str(config))
         return 2
+    assert isinstance(config, MountConfig)
     return run_mount(config, spec.mountpoint, ready_fd=spec.ready_fd, control_fd=spec.control_fd)
 
 

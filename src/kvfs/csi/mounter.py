@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvfs.csi import jsonline
-from kvfs.csi.daemon import DaemonEntry, DaemonSpec, report_error
+from kvfs.csi.daemon import DaemonEntry, DaemonSpec, prepare, report_error
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ class Mounter:
                 signal.signal(sig, signal.SIG_DFL)
             _close_all_but({0, 1, 2, spec.fuse_fd, spec.control_fd, spec.ready_fd})
             _set_title(f"kvfs daemon volume={spec.volume_id}")
+            prepare(spec)  # read root-only files (CA bundle, cloud env file) before the drop
             _drop_privileges(uid, gid)
             code = self.entry(spec)
         except BaseException as exc:  # noqa: BLE001 - report anything, then exit

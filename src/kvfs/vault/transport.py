@@ -29,6 +29,19 @@ def is_localhost(host: str) -> bool:
     return host == "localhost" or host.endswith(".localhost")
 
 
+_preloaded_context: ssl.SSLContext | None = None
+
+
+def preload_ssl_context() -> None:
+    """Read the trusted CAs now, for a process about to lose the rights to read them.
+
+    The CSI daemon drops to an unprivileged uid right after it starts; the file named by
+    SSL_CERT_FILE may only be readable by root. Later clients reuse this context.
+    """
+    global _preloaded_context
+    _preloaded_context = make_ssl_context()
+
+
 def make_ssl_context(*, trust_env: bool = True) -> ssl.SSLContext:
     """System CAs plus the CA file named by `SSL_CERT_FILE`.
 
@@ -138,7 +151,8 @@ def make_http_client(
     if transport is None:
         proxy = urllib.request.getproxies_environment().get("https") if trust_env else None
         transport = LoopbackTransport(
-            ssl_context=make_ssl_context(trust_env=trust_env), limits=limits, proxy=proxy or None
+            ssl_context=(_preloaded_context if trust_env and _preloaded_context else make_ssl_context(trust_env=trust_env)),
+            limits=limits, proxy=proxy or None
         )
     return httpx.AsyncClient(
         transport=transport,
