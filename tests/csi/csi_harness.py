@@ -175,7 +175,10 @@ def _kill_leftover_daemons(state_dir: str) -> None:
 class PluginProcess:
     """`python -m kvfs.csi.cli node ...` as a real process; it starts its own mounter."""
 
-    def __init__(self, daemon_entry: str = STANDIN, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, daemon_entry: str = STANDIN, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
+        self.env = env  # None: inherit this process's environment
         self.state_dir = short_tmpdir()
         self.endpoint = f"unix://{self.state_dir}/csi.sock"
         self.log_path = os.path.join(self.state_dir, "plugin.log")
@@ -209,6 +212,7 @@ class PluginProcess:
             ],
             stdout=log,
             stderr=log,
+            env=self.env,
         )
         log.close()
         kubelet = Kubelet(self.endpoint, self.state_dir)

@@ -15,3 +15,14 @@ def test_tcp_endpoint_is_refused_with_the_fix() -> None:
     assert result.returncode == 2
     assert "only unix:// endpoints are supported" in result.stderr and "unix:///PATH/csi.sock" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_socket_path_too_long_for_unix_sockets_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    long_dir = tmp_path / ("d" * 120)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfs", "csi", "node", "--endpoint", f"unix://{long_dir}/csi.sock",
+         "--node-id", "n1", "--no-start-mounter"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "longer than unix sockets allow" in result.stderr and "Traceback" not in result.stderr

@@ -197,3 +197,27 @@ def test_sigterm_stops_the_plugin_but_not_the_volumes(csi_process: Callable[...,
     assert Path(target, "hello").read_text() == "hello from vol-a\n"
     plugin.start().unpublish("vol-a", target)
     assert not is_kvfs_mount(target)
+
+
+def test_a_reused_mounter_gives_daemons_the_current_plugins_environment(
+    csi_process: Callable[..., PluginProcess], tmp_path: Path
+) -> None:
+    """The mounter outlives plugins; a restarted plugin's settings (CA file, IMDS/NMI URL,
+    proxies) must reach new daemons, not the settings the mounter was started with."""
+    env = dict(os.environ, KVFS_NMI_URL="http://first.invalid")
+    plugin = csi_process(env=env)
+    assert plugin.kubelet is not None and plugin.proc is not None
+    shown = {"standin.show_env": "KVFS_NMI_URL"}
+    first = plugin.kubelet.target(tmp_path, "first")
+    plugin.kubelet.publish("vol-first", first, {**inline_params(), **shown})
+    assert Path(first, "env").read_text() == "http://first.invalid"
+    plugin.proc.terminate()
+    assert plugin.proc.wait(10) == 0
+    plugin.env = dict(os.environ, KVFS_NMI_URL="http://second.invalid")
+    kubelet = plugin.start()
+    second = kubelet.target(tmp_path, "second")
+    kubelet.publish("vol-second", second, {**inline_params(), **shown})
+    assert Path(second, "env").read_text() == "http://second.invalid"
+    assert Path(first, "env").read_text() == "http://first.invalid"
+    for volume_id, target in (("vol-first", first), ("vol-second", second)):
+        kubelet.unpublish(volume_id, target)

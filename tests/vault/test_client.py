@@ -179,6 +179,9 @@ def test_challenge_tenant_parsing() -> None:
     )
     assert challenge_tenant(f"Bearer authorization_uri=https://login.windows.net/{TENANT}/oauth2") == TENANT
     assert challenge_tenant('Bearer resource="https://vault.azure.net"') == ""
+    # Private clouds may serve the authority under a path; AD FS ends in /adfs.
+    assert challenge_tenant(f'Bearer authorization="https://localhost:8443/aad/{TENANT}"') == TENANT
+    assert challenge_tenant('Bearer authorization="https://adfs.contoso.local/adfs"') == "adfs"
 
 
 async def test_401_from_other_tenant_names_both_tenants_and_the_fix() -> None:

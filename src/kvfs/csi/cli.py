@@ -47,9 +47,17 @@ def _run_node(args: argparse.Namespace) -> int:
     from kvfs.csi.node import endpoint_path
 
     try:
-        endpoint_path(args.endpoint)
+        socket_path = endpoint_path(args.endpoint)
     except ValueError as exc:
         print(f"kvfs csi node: {exc} (use unix:///PATH/csi.sock)", file=sys.stderr)
+        return 2
+    if len(os.fsencode(socket_path)) > 107:  # sun_path holds 108 bytes with the final NUL
+        print(
+            f"kvfs csi node: --endpoint {args.endpoint!r}: the socket path is"
+            f" {len(os.fsencode(socket_path))} bytes, longer than unix sockets allow (107);"
+            " use a shorter folder, e.g. unix:///csi/csi.sock",
+            file=sys.stderr,
+        )
         return 2
     return run_node(config, args.endpoint, health_interval=args.health_interval, metrics_addr=args.metrics_addr)
 

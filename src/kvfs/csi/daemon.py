@@ -29,6 +29,7 @@ class DaemonSpec:
     fuse_fd: int  # already mounted at the target by the plugin: serve "/dev/fd/<fuse_fd>"
     control_fd: int  # a listening unix socket (token / status / stop)
     ready_fd: int  # write b"ready\n" or b"error <message>\n", then close
+    env: dict[str, str] | None = field(default=None, repr=False)  # the plugin's DAEMON_ENV values; None = keep the mounter's
 
     @property
     def mountpoint(self) -> str:
@@ -36,6 +37,40 @@ class DaemonSpec:
 
 
 DaemonEntry = Callable[[DaemonSpec], int]
+
+
+# Settings the daemon reads from its environment. The plugin sends its own values with every spawn
+# request: a mounter that outlived an earlier plugin must not hand out that plugin's settings.
+DAEMON_ENV = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    "KVFS_NMI_URL",
+    "KVFS_LOG_LEVEL",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+)
+
+
+def daemon_environment() -> dict[str, str]:
+    """This process's values of DAEMON_ENV, to send along with a spawn request."""
+    return {name: os.environ[name] for name in DAEMON_ENV if name in os.environ}
+
+
+def apply_environment(env: dict[str, str] | None) -> None:
+    """In the forked child: make DAEMON_ENV exactly what the plugin sent."""
+    if env is None:
+        return
+    for name in DAEMON_ENV:
+        if name in env:
+            os.environ[name] = env[name]
+        else:
+            os.environ.pop(name, None)
 
 
 def report_error(ready_fd: int, message: str) -> None:

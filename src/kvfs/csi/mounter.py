@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvfs.csi import jsonline
-from kvfs.csi.daemon import DaemonEntry, DaemonSpec, prepare, report_error
+from kvfs.csi.daemon import (
+    DaemonEntry,
+    DaemonSpec,
+    apply_environment,
+    daemon_environment,
+    prepare,
+    report_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +188,7 @@ class Mounter:
             timeout = float(req.get("timeout", 30.0))
             params = {str(k): str(v) for k, v in dict(req["params"]).items()}
             secrets = {str(k): str(v) for k, v in dict(req.get("secrets") or {}).items()}
+            env = None if req.get("env") is None else {str(k): str(v) for k, v in dict(req["env"]).items()}
         except (KeyError, TypeError, ValueError) as exc:
             _reply(conn, {"ok": False, "error": f"bad spawn request: {type(exc).__name__} {exc}"})
             conn.close()
@@ -198,6 +206,7 @@ class Mounter:
             fuse_fd=fds[0],
             control_fd=fds[1],
             ready_fd=ready_w,
+            env=env,
         )
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
@@ -218,6 +227,7 @@ class Mounter:
                 signal.signal(sig, signal.SIG_DFL)
             _close_all_but({0, 1, 2, spec.fuse_fd, spec.control_fd, spec.ready_fd})
             _set_title(f"kvfs daemon volume={spec.volume_id}")
+            apply_environment(spec.env)
             prepare(spec)  # read root-only files (CA bundle, cloud env file) before the drop
             _drop_privileges(uid, gid)
             code = self.entry(spec)
@@ -379,6 +389,7 @@ class MounterClient:
                     "gid": gid,
                     "allow_node_identity": allow_node_identity,
                     "timeout": timeout,
+                    "env": daemon_environment(),
                 }
                 jsonline.send(sock, request, [fuse_fd, control_fd])
             except OSError as exc:

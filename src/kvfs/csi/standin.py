@@ -164,6 +164,8 @@ def run(spec: DaemonSpec) -> int:
     files = {
         k.removeprefix("standin.file."): v.encode() for k, v in spec.params.items() if k.startswith("standin.file.")
     } or {"hello": f"hello from {spec.volume_id}\n".encode()}
+    if spec.params.get("standin.show_env"):  # shows the daemon's value of one variable
+        files["env"] = os.environ.get(spec.params["standin.show_env"], "").encode()
     fs = _Fs(files, spec.ready_fd)
     control = _Control(spec.control_fd, _token_from(spec.params))
     pyfuse3.init(fs, spec.mountpoint, ["fsname=kvfs"])

@@ -61,8 +61,15 @@ def parse_challenge(header: str) -> dict[str, str]:
     return out
 
 
+_AUTHORITY_SUFFIXES = frozenset({"oauth2", "authorize", "token", "v2.0"})
+
+
 def challenge_tenant(header: str) -> str:
-    """Tenant named by a 401 challenge: first path segment of its authorization URL, or ""."""
+    """Tenant named by a 401 challenge: last path segment of its authorization URL, or "".
+
+    The last segment, not the first: private clouds put the authority under a path
+    (`https://login.example/aad/<tenant>`), and Azure Stack AD FS ends in `/adfs`.
+    """
     params = parse_challenge(header)
     uri = params.get("authorization") or params.get("authorization_uri") or ""
     if not uri:
@@ -72,7 +79,9 @@ def challenge_tenant(header: str) -> str:
     except (httpx.InvalidURL, ValueError):
         return ""
     segments = [s for s in path.split("/") if s]
-    return segments[0] if segments else ""
+    while segments and segments[-1].lower() in _AUTHORITY_SUFFIXES:
+        segments.pop()
+    return segments[-1] if segments else ""
 
 
 def _envelope(response: httpx.Response) -> tuple[str, str, str]:
@@ -201,6 +210,7 @@ class VaultClient:
                 f" {self.vault}; refusing to send the token there (check private endpoint / DNS setup)",
                 code="ForeignNextLink",
             )
+        # Like the Azure SDK: Key Vault's links carry a stale api-version; ask in ours.
         return url.copy_set_param("api-version", self._api_version)
 
     async def _token(self, *, fresh: bool = False) -> str:
