@@ -89,6 +89,7 @@ class Kubelet:
         readonly: bool = True,
         capability: Any = "mount",
         token_in_secrets: bool = False,
+        volume_mount_group: str = "",
         timeout: float = 30.0,
     ) -> Any:
         context = dict(inline_params() if params is None else params)
@@ -105,7 +106,7 @@ class Kubelet:
         if capability == "mount":
             req.volume_capability.CopyFrom(
                 pb2.VolumeCapability(
-                    mount=pb2.VolumeCapability.MountVolume(),
+                    mount=pb2.VolumeCapability.MountVolume(volume_mount_group=volume_mount_group),
                     access_mode=pb2.VolumeCapability.AccessMode(mode=pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
                 )
             )

@@ -385,6 +385,28 @@ def test_publish_and_unpublish_are_idempotent_and_leave_nothing(fleet: Fleet) ->
     assert_gone(kubelet, pod, second)
 
 
+def test_files_belong_to_the_pods_fs_group_and_only_kubelet_sets_it(fleet: Fleet) -> None:
+    """kubelet delegates fsGroup (VOLUME_MOUNT_GROUP): files and folders get that group."""
+    world, kubelet = fleet.world, fleet.kubelet
+    pods = [world.new_pod(92 + i, managed=False, spc=False) for i in range(2)]
+    for pod in pods:
+        pod.target = kubelet.target(world.base / "kubelet", pod.name)
+    grouped, plain = pods
+    context = world.volume_context(grouped)
+    kubelet.publish(grouped.volume_id, grouped.target, context, token=None, volume_mount_group="4321")
+    # a pod cannot pick the group through its volume attributes
+    context = {**world.volume_context(plain), "kvfs.io/volumeMountGroup": "0"}
+    kubelet.publish(plain.volume_id, plain.target, context, token=None)
+    try:
+        assert read_secret(grouped) == grouped.value
+        assert os.stat(Path(grouped.target, "app-secret")).st_gid == 4321
+        assert os.stat(Path(grouped.target, "..data")).st_gid == 4321
+        assert os.stat(Path(plain.target, "app-secret")).st_gid == 65534
+    finally:
+        for pod in pods:
+            kubelet.unpublish(pod.volume_id, pod.target)
+
+
 def test_state_folder_and_logs_never_hold_a_token_or_a_secret(fleet: Fleet) -> None:
     for pod in fleet.pods:
         assert read_secret(pod) == pod.value  # everything has been fetched at least once

@@ -119,6 +119,7 @@ class MountConfig:
     construct_pem_chain: bool = True  # upstream --construct-pem-chain
     refresh_interval: float = 120.0  # seconds; 0 disables background refresh
     max_staleness: float = 0.0  # seconds; 0 = serve last good bytes without bound
+    file_group: int | None = None  # gid of files and folders: the pod's fsGroup (CSI volume_mount_group)
     pod_name: str = ""
     pod_namespace: str = ""
     pod_uid: str = ""

@@ -54,6 +54,8 @@ POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
 POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
 SERVICE_ACCOUNT_NAME_KEY = "csi.storage.k8s.io/serviceAccount.name"
 SA_TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
+# Set by the kvfs CSI plugin from NodePublishVolume's volume_mount_group (the pod's fsGroup).
+VOLUME_MOUNT_GROUP_KEY = "kvfs.io/volumeMountGroup"
 WORKLOAD_IDENTITY_AUDIENCE = "api://AzureADTokenExchange"
 FEDERATED_TOKEN_FILE_ENV = "AZURE_FEDERATED_TOKEN_FILE"
 
@@ -292,7 +294,19 @@ def parse_parameters(
         pod_uid=p.get(POD_UID_KEY),
         service_account_name=p.get(SERVICE_ACCOUNT_NAME_KEY),
         secret_provider_class=p.get("secretProviderClass"),
+        file_group=_group_id(p.get(VOLUME_MOUNT_GROUP_KEY)),
     )
+
+
+def _group_id(text: str) -> int | None:
+    """The volume's group: a decimal gid, or None when kubelet sent none."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > 0xFFFFFFFE:
+        raise ConfigError(
+            "volume_mount_group", text, "is not a group id", "kubelet sends the pod's fsGroup, a number"
+        )
+    return int(text)
 
 
 def _service_principal_secrets(secrets: Mapping[str, str] | None) -> dict[str, str]:

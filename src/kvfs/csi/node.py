@@ -44,6 +44,7 @@ class NodeServicer(pb2_grpc.NodeServicer):  # type: ignore[misc, name-defined]
             is_block=cap is not None and cap.WhichOneof("access_type") == "block",
             volume_context=dict(request.volume_context),
             secrets=dict(request.secrets),
+            volume_mount_group=cap.mount.volume_mount_group if cap is not None and cap.HasField("mount") else "",
         )
         log.debug("NodePublishVolume volume=%s target=%s", req.volume_id, req.target_path)
         self._call(context, self.volumes.publish, req)

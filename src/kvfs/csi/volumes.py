@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from kvfs.csi import jsonline, syscalls
+from kvfs.config.parameters import VOLUME_MOUNT_GROUP_KEY
 from kvfs.csi.daemon import DEFAULT_ENTRY
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
@@ -71,6 +72,7 @@ class PublishRequest:
     is_block: bool
     volume_context: dict[str, str] = field(repr=False)
     secrets: dict[str, str] = field(repr=False)
+    volume_mount_group: str = ""  # the pod's fsGroup, when kubelet delegates it to us
 
 
 def default_validator(params: dict[str, str], secrets: dict[str, str], allow_node_identity: bool) -> None:
@@ -165,6 +167,9 @@ class Volumes:
                 log.warning("target %s holds a kvfs mount without state: unmounting it first", target)
                 _umount_all(target, detach=True)
             params = self._params(inputs)
+            params.pop(VOLUME_MOUNT_GROUP_KEY, None)  # only kubelet decides the group, not the pod
+            if req.volume_mount_group:
+                params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
             check_node_identity(params, self.config.allow_node_identity)
             self.validator(params, inputs.secrets, self.config.allow_node_identity)
             self._mount_and_spawn(req.volume_id, target, params, inputs.secrets)

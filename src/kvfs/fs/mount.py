@@ -90,7 +90,9 @@ class _Daemon:
                 self.config.vault_url, credential, self.config.cloud.scope, http, tenant_id=self.config.auth.tenant_id
             )
             resolver = Resolver(client, self.config, on_change=self._on_change)
-            self.core = FilesystemCore(self.config, resolver, invalidate_entry=invalidate_entry)
+            self.core = FilesystemCore(
+                self.config, resolver, invalidate_entry=invalidate_entry, gid=self.config.file_group
+            )
             self.resolver = resolver
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 try:
