@@ -49,7 +49,7 @@ async def read_for(cache: CachingCredential, seconds: float, step: float = 1.0) 
     return seen
 
 
-@pytest.mark.parametrize(("lifetime", "refresh_after"), [(3600.0, 3300.0), (60.0, 30.0)])
+@pytest.mark.parametrize(("lifetime", "refresh_after"), [(3600.0, 3300.0), (60.0, 54.0)])
 async def test_one_exchange_per_lifetime(autojump_clock, lifetime: float, refresh_after: float) -> None:
     inner = CountingCredential(lifetime)
     cache = CachingCredential(inner)
@@ -83,7 +83,7 @@ async def test_concurrent_callers_during_refresh_get_old_token_without_waiting(a
     inner = CountingCredential(60, delay=5.0)
     cache = CachingCredential(inner)
     assert (await cache.get_token(SCOPE)).token == "tok-1"
-    await trio.sleep(31)  # past the half-life refresh point (30 s)
+    await trio.sleep(55)  # past the refresh point (54 s), the old token still valid
     got: list[tuple[str, float]] = []
 
     async def one() -> None:
@@ -111,10 +111,10 @@ async def test_separate_cache_per_scope(autojump_clock) -> None:
 
 
 async def test_failed_refresh_keeps_old_token_and_waits_30s(autojump_clock, caplog) -> None:
-    inner = CountingCredential(600)
-    cache = CachingCredential(inner)  # refresh at 300 s before expiry
+    inner = CountingCredential(3600)
+    cache = CachingCredential(inner)  # refresh 300 s before expiry, at 3300 s
     assert (await cache.get_token(SCOPE)).token == "tok-1"
-    await trio.sleep(301)
+    await trio.sleep(3301)
     inner.fail = AuthError("Entra ID unreachable", code="entra_unreachable", errno=errno.EIO)
     assert (await cache.get_token(SCOPE)).token == "tok-1"
     assert len(inner.calls) == 2
@@ -203,3 +203,13 @@ async def test_token_never_logged(autojump_clock, caplog) -> None:
     assert caplog.records
     for record in caplog.records:
         assert "tok-" not in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "margin"),
+    [(86400.0, 300.0), (3600.0, 300.0), (600.0, 60.0), (60.0, 6.0), (20.0, 5.0), (4.0, 2.0)],
+)
+def test_refresh_margin_is_a_tenth_of_the_lifetime_within_bounds(lifetime: float, margin: float) -> None:
+    from kvfs.auth.cache import refresh_margin_for
+
+    assert refresh_margin_for(lifetime) == margin

@@ -38,6 +38,7 @@ from e2e.conftest import (
 )
 from kvfs.config.parameters import parse_parameters
 from kvfs.emulator import entra
+from kvfs.auth.cache import refresh_margin_for
 from kvfs.emulator.server import Emulator, EmulatorThread
 from kvfs.errors import ConfigError
 
@@ -572,12 +573,11 @@ def test_mount_keeps_reading_across_token_lifetimes(short_emu: Emulator, short_m
     assert len(seen) >= rotation, f"the refresh stopped following rotations: saw {sorted(seen)}"
     # No request ever reached Key Vault with an expired or missing token (those count as client None).
     assert unauthenticated(emu) == 0
-    # The cache refreshes a token at half its lifetime when that is sooner than the 5 min margin,
-    # so a 4 s token is exchanged about every 2 s while the background refresh keeps asking:
-    # at least one exchange per lifetime, at most one per half lifetime (+1 for the boundary).
-    n = duration / lifetime
+    # One exchange per refresh period (kvfs.auth.cache.refresh_margin_for: a 4 s token is
+    # replaced 2 s before expiry), plus one for the period the loop started in.
+    period = lifetime - refresh_margin_for(lifetime)
     exchanges = emu.count(route="token")
-    assert int(n) <= exchanges <= 2 * int(n + 1) + 1, (exchanges, duration)
+    assert int(duration / lifetime) <= exchanges <= int(duration / period) + 2, (exchanges, duration)
     assert " WARNING " not in mount.log()
 
 

@@ -42,11 +42,18 @@ def _copy(err: AuthError) -> AuthError:
     return AuthError(str(err), code=err.code, errno=err.errno)
 
 
+def refresh_margin_for(lifetime: float, refresh_margin: float = 300.0) -> float:
+    """How long before expiry a token of `lifetime` seconds is replaced."""
+    return min(refresh_margin, max(lifetime / 10, min(5.0, lifetime / 2)))
+
+
 class CachingCredential:
     """Wraps a Credential: refresh-ahead, single-flight, stale-while-valid.
 
-    A token is refreshed `refresh_margin` seconds before expiry, or at half its lifetime when
-    that is shorter (a 60 s token is refreshed after 30 s, not on every call). After a failed
+    A token is refreshed `refresh_margin` seconds before expiry, or in the last tenth of its
+    lifetime when that is shorter (a 60 s token is refreshed after 54 s): one exchange per
+    lifetime, not one per call. The margin stays at least 5 s (half of a shorter lifetime), so
+    whole-second `exp` claims and request latency never make a token expire in flight. After a failed
     refresh the old token is served and the next attempt waits `retry_interval`. Without a
     usable token, a failure is repeated for `error_cooldown` seconds instead of hammering the
     identity provider once per file read.
@@ -116,7 +123,7 @@ class CachingCredential:
                 flight.error = err
                 raise
             lifetime = max(0.0, token.expires_at - started)
-            margin = min(self.refresh_margin, lifetime / 2)
+            margin = refresh_margin_for(lifetime, self.refresh_margin)
             entry.token = token
             entry.refresh_at = token.expires_at - margin
             entry.retry_not_before = 0.0
