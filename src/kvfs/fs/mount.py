@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import pyfuse3
@@ -18,14 +19,15 @@ import trio
 
 from kvfs.auth.factory import build_credential
 from kvfs.auth.tokensource import PushedTokenSource
-from kvfs.cache.resolver import Resolver
-from kvfs.config.model import MountConfig
+from kvfs.cache.resolver import Resolver, Version
+from kvfs.config.model import MountConfig, ObjectSpec
 from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
 from kvfs.fs.core import FilesystemCore
 from kvfs.vault.client import VaultClient
 from kvfs.vault.transport import make_http_client
 
 log = logging.getLogger(__name__)
+
 
 def run_mount(
     config: MountConfig,
@@ -93,7 +95,6 @@ class _Daemon:
             self.core = FilesystemCore(
                 self.config, resolver, invalidate_entry=invalidate_entry, gid=self.config.file_group
             )
-            self.resolver = resolver
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 try:
                     pyfuse3.init(
@@ -119,11 +120,11 @@ class _Daemon:
         log.info("unmounted %s", self.mountpoint)
         return 0
 
-    async def _on_change(self, spec, version) -> None:  # type: ignore[no-untyped-def]
+    async def _on_change(self, spec: ObjectSpec, version: Version) -> None:
         assert self.core is not None
         await self.core.on_change(spec, version)
 
-    async def _watch_signals(self, signals) -> None:  # type: ignore[no-untyped-def]
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
@@ -133,9 +134,7 @@ class _Daemon:
 
     async def _serve_control(self) -> None:
         assert self.control_fd is not None
-        listener = trio.socket.from_stdlib_socket(
-            socket.socket(fileno=self.control_fd)
-        )
+        listener = trio.socket.from_stdlib_socket(socket.socket(fileno=self.control_fd))
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await listener.accept()
