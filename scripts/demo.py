@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -139,6 +140,8 @@ def main() -> int:
             mount.wait(timeout=20)
         emulator.send_signal(signal.SIGTERM)
         emulator.wait(timeout=20)
+        if not is_mounted(mountpoint):
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
