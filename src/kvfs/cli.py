@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from kvfs import __version__
+from kvfs.config.model import MountConfig
 from kvfs.errors import ConfigError, KvfsError
 from kvfs.logsafe import setup_logging
 
@@ -95,7 +96,7 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.set_defaults(func=_run_mount)
 
 
-def _mount_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _mount_config(args: argparse.Namespace) -> MountConfig:
     from kvfs.config.parameters import parse_duration, parse_parameters
     from kvfs.config.spc import load_manifest, load_secrets_file, overlay
 
@@ -110,14 +111,20 @@ def _mount_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             "no such file; workload identity (clientID) reads the service account token from it",
             "export AZURE_FEDERATED_TOKEN_FILE=/path/to/token, or drop clientID to use another identity",
         )
-    changes: dict[str, object] = {}
-    if args.refresh_interval is not None:
-        changes["refresh_interval"] = parse_duration(args.refresh_interval, "--refresh-interval")
-    if args.max_staleness is not None:
-        changes["max_staleness"] = parse_duration(args.max_staleness, "--max-staleness")
-    if args.write_cert_and_key_in_separate_files:
-        changes["split_cert_key"] = True
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(
+        config,
+        refresh_interval=(
+            config.refresh_interval
+            if args.refresh_interval is None
+            else parse_duration(args.refresh_interval, "--refresh-interval")
+        ),
+        max_staleness=(
+            config.max_staleness
+            if args.max_staleness is None
+            else parse_duration(args.max_staleness, "--max-staleness")
+        ),
+        split_cert_key=config.split_cert_key or args.write_cert_and_key_in_separate_files,
+    )
 
 
 def _check_mountpoint(given: str) -> str:

@@ -168,7 +168,7 @@ def run(spec: DaemonSpec) -> int:
         files["env"] = os.environ.get(spec.params["standin.show_env"], "").encode()
     fs = _Fs(files, spec.ready_fd)
     control = _Control(spec.control_fd, _token_from(spec.params))
-    pyfuse3.init(fs, spec.mountpoint, ["fsname=kvfs"])
+    pyfuse3.init(fs, spec.mountpoint, {"fsname=kvfs"})
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

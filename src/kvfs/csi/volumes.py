@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from kvfs.csi import jsonline, syscalls
+from prometheus_client import Gauge
+
 from kvfs.config.parameters import VOLUME_MOUNT_GROUP_KEY
 from kvfs.csi.daemon import DEFAULT_ENTRY
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
@@ -498,18 +500,11 @@ def start_mounter_detached(config: NodeConfig) -> None:
     subprocess.run([sys.executable, "-c", launcher, log_target, *cmd], env=env, check=True, timeout=30)
 
 
-# ---- metrics (optional: prometheus_client) ----
+# ---- metrics ----
 
-try:
-    from prometheus_client import Gauge
-
-    _VOLUMES = Gauge("kvfs_csi_volumes", "Published kvfs volumes by health", ["health"])
-except ImportError:  # pragma: no cover
-    _VOLUMES = None
+_VOLUMES = Gauge("kvfs_csi_volumes", "Published kvfs volumes by health", ["health"])
 
 
 def _metrics_update(health: dict[str, Probe]) -> None:
-    if _VOLUMES is None:
-        return
     for h in Health:
         _VOLUMES.labels(health=h.value).set(sum(1 for p in health.values() if p.health is h))

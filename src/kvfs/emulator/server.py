@@ -371,7 +371,8 @@ async def open_emulator(
             authority_host=emu.authority_host, tenant_id=emu.tenant_id, kv_resource=emu.kv_resource,
             dropper=server.drop,
         )
-        server.app = wrap_app(_App(emu, api, _Admin(emu)), config.wsgi_max_body_size, "asgi")
+        app = _App(emu, api, _Admin(emu))
+        server.app = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, https_sock, http_sock)
             nursery.start_soon(_refresh_sa_token, emu, token_lifetime)

@@ -471,8 +471,10 @@ class VaultApi:
         value = body.get("value")
         if not isinstance(value, str) or not value:
             raise bad("The parameter 'value' is required and must be a string.")
-        policy = body.get("policy") if isinstance(body.get("policy"), dict) else {}
-        secret_props = policy.get("secret_props") if isinstance(policy.get("secret_props"), dict) else {}
+        policy: dict[str, Any] = body["policy"] if isinstance(body.get("policy"), dict) else {}
+        secret_props: dict[str, Any] = (
+            policy["secret_props"] if isinstance(policy.get("secret_props"), dict) else {}
+        )
         ctype = secret_props.get("contentType") or (pki.PEM if value.lstrip().startswith("-----BEGIN") else pki.PKCS12)
         pwd = body.get("pwd")
         try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -20,6 +20,7 @@ from kvfs.fs.core import Attr, FilesystemCore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 FSNAME = "kvfs"
 
@@ -34,11 +35,11 @@ def fuse_options(*, allow_other: bool, debug: bool = False) -> set[str]:
     return options
 
 
-def _wrapped(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _wrapped(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(handler)
-    async def guarded(*args: Any) -> T:
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await handler(*args)
+            return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except KvfsError as err:
@@ -147,7 +148,7 @@ class FuseAdapter(pyfuse3.Operations):
         return data
 
     @_wrapped
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return [name.encode() for name in await self.core.listxattr(inode)]
 
     @_wrapped

@@ -29,6 +29,9 @@ def is_localhost(host: str) -> bool:
     return host == "localhost" or host.endswith(".localhost")
 
 
+# CPython's NO_PROXY matcher (in urllib.request, but missing from typeshed)
+_bypasses_proxy = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+
 _preloaded_context: ssl.SSLContext | None = None
 
 
@@ -122,7 +125,7 @@ class LoopbackTransport(httpx.AsyncBaseTransport):
                 extensions=extensions,
             )
             return await self._loopback_transport(host.lower()).handle_async_request(loopback)
-        if self._proxied is not None and not urllib.request.proxy_bypass_environment(host):
+        if self._proxied is not None and not _bypasses_proxy(host):
             return await self._proxied.handle_async_request(request)
         return await self._direct.handle_async_request(request)
 
