@@ -173,13 +173,21 @@ def spc_parameters(spc_object: Mapping[str, Any], *, source: str = KIND) -> dict
     return params
 
 
-def _parameter_text(source: str, key: str, value: Any) -> str:
+def _scalar_text(value: Any) -> str | None:
+    """A YAML scalar as the string Kubernetes would hold; None for lists and mappings."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (str, int, float)):
         return str(value)
+    return None
+
+
+def _parameter_text(source: str, key: str, value: Any) -> str:
+    text = _scalar_text(value)
+    if text is not None:
+        return text
     fix = f'{key} must be a string: quote it, e.g. {key}: "..."'
     if key == "objects":
         fix = "objects is a YAML text block: write `objects: |` and indent the array below it"
@@ -260,12 +268,9 @@ def load_secrets_file(path: str) -> dict[str, str]:
 
 
 def _secret_value(path: str, key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int, float)):
-        return str(value)
+    text = _scalar_text(value)
+    if text is not None:
+        return text
     raise _file_error(
         path,
         f"value of {key} must be a string",
