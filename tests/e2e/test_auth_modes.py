@@ -36,9 +36,9 @@ from e2e.conftest import (
     wait_until,
     workload_parameters,
 )
+from kvfs.auth.cache import refresh_margin_for
 from kvfs.config.parameters import parse_parameters
 from kvfs.emulator import entra
-from kvfs.auth.cache import refresh_margin_for
 from kvfs.emulator.server import Emulator, EmulatorThread
 from kvfs.errors import ConfigError
 

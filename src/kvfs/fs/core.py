@@ -251,19 +251,10 @@ class FilesystemCore:
             return await self._readdir_history(node)
         entries: list[tuple[str, Attr]] = []
         for name, child in node.children.items():
-            if isinstance(child, FileNode) and child.suffix and self._known_absent(child):
-                continue
-            entries.append((name, self._peek_attr(child)))
+            attr = self._peek_attr(child)
+            if attr is not None:
+                entries.append((name, attr))
         return entries
-
-    def _known_absent(self, node: FileNode) -> bool:
-        """A split `.crt`/`.key` of a secret already fetched and found not certificate-backed.
-
-        Its lookup is ENOENT, so listing it would show a name that cannot be opened (`cp -r`
-        fails on it); before the first fetch the content type is unknown and it stays listed.
-        """
-        version = self.resolver.peek(node.spec)
-        return version is not None and node.suffix not in version.files
 
     async def _readdir_history(self, node: HistoryNode) -> list[tuple[str, Attr]]:
         versions = await self._resolve_history(node)
@@ -274,13 +265,21 @@ class FilesystemCore:
             entries.append((str(index), self._file_attr(vinode, NAME_TIMEOUT)))
         return entries
 
-    def _peek_attr(self, child: Node) -> Attr:
+    def _peek_attr(self, child: Node) -> Attr | None:
+        """A listing entry's attributes from the cache; None for a name known not to exist.
+
+        That is a split `.crt`/`.key` of a secret fetched and found not certificate-backed: its
+        lookup is ENOENT, and a listed name that cannot be opened breaks `cp -r`. Before the
+        first fetch the content type is unknown and the name is listed with a placeholder.
+        """
         if isinstance(child, (DirNode, HistoryNode)):
             return self._dir_attr(child.inode)
         version = self.resolver.peek(child.spec)
-        data = None if version is None else version.files.get(child.suffix)
-        if version is None or data is None:
+        if version is None:
             return self._placeholder_attr(child)
+        data = version.files.get(child.suffix)
+        if data is None:
+            return None
         vinode = self._version_inode(child, -1, version, data)
         vinode.lookups += 1
         timeout = IMMUTABLE_TIMEOUT if child.spec.pinned else NAME_TIMEOUT
