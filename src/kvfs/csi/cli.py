@@ -25,7 +25,8 @@ def _setup_logging(level: str) -> None:
 
 def _run_node(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
-    from kvfs.csi.node import run_node
+    from kvfs.csi.node import endpoint_path, run_node
+    from kvfs.csi.state import SUN_PATH_MAX
     from kvfs.csi.volumes import NodeConfig
 
     config = NodeConfig(
@@ -44,17 +45,15 @@ def _run_node(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         max_volumes=args.max_volumes,
     )
-    from kvfs.csi.node import endpoint_path
-
     try:
         socket_path = endpoint_path(args.endpoint)
     except ValueError as exc:
         print(f"kvfs csi node: {exc} (use unix:///PATH/csi.sock)", file=sys.stderr)
         return 2
-    if len(os.fsencode(socket_path)) > 107:  # sun_path holds 108 bytes with the final NUL
+    if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
         print(
             f"kvfs csi node: --endpoint {args.endpoint!r}: the socket path is"
-            f" {len(os.fsencode(socket_path))} bytes, longer than unix sockets allow (107);"
+            f" {len(os.fsencode(socket_path))} bytes, longer than unix sockets allow ({SUN_PATH_MAX});"
             " use a shorter folder, e.g. unix:///csi/csi.sock",
             file=sys.stderr,
         )

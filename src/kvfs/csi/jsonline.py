@@ -17,7 +17,11 @@ MAX_FDS = 8
 
 
 class ProtocolError(Exception):
-    """The peer closed early, sent garbage, or did not answer in time."""
+    """The peer closed early, sent garbage, or did not answer in time (`timed_out`)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -44,12 +48,12 @@ class LineReader:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ProtocolError(f"no answer within {timeout:g}s")
+                    raise ProtocolError(f"no answer within {timeout:g}s", timed_out=True)
                 self.sock.settimeout(left)
             try:
                 self._receive("answer")
             except socket.timeout:
-                raise ProtocolError(f"no answer within {timeout:g}s") from None
+                raise ProtocolError(f"no answer within {timeout:g}s", timed_out=True) from None
         line, self.buf = self.buf.split(b"\n", 1)
         try:
             message = json.loads(line)

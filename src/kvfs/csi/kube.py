@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import yaml
 
+from kvfs.config.spc import spc_parameters as shared_spc_parameters
+
 log = logging.getLogger(__name__)
 
 SPC_GROUP = "secrets-store.csi.x-k8s.io"
@@ -155,14 +157,9 @@ class KubeClient:
 
 
 def spc_parameters(obj: dict[str, Any]) -> dict[str, str]:
-    """`spec.parameters` as str → str (kvfs.config.spc's version when it exists)."""
+    """`spec.parameters` as str → str, checked by kvfs.config.spc; errors name namespace/name."""
     meta = obj.get("metadata") or {}
-    try:
-        from kvfs.config.spc import spc_parameters as shared
-    except ImportError:
-        params = (obj.get("spec") or {}).get("parameters") or {}
-        return {str(k): v if isinstance(v, str) else str(v) for k, v in params.items()}
-    return dict(shared(obj, source=f"{meta.get('namespace', '')}/{meta.get('name', '')}"))
+    return shared_spc_parameters(obj, source=f"{meta.get('namespace', '')}/{meta.get('name', '')}")
 
 
 def _named(doc: dict[str, Any], section: str, name: str, path: str) -> dict[str, Any]:

@@ -258,17 +258,17 @@ class Mounter:
     def _expire(self) -> None:
         now = time.monotonic()
         for pending in [p for p in self.pending.values() if p.deadline <= now]:
-            self._fail(pending, "daemon did not report ready in time (FUSE_INIT not received)")
+            self._fail(pending, "daemon did not report ready in time (FUSE_INIT not received)", timed_out=True)
         for fd in [fd for fd, c in self.clients.items() if c.accepted + self.REQUEST_TIMEOUT <= now]:
             self._drop_client(fd)
 
-    def _fail(self, pending: _Pending, message: str) -> None:
+    def _fail(self, pending: _Pending, message: str, *, timed_out: bool = False) -> None:
         log.warning("volume %s: daemon pid %d failed to start: %s", pending.volume_id, pending.pid, message)
         try:
             os.kill(pending.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._finish(pending, {"ok": False, "error": message, "pid": pending.pid})
+        self._finish(pending, {"ok": False, "error": message, "pid": pending.pid, "timeout": timed_out})
 
     def _finish(self, pending: _Pending, reply: dict[str, Any]) -> None:
         self.sel.unregister(pending.ready_r)
@@ -408,7 +408,8 @@ class MounterClient:
             done = reader.read(timeout + 10.0)
             reader.close_fds()
             if not done.get("ok"):
-                raise SpawnError(str(done.get("error") or "daemon failed to start"), pid)
+                error = str(done.get("error") or "daemon failed to start")
+                raise SpawnError(error, pid, timed_out=bool(done.get("timeout")))
             return pid
         finally:
             sock.close()
@@ -417,6 +418,7 @@ class MounterClient:
 class SpawnError(Exception):
     """The daemon did not come up; `pid` (0 if never forked) is already killed by the mounter."""
 
-    def __init__(self, message: str, pid: int) -> None:
+    def __init__(self, message: str, pid: int, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.pid = pid
+        self.timed_out = timed_out

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
-POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
-POD_NAME_KEY = "csi.storage.k8s.io/pod.name"
+from kvfs.config.parameters import POD_NAMESPACE_KEY
+from kvfs.config.parameters import SA_TOKENS_KEY as TOKENS_KEY
+from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE as AUDIENCE
+
 SPC_KEY = "secretProviderClass"
-AUDIENCE = "api://AzureADTokenExchange"
 NODE_IDENTITY_KEYS = ("useVMManagedIdentity", "usePodIdentity")
 _GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 

@@ -24,18 +24,9 @@ import pyfuse3
 import trio
 
 from kvfs.csi.daemon import DaemonSpec, report_error
+from kvfs.csi.request import TOKENS_KEY, token_for_audience
 
 log = logging.getLogger(__name__)
-
-TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
-AUDIENCE = "api://AzureADTokenExchange"
-
-
-def _token_from(params: dict[str, str]) -> str:
-    try:
-        return str(json.loads(params.get(TOKENS_KEY) or "{}").get(AUDIENCE, {}).get("token", ""))
-    except (ValueError, AttributeError):
-        return ""
 
 
 class _Fs(pyfuse3.Operations):
@@ -167,7 +158,7 @@ def run(spec: DaemonSpec) -> int:
     if spec.params.get("standin.show_env"):  # shows the daemon's value of one variable
         files["env"] = os.environ.get(spec.params["standin.show_env"], "").encode()
     fs = _Fs(files, spec.ready_fd)
-    control = _Control(spec.control_fd, _token_from(spec.params))
+    control = _Control(spec.control_fd, token_for_audience(spec.params.get(TOKENS_KEY, "")))
     pyfuse3.init(fs, spec.mountpoint, {"fsname=kvfs"})
 
     async def main() -> None:

@@ -22,7 +22,7 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 Phase = Literal["starting", "ready"]
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class StateStore:
 
     def control_socket(self, target_path: str) -> Path:
         path = self.volume_dir(target_path) / "control.sock"
-        if len(os.fsencode(str(path))) > _SUN_PATH_MAX:
+        if len(os.fsencode(str(path))) > SUN_PATH_MAX:
             raise ValueError(
                 f"state directory {self.root} is too long for unix socket paths "
-                f"({len(str(path))} > {_SUN_PATH_MAX} bytes): pass a shorter --state-dir"
+                f"({len(str(path))} > {SUN_PATH_MAX} bytes): pass a shorter --state-dir"
             )
         return path
 

@@ -12,12 +12,13 @@ import ctypes.util
 import errno
 import os
 
+from kvfs.csi.mountinfo import KVFS_FSTYPE as FSTYPE  # what mount(2) sets is what mountinfo checks
+
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 
-FSTYPE = "fuse.kvfs"
 SOURCE = "kvfs"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

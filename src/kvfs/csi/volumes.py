@@ -22,7 +22,7 @@ from typing import Callable
 from kvfs.csi import jsonline, syscalls
 from prometheus_client import Gauge
 
-from kvfs.config.parameters import VOLUME_MOUNT_GROUP_KEY
+from kvfs.config.parameters import VOLUME_MOUNT_GROUP_KEY, parse_parameters
 from kvfs.csi.daemon import DEFAULT_ENTRY
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
@@ -36,6 +36,7 @@ from kvfs.csi.request import (
     token_for_audience,
 )
 from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ class PublishRequest:
 
 def default_validator(params: dict[str, str], secrets: dict[str, str], allow_node_identity: bool) -> None:
     """kvfs.config.parameters.parse_parameters, so bad parameters fail the publish, not the daemon."""
-    try:
-        from kvfs.config.parameters import parse_parameters
-    except ImportError:
-        log.warning("kvfs.config.parameters is not available: parameters are checked by the daemon only")
-        return
-    from kvfs.errors import ConfigError
-
     try:
         parse_parameters(params, secrets, context="csi", allow_node_identity=allow_node_identity)
     except ConfigError as exc:
@@ -212,8 +206,6 @@ class Volumes:
             raise RequestError(
                 "UNAVAILABLE", f'reading SecretProviderClass "{name}" in namespace "{namespace}" failed: {exc}'
             ) from None
-        from kvfs.errors import ConfigError
-
         try:
             return spc_parameters(obj)
         except ConfigError as exc:
@@ -262,9 +254,8 @@ class Volumes:
             )
         except (SpawnError, jsonline.ProtocolError) as exc:
             self._teardown(state, True)
-            timed_out = "in time" in str(exc) or "no answer" in str(exc)
             raise RequestError(
-                "DEADLINE_EXCEEDED" if timed_out else "INTERNAL",
+                "DEADLINE_EXCEEDED" if exc.timed_out else "INTERNAL",
                 f"volume {volume_id}: the kvfs daemon did not start: {exc}",
             ) from None
         state = replace(state, phase="ready")

@@ -407,23 +407,17 @@ def routes(provider: IdentityProvider) -> list[BaseRoute]:
     async def token_v1(request: Request) -> Response:
         return await _token(provider, request, v1=True)
 
-    def _known(request: Request) -> str | None:
+    async def _config(request: Request, v2: bool) -> Response:
         tenant = request.path_params["tenant"]
-        return provider.tenant_id if tenant.lower() == provider.tenant_id.lower() else None
+        if tenant.lower() != provider.tenant_id.lower():
+            return error_response(provider, _tenant_not_found(tenant, error="invalid_tenant"), request)
+        return JSONResponse(_openid_configuration(provider, provider.tenant_id, v2=v2))
 
     async def config_v2(request: Request) -> Response:
-        tid = _known(request)
-        if tid is None:
-            err = _tenant_not_found(request.path_params["tenant"], error="invalid_tenant")
-            return error_response(provider, err, request)
-        return JSONResponse(_openid_configuration(provider, tid, v2=True))
+        return await _config(request, v2=True)
 
     async def config_v1(request: Request) -> Response:
-        tid = _known(request)
-        if tid is None:
-            err = _tenant_not_found(request.path_params["tenant"], error="invalid_tenant")
-            return error_response(provider, err, request)
-        return JSONResponse(_openid_configuration(provider, tid, v2=False))
+        return await _config(request, v2=False)
 
     async def keys(request: Request) -> Response:
         return JSONResponse({"keys": [provider.entra_key.jwk()]})

@@ -23,12 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
+from kvfs.emulator.pki import b64url
+
 DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 JWKS_SUFFIX = "/openid/v1/jwks"
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _b64url_uint(value: int) -> str:

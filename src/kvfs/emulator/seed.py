@@ -84,11 +84,11 @@ def apply_seed(store: VaultStore, seed: dict[str, Any]) -> None:
                 where = f"vaults.{vault}.{kind}[{i}]"
                 try:
                     fn(store, str(vault), item, where)
+                except SeedError:
+                    raise
                 except StoreError as err:
                     raise SeedError(f"seed field {where}: {err.message}") from None
                 except (TypeError, ValueError) as err:
-                    if isinstance(err, SeedError):
-                        raise
                     raise SeedError(f"seed field {where}: {err}") from None
 
 

@@ -58,7 +58,6 @@ class Emulator:
         host: str,
         https_port: int,
         http_port: int,
-        tenant_id: str,
         identity: IdentityProvider,
         store: VaultStore,
         faults: Faults,
@@ -68,14 +67,15 @@ class Emulator:
         self.host = host
         self.https_port = https_port
         self.http_port = http_port
-        self.tenant_id = tenant_id
         self.identity = identity
         self.store = store
         self.faults = faults
         self.counts = counts
-        self.authority_host = f"https://localhost:{https_port}"
-        self.kv_resource = f"https://vault.localhost:{https_port}"
-        self.oidc_issuer = f"{self.authority_host}/oidc"
+        # the identity provider holds the tenant and its URLs; these are views of it
+        self.tenant_id = identity.tenant_id
+        self.authority_host = identity.authority_host
+        self.kv_resource = identity.kv_resource
+        self.oidc_issuer = identity.oidc_issuer
         self.imds_url = f"http://{_url_host(host)}:{http_port}"
         self.nmi_url = self.imds_url
         self.admin_url = f"{self.authority_host}/_emulator"
@@ -424,7 +424,7 @@ def _build(
     counts = Counts()
     identity.on_request = lambda route, client_id: counts.add(None, route, client_id)
     emu = Emulator(
-        dir=dir, host=host, https_port=https_port, http_port=http_port, tenant_id=tenant_id,
+        dir=dir, host=host, https_port=https_port, http_port=http_port,
         identity=identity, store=VaultStore(), faults=Faults(identity), counts=counts,
     )
     mi = identity.add_managed_identity(system=True)

@@ -177,7 +177,7 @@ class VaultApi:
             log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
             status, payload = 500, ApiError(500, "InternalServerError", "Internal emulator error.").body()
             more = {}
-        await _send_json(send, status, payload, {**extra, **more})
+        await send_json(send, status, payload, {**extra, **more})
 
     async def _dispatch(
         self, vault_name: str, scope: Scope, receive: Receive, headers: dict[str, str]
@@ -626,7 +626,7 @@ KV_HEADERS = {
 }
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any], extra: dict[str, str]) -> None:
+async def send_json(send: Send, status: int, payload: dict[str, Any], extra: dict[str, str]) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {**KV_HEADERS, "x-ms-request-id": str(uuid.uuid4()), **extra}
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
@@ -634,5 +634,3 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], extra: di
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
-
-send_json = _send_json
