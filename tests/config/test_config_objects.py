@@ -1,4 +1,4 @@
-"""`objects` YAML → ObjectSpec: shape, upstream vectors (§4, §5, §10) and kvfs's stricter rules."""
+"""`objects` YAML → ObjectSpec: shape, upstream's error texts and kvfs's stricter rules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from kvfs.config.objects import parse_objects
+from kvfs.config.objects import MAX_VERSION_HISTORY, parse_objects
 from kvfs.errors import ConfigError
 
 PREFIX = "failed to get objectType:{t}, objectName:{n}, objectVersion:{v}: "
@@ -321,6 +321,40 @@ def test_negative_history_refused() -> None:
     assert msg.startswith(
         PREFIX.format(t="secret", n="s", v="") + "invalid objectVersionHistory: -1"
     )
+
+
+@pytest.mark.parametrize("history", [MAX_VERSION_HISTORY + 1, 2**31 - 1])
+def test_history_is_capped(history: int) -> None:
+    msg = error_of(objects_yaml(one(objectName="s", objectType="secret", objectVersionHistory=history)))
+    assert msg.startswith(PREFIX.format(t="secret", n="s", v="") + f"invalid objectVersionHistory: {history}")
+    assert f"at most {MAX_VERSION_HISTORY}" in msg and "\n" not in msg
+
+
+def test_history_cap_itself_is_accepted() -> None:
+    spec = parse_one(objectName="s", objectType="secret", objectVersionHistory=MAX_VERSION_HISTORY)
+    assert spec.version_history == MAX_VERSION_HISTORY
+
+
+@pytest.mark.parametrize(
+    ("field", "name", "version"),
+    [
+        ("objectName", '"a/b"', ""),
+        ("objectName", '"../x"', ""),
+        ("objectName", "a" * 128, ""),
+        ("objectName", '"db?x"', ""),
+        ("objectVersion", "db", "latest"),
+        ("objectVersion", "db", "zz" * 16),
+        ("objectVersion", "db", '"1/2"'),
+    ],
+)
+def test_names_and_versions_are_validated_before_any_request(field: str, name: str, version: str) -> None:
+    """The one validation of object names and versions (the Key Vault client only encodes them)."""
+    fields = {"objectName": name, "objectType": "secret"}
+    if version:
+        fields["objectVersion"] = version
+    with pytest.raises(ConfigError) as info:
+        parse_objects(objects_yaml(one(**fields)))
+    assert info.value.field == field
 
 
 @pytest.mark.parametrize(

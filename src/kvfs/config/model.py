@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+DEFAULT_REFRESH_INTERVAL = 120.0  # seconds
 ObjectType = Literal["secret", "key", "cert"]
 AuthMode = Literal[
     "workload_identity",  # clientID set: SA token exchanged at Entra ID
@@ -37,13 +38,10 @@ class CloudConfig:
 
     @property
     def is_public_azure(self) -> bool:
-        """True for clouds whose authority is a Microsoft-run host (MSAL instance discovery ok)."""
-        return self.name in {
-            "AzurePublicCloud",
-            "AzureUSGovernmentCloud",
-            "AzureChinaCloud",
-            "AzureGermanCloud",
-        }
+        """True for the clouds of the cloud table: Microsoft-run authorities (MSAL instance discovery ok)."""
+        from kvfs.config.clouds import _CLOUDS  # the one cloud table; clouds.py imports this module
+
+        return self.name.upper() in _CLOUDS
 
     def vault_url(self, vault_name: str) -> str:
         return f"https://{vault_name}.{self.keyvault_dns_suffix}/"
@@ -95,7 +93,6 @@ class AuthConfig:
     # `sa_token_file` (AZURE_FEDERATED_TOKEN_FILE), re-read when it changes.
     sa_token: str = field(default="", repr=False)
     sa_token_file: str = ""
-    sa_token_audience: str = "api://AzureADTokenExchange"
     pod_name: str = ""  # pod identity (NMI) headers
     pod_namespace: str = ""
 
@@ -117,7 +114,7 @@ class MountConfig:
     objects: tuple[ObjectSpec, ...]
     split_cert_key: bool = False  # upstream --write-cert-and-key-in-separate-files
     construct_pem_chain: bool = True  # upstream --construct-pem-chain
-    refresh_interval: float = 120.0  # seconds; 0 disables background refresh
+    refresh_interval: float = DEFAULT_REFRESH_INTERVAL  # seconds; 0 disables background refresh
     max_staleness: float = 0.0  # seconds; 0 = serve last good bytes without bound
     file_group: int | None = None  # gid of files and folders: the pod's fsGroup (CSI volume_mount_group)
     pod_name: str = ""

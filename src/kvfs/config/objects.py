@@ -6,14 +6,15 @@ scalar's text as written (so ``filePermission: 0755`` is the text "0755", not th
 `objectVersionHistory` must be a YAML int, unknown keys are ignored, all strings are trimmed.
 
 Upstream's error texts are kept as prefixes (users alert on them); kvfs then names the fix.
-Where upstream is wrong (see reference §11) kvfs is stricter or more precise:
-- `objectType` is checked here, not after earlier objects were already fetched (#11);
-- `..` is refused only as a path component, so ``a..b`` is a valid name (#10);
+Where upstream is wrong kvfs is stricter or more precise:
+- `objectType` is checked here, not after earlier objects were already fetched;
+- `..` is refused only as a path component, so ``a..b`` is a valid name;
 - aliases follow the driver's path rules (clean, relative, components ≤ 255 bytes, no leading
   ``..`` which the ``..data`` layout reserves);
 - duplicate file names, and a file or history folder that is also a parent of another file, are
-  refused instead of silently collapsing (#12);
-- a bad `filePermission` is an error instead of mode 0 (#2); object names and versions are checked.
+  refused instead of silently collapsing;
+- a bad `filePermission` is an error instead of mode 0; object names and versions are checked;
+- `objectVersionHistory` is at most `MAX_VERSION_HISTORY`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _YAML_TAG = "tag:yaml.org,2002:"
 _NULL = _YAML_TAG + "null"
 _INT = _YAML_TAG + "int"
 _OBJECT_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+# Listing a history folder fetches every version it shows (one GET each, 16 at a time) and keeps
+# them in memory; 100 keeps one `ls` to a few seconds and well under Key Vault's throttling limit
+# (4000 GETs per 10 s per vault), and rotation re-checks at most 100 names. Upstream has no cap.
+MAX_VERSION_HISTORY = 100
 _VERSION = re.compile(r"^[0-9A-Fa-f]{32}$")
 _OCTAL = re.compile(r"^[0-7]+$")
 _TYPES: tuple[ObjectType, ...] = ("secret", "key", "cert")
@@ -322,6 +327,13 @@ def _validate(raw: _RawObject) -> ObjectSpec:
             str(history),
             f"invalid objectVersionHistory: {history}, must not be negative",
             "use 0 or 1 for one file, or N >= 2 for a folder with the newest N versions",
+        )
+    if history > MAX_VERSION_HISTORY:
+        raise fail(
+            "objectVersionHistory",
+            str(history),
+            f"invalid objectVersionHistory: {history}, must be at most {MAX_VERSION_HISTORY}",
+            f"use a number from 2 to {MAX_VERSION_HISTORY} for a folder with the newest N versions",
         )
 
     version = raw.objectVersion

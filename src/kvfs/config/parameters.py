@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from kvfs.config.clouds import resolve_cloud
-from kvfs.config.model import AuthConfig, AuthMode, MountConfig
+from kvfs.config.model import DEFAULT_REFRESH_INTERVAL, AuthConfig, AuthMode, MountConfig
 from kvfs.config.objects import parse_objects
 from kvfs.errors import ConfigError
 
@@ -59,9 +59,8 @@ VOLUME_MOUNT_GROUP_KEY = "kvfs.io/volumeMountGroup"
 WORKLOAD_IDENTITY_AUDIENCE = "api://AzureADTokenExchange"
 FEDERATED_TOKEN_FILE_ENV = "AZURE_FEDERATED_TOKEN_FILE"
 
-DEFAULT_REFRESH_INTERVAL = 120.0
-_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
+GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _VAULT_CHARS = re.compile(r"^[-A-Za-z0-9]+$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,253}$")
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
@@ -111,9 +110,9 @@ def parse_bool(text: str, field: str, default: bool = False) -> bool:
     """Go's strconv.ParseBool; "" gives `default` (as upstream treats an unset flag)."""
     if text == "":
         return default
-    if text in _TRUE:
+    if text in GO_TRUE:
         return True
-    if text in _FALSE:
+    if text in GO_FALSE:
         return False
     raise _upstream(
         field,
@@ -504,6 +503,8 @@ def _safe_audience(audience: str) -> str:
 __all__ = [
     "DEFAULT_REFRESH_INTERVAL",
     "FEDERATED_TOKEN_FILE_ENV",
+    "GO_FALSE",
+    "GO_TRUE",
     "SA_TOKENS_KEY",
     "WORKLOAD_IDENTITY_AUDIENCE",
     "parse_bool",
