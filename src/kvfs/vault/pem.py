@@ -261,7 +261,10 @@ def pem_encode(block_type: str, data: bytes, headers: Mapping[str, str] | None =
 
 
 def split_pem(text: bytes) -> tuple[bytes, bytes]:
-    """(all CERTIFICATE blocks, all other blocks), each re-encoded, in content order (§6.3)."""
+    """(all CERTIFICATE blocks, all other blocks), each re-encoded, in content order.
+
+    The `.crt` / `.key` files of --write-cert-and-key-in-separate-files, split as upstream does.
+    """
     certs: list[bytes] = []
     others: list[bytes] = []
     for block in pem_blocks(text):
@@ -270,7 +273,7 @@ def split_pem(text: bytes) -> tuple[bytes, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Certificate chain ordering (upstream fetchCertChains, §6.7)
+# Certificate chain ordering (upstream's fetchCertChains in pkg/provider/provider.go)
 # ---------------------------------------------------------------------------------------------
 
 

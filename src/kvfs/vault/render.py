@@ -1,12 +1,12 @@
 """Turn a fetched Key Vault object into the bytes of its file(s), as the upstream provider does.
 
-Rules (upstream-provider.md §6): a `secret` is its value, except certificate-backed secrets
-(`kid` set) whose PFX is converted to PEM unless `objectFormat: pfx`; a `key` is its public key
-as PEM; a `cert` is the leaf certificate as PEM. `objectEncoding` is applied last to every file
+Rules (upstream's pkg/provider/provider.go and keyvault.go): a `secret` is its value, except
+certificate-backed secrets (`kid` set) whose PFX is converted to PEM unless `objectFormat: pfx`;
+a `key` is its public key as PEM; a `cert` is the leaf certificate as PEM. `objectEncoding` is applied last to every file
 of a `secret`. With `split_cert_key` (upstream's --write-cert-and-key-in-separate-files),
 certificate-backed secrets also get `.crt` and `.key` files, listed before the main file.
 
-kvfs difference (upstream fault #14): with `objectFormat: pfx`, upstream writes empty `.crt` and
+kvfs difference (an upstream fault): with `objectFormat: pfx`, upstream writes empty `.crt` and
 `.key` files because the content is base64, not PEM. kvfs decodes the PFX and writes the
 certificates (chain-ordered like the PEM format) and the PKCS#8 private key there, as PEM text
 (objectEncoding, which describes the PFX value, is not applied to them). If the PFX cannot be
@@ -55,7 +55,7 @@ def _hex_problem(data: bytes) -> str:
 
 
 def _decode(content: bytes, encoding: str) -> bytes:
-    """Apply objectEncoding (§6.4) to one file's content."""
+    """Apply objectEncoding (applied last, to every file of a `secret`) to one file's content."""
     kind = encoding.lower()
     if kind in ("", "utf-8"):
         return content
