@@ -88,6 +88,14 @@ class RenderError(KvfsError):
     errno = _errno.EIO
 
 
+def error_code(exc: BaseException) -> str:
+    """The most specific code of a failure, for one-line logs and counters."""
+    if isinstance(exc, VaultError):
+        return exc.inner_code or exc.code or (f"HTTP{exc.status}" if exc.status else "VaultError")
+    code = getattr(exc, "code", "")
+    return str(code) if code else type(exc).__name__
+
+
 def is_tls_verification_error(exc: BaseException) -> bool:
     """True when `exc` (or what caused it) is a certificate verification failure."""
     seen: set[int] = set()

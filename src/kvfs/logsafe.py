@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_JWT = JWT_PATTERN = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_-]*")  # public: auth redacts with it
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 _FORM_SECRET = re.compile(r"(?i)((?:client_secret|client_assertion|access_token)=)[^&\s\"']+")
 

@@ -14,7 +14,7 @@ from kvfs.auth.factory import build_credential
 from kvfs.auth.flows import AssertionCredential, ClientSecretCredential, ImdsCredential, NmiCredential
 from kvfs.auth.tokensource import FileTokenSource, PushedTokenSource
 from kvfs.config.model import AuthConfig, CloudConfig, MountConfig
-from kvfs.errors import ConfigError
+from kvfs.errors import AuthError
 
 CLOUD = CloudConfig("AzurePublicCloud", "vault.azure.net", "https://vault.azure.net",
                     "https://login.microsoftonline.com")
@@ -70,8 +70,12 @@ async def test_workload_identity_inline_and_explicit_source(sa_token) -> None:
     mine = PushedTokenSource(sa_token())
     cred = build_credential(mount(auth), http, token_source=mine)
     assert cred.inner.token_source is mine  # type: ignore[attr-defined]
-    with pytest.raises(ConfigError, match="AZURE_FEDERATED_TOKEN_FILE"):
-        build_credential(mount(AuthConfig("workload_identity", tenant_id=TENANT, client_id=APP_ID)), http)
+    # Neither a token nor a file (parse_parameters never produces that): the first token
+    # request says what is missing, before anything is sent.
+    cred = build_credential(mount(AuthConfig("workload_identity", tenant_id=TENANT, client_id=APP_ID)), http)
+    with pytest.raises(AuthError, match="AZURE_FEDERATED_TOKEN_FILE") as exc:
+        await cred.get_token(CLOUD.scope)
+    assert exc.value.code == "token_file_missing"
     await http.aclose()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -21,6 +22,7 @@ from kvfs.auth.flows import (
     NmiCredential,
 )
 from kvfs.errors import AuthError, ConfigError
+from kvfs.net.retry import ENTRA_RETRY
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -28,6 +30,7 @@ AUTHORITY = "https://login.microsoftonline.com"
 SCOPE = "https://vault.azure.net/.default"
 ACCESS_TOKEN = "eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJodHRwczovL3ZhdWx0LmF6dXJlLm5ldCJ9.c2lnbmF0dXJl"
 SECRET = "Xy8Q~super.secret-value_123"
+ONE_ATTEMPT = dataclasses.replace(ENTRA_RETRY, max_attempts=1)
 
 
 def client(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
@@ -202,7 +205,7 @@ async def test_entra_timeout_is_eio(autojump_clock) -> None:
         raise httpx.ReadTimeout("timed out", request=request)
 
     async with client(handler) as http:
-        cred = ClientSecretCredential(AUTHORITY, TENANT, CLIENT_ID, SECRET, http, retries=0)
+        cred = ClientSecretCredential(AUTHORITY, TENANT, CLIENT_ID, SECRET, http, retry=ONE_ATTEMPT)
         with pytest.raises(AuthError) as exc:
             await cred.get_token(SCOPE)
     assert exc.value.errno == errno.EIO and exc.value.code == "entra_timeout"

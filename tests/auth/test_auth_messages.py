@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import httpx
@@ -11,6 +12,7 @@ from auth.conftest import StaticSource
 from kvfs.auth.flows import AssertionCredential, ClientSecretCredential
 from kvfs.auth.messages import EntraContext, entra_error, imds_error, safe_text
 from kvfs.errors import AuthError
+from kvfs.net.retry import ENTRA_RETRY
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -21,6 +23,7 @@ SECRET = "Xy8Q~super.secret-value_123"
 ECHO_ISS = "https://oidc.prod-aks.azure.com/echoed-issuer/"
 ECHO_SUB = "system:serviceaccount:echoed-ns:echoed-sa"
 ECHO_AUD = "api://AzureADTokenExchange"
+ONE_ATTEMPT = dataclasses.replace(ENTRA_RETRY, max_attempts=1)
 
 
 async def exchange(status: int, body: dict, assertion: str | None) -> AuthError:
@@ -31,9 +34,9 @@ async def exchange(status: int, body: dict, assertion: str | None) -> AuthError:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         if assertion is None:
-            cred = ClientSecretCredential(AUTHORITY, TENANT, CLIENT_ID, SECRET, http, retries=0)
+            cred = ClientSecretCredential(AUTHORITY, TENANT, CLIENT_ID, SECRET, http, retry=ONE_ATTEMPT)
         else:
-            cred = AssertionCredential(AUTHORITY, TENANT, CLIENT_ID, StaticSource(assertion), http, retries=0)
+            cred = AssertionCredential(AUTHORITY, TENANT, CLIENT_ID, StaticSource(assertion), http, retry=ONE_ATTEMPT)
         with pytest.raises(AuthError) as exc:
             await cred.get_token(SCOPE)
     return exc.value

@@ -2,136 +2,24 @@
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from kvfs.cache.resolver import Resolver, Version
+from cache.fakevault import FakeVault, fake_render
+from kvfs.cache.base import Version
+from kvfs.cache.resolver import Resolver
 from kvfs.config.model import AuthConfig, CloudConfig, MountConfig, ObjectSpec
 from kvfs.errors import VaultError
 
 CLOUD = CloudConfig(
     "AzurePublicCloud", "vault.azure.net", "https://vault.azure.net", "https://login.microsoftonline.com"
 )
-COLLECTION = {"secret": "secrets", "key": "keys", "cert": "certificates"}
-
-
-@dataclass
-class Stored:
-    version: str
-    value: str
-    created: int
-    enabled: bool = True
-    attributes: bool = True
-
-
-class FakeVault:
-    """The four coroutines of VaultClient over dicts; counts calls; can fail or be slow."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], list[Stored]] = collections.defaultdict(list)
-        self.calls: collections.Counter[str] = collections.Counter()
-        self.fail: Exception | None = None
-        self.latency = 0.0
-        self.list_in_creation_order = False  # the service's order is unspecified
-        self._serial = 0
-
-    def add(
-        self,
-        kind: str,
-        name: str,
-        value: str,
-        *,
-        created: int | None = None,
-        enabled: bool = True,
-        attributes: bool = True,
-    ) -> str:
-        self._serial += 1
-        version = f"{self._serial:032x}"
-        self.objects[(kind, name)].append(
-            Stored(version, value, self._serial * 10 if created is None else created, enabled, attributes)
-        )
-        return version
-
-    def _id(self, kind: str, name: str, version: str) -> str:
-        return f"https://demo.vault.azure.net/{COLLECTION[kind]}/{name}/{version}"
-
-    async def _get(self, kind: str, name: str, version: str) -> dict:
-        self.calls[f"get:{name}:{version or 'latest'}"] += 1
-        self.calls["get"] += 1
-        if self.latency:
-            await trio.sleep(self.latency)
-        if self.fail is not None:
-            raise self.fail
-        versions = self.objects.get((kind, name))
-        if not versions:
-            raise VaultError(f"{kind} '{name}': not found", status=404, code="SecretNotFound")
-        if version:
-            found = [s for s in versions if s.version == version.lower()]
-            if not found:
-                raise VaultError(
-                    f"{kind} '{name}' version {version}: not found", status=404, code="SecretNotFound"
-                )
-            stored = found[0]
-        else:
-            stored = max((s for s in versions if s.enabled), key=lambda s: s.created)
-        return {
-            "value": stored.value,
-            "id": self._id(kind, name, stored.version),
-            "contentType": "text/plain",
-            "attributes": {
-                "enabled": stored.enabled,
-                "created": stored.created,
-                "updated": stored.created,
-                "exp": 99,
-            },
-        }
-
-    async def get_secret(self, name: str, version: str = "") -> dict:
-        return await self._get("secret", name, version)
-
-    async def get_key(self, name: str, version: str = "") -> dict:
-        return await self._get("key", name, version)
-
-    async def get_certificate(self, name: str, version: str = "") -> dict:
-        return await self._get("cert", name, version)
-
-    async def list_versions(self, kind: str, name: str) -> list[dict]:
-        self.calls["list"] += 1
-        if self.latency:
-            await trio.sleep(self.latency)
-        if self.fail is not None:
-            raise self.fail
-        out: list[dict] = []
-        stored = self.objects[(kind, name)]
-        for s in stored if self.list_in_creation_order else reversed(stored):
-            entry: dict[str, Any] = {"id": self._id(kind, name, s.version)}
-            if s.attributes:
-                entry["attributes"] = {"enabled": s.enabled, "created": s.created}
-            out.append(entry)
-        return out
-
-
-def fake_render(
-    spec: ObjectSpec,
-    bundle: Mapping[str, Any],
-    *,
-    split_cert_key: bool = False,
-    construct_pem_chain: bool = True,
-) -> dict[str, bytes]:
-    """Stand-in for kvfs.vault.render.render_object: resolver tests need no real rendering."""
-    files = {"": bundle["value"].encode()}
-    if split_cert_key:
-        files = {".crt": b"crt:" + files[""], ".key": b"key:" + files[""], **files}
-    return files
 
 
 def config(
@@ -248,7 +136,7 @@ async def test_errors_reach_every_waiter_and_are_remembered_briefly(autojump_clo
 async def test_first_failure_logged_once_per_object(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kvfs.cache.resolver")
+    caplog.set_level(logging.INFO, logger="kvfs.cache")
     vault = FakeVault()
     vault.add("secret", "db", "topsecret-value")
     vault.fail = VaultError(
@@ -354,7 +242,7 @@ async def test_object_read_during_sleep_is_refreshed_within_one_interval(
 async def test_refresh_failure_serves_stale_backs_off_and_recovers(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="kvfs.cache.resolver")
+    caplog.set_level(logging.WARNING, logger="kvfs.cache")
     vault = FakeVault()
     vault.add("secret", "db", "one")
     changes = Changes()
@@ -536,3 +424,75 @@ async def test_history_same_second_versions_listed_later_are_newer(
         vault.add("secret", "db", value, created=1000)  # all within one second
     spec = ObjectSpec(name="db", type="secret", version_history=2)
     assert [v.files[""] for v in await make(vault, config(spec)).history(spec)] == [b"c", b"b"]
+
+
+# -- each object on its own (refresh scheduling, Retry-After clamp, failure logs) -------------
+
+
+async def test_a_throttled_object_does_not_delay_another_objects_refresh(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = FakeVault()
+    vault.add("secret", "db", "one")
+    slow = ObjectSpec(name="slow", type="secret")
+    vault.add("secret", "slow", "x")
+    resolver = make(vault, config(SECRET, slow, refresh=10))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(resolver.run_refresh)
+        await resolver.current(SECRET)
+        await resolver.current(slow)
+        # From now on every request for `slow` hangs (retries against a throttling vault) until
+        # the load deadline gives up on it, far longer than the refresh interval.
+        vault.latency_only["slow"] = 1000.0
+        await trio.sleep(75)
+        nursery.cancel_scope.cancel()
+    assert vault.get_times["db"] == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert vault.get_times["slow"][:2] == [0, 10]  # its own refresh is stuck in the 28 s deadline
+    assert resolver.statistics.refresh_failures >= 2
+
+
+async def test_background_retry_after_is_clamped_to_the_refresh_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vault = FakeVault()
+    vault.add("secret", "db", "one")
+    changes = Changes()
+    resolver = make(vault, config(SECRET, refresh=60), on_change=changes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(resolver.run_refresh)
+        await resolver.current(SECRET)
+        vault.fail = VaultError("throttled", status=429, code="Throttled", retry_after=999_999_999.0)
+        await trio.sleep(60.5)  # the first refresh fails at t=60 and asks for 31 years
+        assert vault.get_times["db"] == [0, 60]
+        vault.fail = None
+        v2 = vault.add("secret", "db", "two")
+        await trio.sleep(60)  # retried one interval later, not in 31 years
+        assert vault.get_times["db"] == [0, 60, 120]
+        assert [v.version for _, v in changes.seen] == [v2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_failure_is_logged_again_when_its_cause_changes(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kvfs.cache")
+    vault = FakeVault()
+    vault.add("secret", "db", "v")
+    resolver = make(vault, config(SECRET))
+    forbidden = VaultError("secret 'db': access denied", status=403, code="Forbidden", inner_code="ForbiddenByRbac")
+    causes = [forbidden, forbidden, THROTTLED, THROTTLED, forbidden]
+    for cause in causes:
+        vault.fail = cause
+        with pytest.raises(VaultError):
+            await resolver.current(SECRET)
+        await trio.sleep(6)  # past the error cooldown: each read really asks Key Vault
+    vault.fail = None
+    await resolver.current(SECRET)
+    lines = [r.getMessage() for r in caplog.records]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(":")[0] for w in warnings] == [
+        "object=secret/db code=ForbiddenByRbac",
+        "object=secret/db code=Throttled",
+        "object=secret/db code=ForbiddenByRbac",
+    ]
+    assert lines[-1] == "object=secret/db fetched again after failures"

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from cache.fakevault import FakeVault, fake_render
+from kvfs.cache.resolver import Resolver
 from kvfs.config.model import AuthConfig, CloudConfig, MountConfig, ObjectSpec
 from kvfs.errors import VaultError
 from kvfs.fs.core import FilesystemCore, FsError
@@ -202,6 +204,48 @@ async def test_history_folder_has_exactly_the_available_versions() -> None:
     for bad in ("3", "01", "-1", "x"):
         with pytest.raises(FsError):
             await core.lookup(folder.inode, bad)
+
+
+@pytest.mark.parametrize("name", ["²", "١", "０", "𝟘", "1²", "٣"])
+async def test_history_names_are_ascii_digits_only(name: str) -> None:
+    assert name[0].isdigit()  # Python's idea of a digit; not a history file name
+    core, resolver, _ = make_core(H)
+    resolver.versions["hist"] = [version(H, f"v{i}", b"x") for i in range(5)]
+    folder = await core.lookup(ROOT_INODE, "hist")
+    with pytest.raises(FsError) as info:
+        await core.lookup(folder.inode, name)
+    assert info.value.errno == errno.ENOENT
+    assert resolver.fetches == []  # refused before asking the cache
+
+
+async def test_rotation_invalidates_only_history_names_that_were_shown() -> None:
+    wide = ObjectSpec(name="wide", type="secret", version_history=100)
+    core, resolver, invalidated = make_core(wide)
+    resolver.versions["wide"] = [version(wide, f"v{i}", b"x") for i in range(3)]
+    folder = (await core.lookup(ROOT_INODE, "wide")).inode
+    await core.readdir(folder)
+    await core.on_change(wide, resolver.versions["wide"][0])
+    assert sorted(name for parent, name in invalidated if parent == folder) == ["0", "1", "2"]
+    assert len(invalidated) == 3 + 2  # and the folder's own name in the root and in ..data
+
+
+async def test_core_over_the_real_cache_and_a_fake_vault() -> None:
+    """FilesystemCore depends on the ObjectCache protocol: the real cache fits it."""
+    vault = FakeVault()
+    vault.add("secret", "alpha", "first")
+    for i in range(4):
+        vault.add("secret", "hist", f"h{i}")
+    config = make_config(A, H)
+    core = FilesystemCore(config, Resolver(vault, config, render=fake_render))
+    assert sorted(name for name, _ in await core.readdir(ROOT_INODE)) == ["..data", "alpha", "hist"]
+    assert vault.calls["get"] == 0
+    fh = await core.open((await core.lookup(ROOT_INODE, "alpha")).inode, os.O_RDONLY)
+    assert await core.read(fh, 0, 100) == b"first"
+    folder = (await core.lookup(ROOT_INODE, "hist")).inode
+    assert [name for name, _ in await core.readdir(folder)] == ["0", "1", "2"]
+    newest = await core.open((await core.lookup(folder, "0")).inode, os.O_RDONLY)
+    assert await core.read(newest, 0, 100) == b"h3"
+    assert (vault.calls["get"], vault.calls["list"]) == (1 + 3, 1)
 
 
 async def test_split_companions_exist_only_for_certificate_backed_secrets() -> None:

@@ -23,7 +23,7 @@ from kvfs.auth.base import AccessToken
 from kvfs.errors import ConfigError, VaultError
 from kvfs.vault.client import VaultClient
 from kvfs.errors import is_tls_verification_error
-from kvfs.vault.transport import is_localhost, make_http_client, make_ssl_context
+from kvfs.net.http import is_localhost, make_http_client, make_ssl_context
 
 SECRET_VALUE = "s3cr3t-over-tls"
 
@@ -263,7 +263,7 @@ async def test_vault_client_over_real_tls(server: Server, pki: Pki, monkeypatch:
         client = VaultClient(
             f"https://demo.vault.localhost:{server.port}/", _Cred(), "https://vault.azure.net/.default", http
         )
-        bundle = await client.get_secret("db")
+        bundle = await client.get("secret", "db")
     assert bundle["value"] == SECRET_VALUE
     assert server.requests[0]["headers"]["authorization"] == "Bearer tls-token-abc"
 
@@ -277,7 +277,7 @@ async def test_vault_client_reports_untrusted_certificate(
             f"https://demo.vault.localhost:{server.port}/", _Cred(), "https://vault.azure.net/.default", http
         )
         with pytest.raises(VaultError) as caught:
-            await client.get_secret("db")
+            await client.get("secret", "db")
     assert caught.value.code == "TLSVerifyFailed"
     assert "SSL_CERT_FILE" in str(caught.value)
     assert client.request_counts["get_secret"] == 1  # a bad certificate is not retried

@@ -10,12 +10,12 @@ import httpx
 import pytest
 import trio
 
-from kvfs.vault.retry import (
+from kvfs.errors import is_tls_verification_error
+from kvfs.net.retry import (
     RETRY_STATUSES,
     DeadlineExceeded,
     RetryPolicy,
     full_jitter,
-    is_tls_verification_error,
     parse_retry_after,
 )
 

@@ -17,8 +17,8 @@ import kvfs
 from kvfs.auth.base import AccessToken
 from kvfs.errors import ConfigError, VaultError
 from kvfs.vault.client import VaultClient, challenge_tenant
-from kvfs.vault.retry import RetryPolicy
-from kvfs.vault.transport import make_http_client
+from kvfs.net.http import make_http_client
+from kvfs.net.retry import RetryPolicy
 
 VAULT = "https://demo.vault.azure.net/"
 SCOPE = "https://vault.azure.net/.default"
@@ -103,7 +103,7 @@ def make_client(
 async def test_get_secret_exact_request_with_bearer_on_first_request() -> None:
     rec = Recorder(httpx.Response(200, json=secret_bundle()))
     client, cred = make_client(rec)
-    bundle = await client.get_secret("db")
+    bundle = await client.get("secret", "db")
     assert bundle["value"] == SECRET_VALUE
     (req,) = rec.requests
     assert req.method == "GET"
@@ -115,17 +115,17 @@ async def test_get_secret_exact_request_with_bearer_on_first_request() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "route"),
+    ("kind", "path", "route"),
     [
-        ("get_secret", "secrets", "get_secret"),
-        ("get_key", "keys", "get_key"),
-        ("get_certificate", "certificates", "get_certificate"),
+        ("secret", "secrets", "get_secret"),
+        ("key", "keys", "get_key"),
+        ("cert", "certificates", "get_certificate"),
     ],
 )
-async def test_versioned_routes(method: str, path: str, route: str) -> None:
+async def test_versioned_routes(kind: str, path: str, route: str) -> None:
     rec = Recorder(httpx.Response(200, json={"id": "x"}))
     client, _ = make_client(rec, api_version="7.6")
-    await getattr(client, method)("My-Object-1", VER)
+    await client.get(kind, "My-Object-1", VER)  # type: ignore[arg-type]
     assert (
         str(rec.requests[0].url) == f"https://demo.vault.azure.net/{path}/My-Object-1/{VER}?api-version=7.6"
     )
@@ -133,23 +133,26 @@ async def test_versioned_routes(method: str, path: str, route: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "version"),
+    ("name", "version", "path"),
     [
-        ("", ""),
-        ("a/b", ""),
-        ("../x", ""),
-        ("a" * 128, ""),
-        ("db", "latest"),
-        ("db", "zz" * 16),
-        ("db", "1/2"),
+        ("a/b", "", "/secrets/a%2Fb"),
+        ("../x", "", "/secrets/%2E%2E%2Fx"),
+        ("..", "", "/secrets/%2E%2E"),
+        ("db", "..", "/secrets/db/%2E%2E"),
+        ("db?x=1#f", "1/2", "/secrets/db%3Fx%3D1%23f/1%2F2"),
+        ("db%2F", "", "/secrets/db%252F"),
     ],
 )
-async def test_bad_names_and_versions_never_reach_the_network(name: str, version: str) -> None:
-    rec = Recorder(httpx.Response(200, json={}))
+async def test_every_path_segment_is_percent_encoded(name: str, version: str, path: str) -> None:
+    """Names are validated by the configuration; at the URL boundary, no name can change what the
+    URL addresses (no other path, no query, no fragment)."""
+    rec = Recorder(httpx.Response(404, json={"error": {"code": "SecretNotFound", "message": "x"}}))
     client, _ = make_client(rec)
-    with pytest.raises(ConfigError):
-        await client.get_secret(name, version)
-    assert rec.requests == []
+    with pytest.raises(VaultError):
+        await client.get("secret", name, version)
+    (request,) = rec.requests
+    assert request.url.raw_path == path.encode() + b"?api-version=7.4"
+    assert request.url.host == "demo.vault.azure.net"
 
 
 def test_vault_url_must_be_https() -> None:
@@ -188,7 +191,7 @@ async def test_401_from_other_tenant_names_both_tenants_and_the_fix() -> None:
     rec = Recorder(challenge(OTHER_TENANT))
     client, cred = make_client(rec)
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     err = caught.value
     assert err.status == 401 and err.errno == errno.EACCES
     assert OTHER_TENANT in str(err) and TENANT in str(err) and "tenantID" in str(err)
@@ -198,7 +201,7 @@ async def test_401_from_other_tenant_names_both_tenants_and_the_fix() -> None:
 async def test_401_same_tenant_refreshes_token_once_and_retries() -> None:
     rec = Recorder(challenge(TENANT), httpx.Response(200, json=secret_bundle()))
     client, cred = make_client(rec)
-    assert (await client.get_secret("db"))["value"] == SECRET_VALUE
+    assert (await client.get("secret", "db"))["value"] == SECRET_VALUE
     assert cred.invalidations == 1
     assert [r.headers["authorization"] for r in rec.requests] == [
         "Bearer tok-1-eyJhbGciOi.secret",
@@ -211,7 +214,7 @@ async def test_second_401_is_eacces_without_a_loop(caplog: pytest.LogCaptureFixt
     rec = Recorder(challenge(TENANT))
     client, cred = make_client(rec)
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     assert caught.value.errno == errno.EACCES
     assert len(rec.requests) == 2 and cred.invalidations == 1
     for text in [str(caught.value), repr(caught.value), caplog.text, repr(client)]:
@@ -289,7 +292,7 @@ async def test_error_envelope_maps_to_vault_error(
     rec = Recorder(response)
     client, _ = make_client(rec)
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     err = caught.value
     assert (err.status, err.code, err.inner_code, err.errno) == (status, code, inner, err_no)
     assert must_mention in str(err) and "'db'" in str(err)
@@ -301,7 +304,7 @@ async def test_error_envelope_maps_to_vault_error(
 async def test_secret_value_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     client, _ = make_client(Recorder(httpx.Response(200, json=secret_bundle())))
-    await client.get_secret("db")
+    await client.get("secret", "db")
     assert SECRET_VALUE not in caplog.text and "tok-" not in caplog.text
 
 
@@ -315,7 +318,7 @@ async def test_retry_after_seconds(autojump_clock: trio.testing.MockClock) -> No
     )
     client, _ = make_client(rec)
     start = trio.current_time()
-    await client.get_secret("db")
+    await client.get("secret", "db")
     assert trio.current_time() - start == pytest.approx(3.0)
     assert client.request_counts["get_secret"] == 2
     assert all(r.headers["authorization"].startswith("Bearer ") for r in rec.requests)
@@ -330,7 +333,7 @@ async def test_retry_after_http_date(autojump_clock: trio.testing.MockClock) -> 
     )
     client, _ = make_client(rec, retry=RetryPolicy(wallclock=lambda: now))
     start = trio.current_time()
-    await client.get_secret("db")
+    await client.get("secret", "db")
     assert trio.current_time() - start == pytest.approx(5.0)
 
 
@@ -339,7 +342,7 @@ async def test_429_without_retry_after_backs_off_and_succeeds(autojump_clock: tr
     rec = Recorder(throttled, throttled, throttled, httpx.Response(200, json=secret_bundle()))
     client, _ = make_client(rec)
     start = trio.current_time()
-    assert (await client.get_secret("db"))["value"] == SECRET_VALUE
+    assert (await client.get("secret", "db"))["value"] == SECRET_VALUE
     elapsed = trio.current_time() - start
     assert len(rec.requests) == 4
     assert 0 < elapsed <= 0.8 + 1.6 + 3.2
@@ -352,7 +355,7 @@ async def test_throttling_until_deadline_is_eio_within_deadline(
     client, _ = make_client(rec, retry=RetryPolicy(deadline=25.0, max_attempts=100))
     start = trio.current_time()
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     assert trio.current_time() - start <= 25.0
     assert caught.value.errno == errno.EIO and caught.value.status == 429
     assert caught.value.retry_after == pytest.approx(4.0)
@@ -367,7 +370,7 @@ async def test_hanging_vault_answers_eio_at_the_deadline(autojump_clock: trio.te
     client, _ = make_client(Recorder(hang), deadline=25.0)
     start = trio.current_time()
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     assert trio.current_time() - start == pytest.approx(25.0)
     assert caught.value.errno == errno.EIO and caught.value.code == "Timeout"
 
@@ -379,7 +382,7 @@ async def test_dropped_connections_are_retried(autojump_clock: trio.testing.Mock
         httpx.Response(200, json=secret_bundle()),
     )
     client, _ = make_client(rec)
-    assert (await client.get_secret("db"))["value"] == SECRET_VALUE
+    assert (await client.get("secret", "db"))["value"] == SECRET_VALUE
     assert len(rec.requests) == 3
 
 
@@ -387,7 +390,7 @@ async def test_unreachable_vault_is_eio_naming_the_vault(autojump_clock: trio.te
     rec = Recorder(httpx.ConnectError("[Errno 111] Connection refused"))
     client, _ = make_client(rec, retry=RetryPolicy(max_attempts=3))
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     err = caught.value
     assert err.status == 0 and err.errno == errno.EIO and err.code == "ConnectError"
     assert "demo.vault.azure.net" in str(err)
@@ -478,6 +481,6 @@ async def test_repeating_next_link_stops() -> None:
 async def test_invalid_json_body_is_eio() -> None:
     client, _ = make_client(Recorder(httpx.Response(200, content=b"<html>proxy</html>")))
     with pytest.raises(VaultError) as caught:
-        await client.get_secret("db")
+        await client.get("secret", "db")
     assert caught.value.errno == errno.EIO
     assert json.dumps(SECRET_VALUE) not in str(caught.value)

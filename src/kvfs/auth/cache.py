@@ -14,17 +14,10 @@ import trio
 
 from kvfs.auth.base import AccessToken, Credential
 from kvfs.errors import AuthError
+from kvfs.net.deadlines import ERROR_COOLDOWN
+from kvfs.net.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Flight:
-    """One refresh in progress; waiters read its outcome."""
-
-    done: trio.Event
-    token: AccessToken | None = None
-    error: AuthError | None = None
 
 
 @dataclass
@@ -32,14 +25,6 @@ class _Entry:
     token: AccessToken | None = None
     refresh_at: float = 0.0  # trio time after which a refresh is due
     retry_not_before: float = 0.0  # after a failed refresh of a still-valid token
-    inflight: _Flight | None = None
-    error: AuthError | None = None  # last failure with no usable token
-    error_until: float = 0.0
-
-
-def _copy(err: AuthError) -> AuthError:
-    """A fresh exception per waiter, so tracebacks of concurrent callers do not pile up."""
-    return AuthError(str(err), code=err.code, errno=err.errno)
 
 
 def refresh_margin_for(lifetime: float, refresh_margin: float = 300.0) -> float:
@@ -65,75 +50,50 @@ class CachingCredential:
         *,
         refresh_margin: float = 300.0,
         retry_interval: float = 30.0,
-        error_cooldown: float = 5.0,
+        error_cooldown: float = ERROR_COOLDOWN,
     ) -> None:
         self.inner = inner
         self.refresh_margin = refresh_margin
         self.retry_interval = retry_interval
-        self.error_cooldown = error_cooldown
         self._entries: dict[str, _Entry] = {}
+        self._flights: SingleFlight[str, AccessToken] = SingleFlight(cooldown=error_cooldown, remember=(AuthError,))
 
     def __repr__(self) -> str:
         return f"CachingCredential({self.inner!r})"
 
     async def get_token(self, scope: str) -> AccessToken:
         entry = self._entries.setdefault(scope, _Entry())
-        while True:
-            now = trio.current_time()
-            token = entry.token
-            valid = token is not None and now < token.expires_at
-            if token is not None and valid and (now < entry.refresh_at or now < entry.retry_not_before):
-                return token
-            flight = entry.inflight
-            if flight is not None:
-                if token is not None and valid:
-                    return token  # someone is refreshing; the current token is still good
-                await flight.done.wait()
-                if flight.token is not None:
-                    return flight.token
-                if flight.error is not None:
-                    raise _copy(flight.error)
-                continue  # the refresher was cancelled: try again, possibly as the refresher
-            if not valid and entry.error is not None and now < entry.error_until:
-                raise _copy(entry.error)
-            return await self._refresh(scope, entry)
+        now = trio.current_time()
+        token = entry.token
+        if token is not None and now < token.expires_at:
+            if now < entry.refresh_at or now < entry.retry_not_before or self._flights.running(scope):
+                return token  # still good; a refresh is not due, not allowed yet, or under way
+        return await self._flights.run(scope, lambda: self._refresh(scope, entry))
 
     async def _refresh(self, scope: str, entry: _Entry) -> AccessToken:
-        flight = entry.inflight = _Flight(trio.Event())
+        started = trio.current_time()
         try:
-            started = trio.current_time()
-            try:
-                token = await self.inner.get_token(scope)
-            except AuthError as err:
-                now = trio.current_time()
-                old = entry.token
-                if old is not None and now < old.expires_at:
-                    entry.retry_not_before = now + self.retry_interval
-                    log.warning(
-                        "token refresh failed (%s), serving the current token for %.0fs more: %s",
-                        err.code or "error",
-                        old.expires_at - now,
-                        err,
-                    )
-                    flight.token = old
-                    return old
-                entry.token = None
-                entry.error = err
-                entry.error_until = now + self.error_cooldown
-                flight.error = err
-                raise
-            lifetime = max(0.0, token.expires_at - started)
-            margin = refresh_margin_for(lifetime, self.refresh_margin)
-            entry.token = token
-            entry.refresh_at = token.expires_at - margin
-            entry.retry_not_before = 0.0
-            entry.error = None
-            flight.token = token
-            log.debug("cached token for %s, refresh in %.0fs", scope, entry.refresh_at - trio.current_time())
-            return token
-        finally:
-            entry.inflight = None
-            flight.done.set()
+            token = await self.inner.get_token(scope)
+        except AuthError as err:
+            now = trio.current_time()
+            old = entry.token
+            if old is not None and now < old.expires_at:
+                entry.retry_not_before = now + self.retry_interval
+                log.warning(
+                    "token refresh failed (%s), serving the current token for %.0fs more: %s",
+                    err.code or "error",
+                    old.expires_at - now,
+                    err,
+                )
+                return old
+            entry.token = None
+            raise
+        lifetime = max(0.0, token.expires_at - started)
+        entry.token = token
+        entry.refresh_at = token.expires_at - refresh_margin_for(lifetime, self.refresh_margin)
+        entry.retry_not_before = 0.0
+        log.debug("cached token for %s, refresh in %.0fs", scope, entry.refresh_at - trio.current_time())
+        return token
 
     def invalidate(self, scope: str | None = None) -> None:
         """Drop cached tokens (e.g. after Key Vault answered 401 with a new challenge)."""

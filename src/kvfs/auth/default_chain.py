@@ -1,6 +1,6 @@
 """Workstation credential: azure-identity's DefaultAzureCredential (az login, env, VS Code, ...).
 
-azure-identity's async credentials are asyncio-only (wire §12), so the *sync* credential runs
+azure-identity's async credentials are asyncio-only (kvfs runs on trio), so the *sync* credential runs
 in a worker thread. Only used by `kvfs mount` on a workstation; pods use the httpx flows.
 """
 
@@ -21,6 +21,8 @@ from kvfs.auth.base import AccessToken
 from kvfs.auth.messages import safe_text
 from kvfs.config.model import CloudConfig
 from kvfs.errors import AuthError
+from kvfs.logsafe import JWT_PATTERN
+from kvfs.net.http import make_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,6 @@ _PUBLIC_AUTHORITY_HOSTS = frozenset(
         "login.microsoftonline.de",
     }
 )
-_JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_-]*")
 
 
 def _host(authority: str) -> str:
@@ -56,8 +57,6 @@ class _TrustingChain:
         from azure.core.pipeline.transport import RequestsTransport
         from azure.identity import DefaultAzureCredential
         from urllib3.util.retry import Retry
-
-        from kvfs.vault.transport import make_ssl_context
 
         ssl_context = make_ssl_context()
 
@@ -164,7 +163,7 @@ class DefaultChainCredential:
 
     def _message(self, what: str, exc: BaseException) -> str:
         # The chain's text lists what each credential tried; keep all lines, minus any JWT.
-        text = _JWT_RE.sub("<redacted-jwt>", str(exc)).strip()
+        text = JWT_PATTERN.sub("<redacted-jwt>", str(exc)).strip()
         text = " | ".join(line.strip() for line in text.splitlines() if line.strip()).rstrip(".")
         if len(text) > 2000:
             text = text[:2000] + "..."

@@ -34,20 +34,15 @@ def build_credential(
     cloud = config.cloud
     flow: Credential
     if auth.mode == "workload_identity":
+        # parse_parameters guarantees a token (CSI) or a token file (cli), and `kvfs mount`
+        # checks that the file exists; FileTokenSource reports a file that goes missing later.
         source: TokenSource
         if token_source is not None:
             source = token_source
         elif auth.sa_token:
             source = PushedTokenSource(auth.sa_token)
-        elif auth.sa_token_file:
-            source = FileTokenSource(auth.sa_token_file)
         else:
-            raise ConfigError(
-                "AZURE_FEDERATED_TOKEN_FILE",
-                None,
-                "workload identity (clientID) needs a service account token",
-                "run under the CSI driver with tokenRequests, or set AZURE_FEDERATED_TOKEN_FILE",
-            )
+            source = FileTokenSource(auth.sa_token_file)
         flow = AssertionCredential(cloud.authority_host, auth.tenant_id, auth.client_id, source, http)
     elif auth.mode == "service_principal":
         flow = ClientSecretCredential(

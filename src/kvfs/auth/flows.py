@@ -11,14 +11,14 @@ the assertion / client secret ever reaches a log line or an exception message.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
 import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from email.utils import parsedate_to_datetime
-from typing import TypedDict, Unpack
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -37,6 +37,9 @@ from kvfs.auth.messages import (
     safe_text,
 )
 from kvfs.errors import AuthError, ConfigError, is_tls_verification_error
+from kvfs.net.body import TOKEN_BODY_CAP, BodyError, send
+from kvfs.net.deadlines import HTTP_TIMEOUT, LOCAL_CONNECT_TIMEOUT
+from kvfs.net.retry import ENTRA_RETRY, IMDS_RETRY, DeadlineExceeded, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 IMDS_DEFAULT_URL = "http://169.254.169.254"
 IMDS_API_VERSION = "2018-02-01"
 NMI_DEFAULT_URL = "http://localhost:2579"
-_RETRY_STATUSES_ENTRA = frozenset({429, 500, 502, 503, 504})
+# NMI answers from its own cache or fails for good: one attempt, within the token deadline.
+_NMI_RETRY = dataclasses.replace(IMDS_RETRY, statuses=frozenset(), max_attempts=1)
 
 
 def scope_to_resource(scope: str) -> str:
@@ -79,59 +83,28 @@ def expires_at_from(payload: Mapping[str, object]) -> float | None:
     return None
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-async def _send_with_retries(
-    send: Callable[[], Awaitable[httpx.Response]],
-    *,
-    retry_statuses: frozenset[int],
-    retries: int,
-    backoff: float,
-    budget: float,
-    retry_transport_errors: bool,
-    what: str,
+async def _fetch(
+    http: httpx.AsyncClient, retry: RetryPolicy, what: str, method: str, url: str, **kwargs: Any
 ) -> httpx.Response:
-    """Send, retrying transient answers with exponential backoff while the wait fits `budget`.
+    """One token request under `retry`, its answer read up to `TOKEN_BODY_CAP` bytes.
 
-    The budget keeps a read that needs a token within the filesystem's 30 s answer time; later
-    attempts are the cache's job.
+    Raises AuthError for an oversized or undecodable body, `DeadlineExceeded` and httpx errors
+    for the caller to phrase.
     """
-    waited = 0.0
-    attempt = 0
-    while True:
-        try:
-            response = await send()
-        except httpx.TransportError:
-            if not retry_transport_errors or attempt >= retries:
-                raise
-            delay = backoff * 2**attempt
-            if waited + delay > budget:
-                raise
-            log.info("%s: transport error, retrying in %.1fs", what, delay)
-        else:
-            if response.status_code not in retry_statuses or attempt >= retries:
-                return response
-            delay = _retry_after(response)
-            if delay is None:
-                delay = backoff * 2**attempt
-            if waited + delay > budget:
-                return response
-            log.info("%s: HTTP %d, retrying in %.1fs", what, response.status_code, delay)
-        await trio.sleep(delay)
-        waited += delay
-        attempt += 1
+
+    async def attempt() -> httpx.Response:
+        request = http.build_request(method, url, **kwargs)
+        return await send(http, request, cap=TOKEN_BODY_CAP, what=what)
+
+    try:
+        return await retry.run(attempt, what=what)
+    except BodyError as exc:
+        raise AuthError(str(exc), code=exc.code, errno=_errno.EIO) from None
+
+
+def _reason(exc: Exception, retry: RetryPolicy) -> str:
+    """Why a local token service did not answer, for the message."""
+    return f"no answer within {retry.deadline:g} s" if isinstance(exc, DeadlineExceeded) else type(exc).__name__
 
 
 def _json(response: httpx.Response) -> object:
@@ -164,14 +137,6 @@ def _require_https(authority_host: str) -> str:
     return authority
 
 
-class EntraRetry(TypedDict, total=False):
-    """Retry knobs of the Entra ID flows (see `_send_with_retries`)."""
-
-    retries: int
-    backoff: float
-    retry_budget: float
-
-
 class _EntraCredential:
     """Shared POST-to-token-endpoint logic of the two Entra ID flows."""
 
@@ -184,9 +149,7 @@ class _EntraCredential:
         client_id: str,
         http: httpx.AsyncClient,
         *,
-        retries: int = 2,
-        backoff: float = 1.0,
-        retry_budget: float = 8.0,
+        retry: RetryPolicy = ENTRA_RETRY,
     ) -> None:
         if not tenant_id:
             raise ConfigError("tenantID", tenant_id, "is required for " + self.flow, "set tenantID")
@@ -196,9 +159,7 @@ class _EntraCredential:
         self.tenant_id = tenant_id
         self.client_id = client_id
         self._http = http
-        self._retries = retries
-        self._backoff = backoff
-        self._budget = retry_budget
+        self._retry = retry
         self.token_url = f"{self.authority_host}/{quote(tenant_id, safe='')}/oauth2/v2.0/token"
 
     def __repr__(self) -> str:
@@ -212,16 +173,11 @@ class _EntraCredential:
     ) -> AccessToken:
         log.debug("requesting a token from %s for client %s scope %s", self.token_url, self.client_id, scope)
         try:
-            response = await _send_with_retries(
-                lambda: self._http.post(self.token_url, data=form, headers={"Accept": "application/json"}),
-                retry_statuses=_RETRY_STATUSES_ENTRA,
-                retries=self._retries,
-                backoff=self._backoff,
-                budget=self._budget,
-                retry_transport_errors=True,
-                what=f"Entra ID {self.authority_host}",
+            response = await _fetch(
+                self._http, self._retry, f"Entra ID at {self.authority_host}", "POST", self.token_url,
+                data=form, headers={"Accept": "application/json"},
             )
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, DeadlineExceeded):
             raise AuthError(
                 f"timed out waiting for Entra ID at {self.authority_host} ({self.flow}, client id"
                 f" '{self.client_id}'); kvfs retries",
@@ -283,7 +239,7 @@ def _assertion_claims(assertion: str) -> dict[str, object]:
 
 
 class AssertionCredential(_EntraCredential):
-    """Workload identity: exchange the service account token at Entra ID (wire §9.1).
+    """Workload identity: the service account token as a client assertion at Entra ID.
 
     Works the same for an app registration and a user-assigned managed identity's client id.
     """
@@ -297,9 +253,10 @@ class AssertionCredential(_EntraCredential):
         client_id: str,
         token_source: TokenSource,
         http: httpx.AsyncClient,
-        **retry: Unpack[EntraRetry],
+        *,
+        retry: RetryPolicy = ENTRA_RETRY,
     ) -> None:
-        super().__init__(authority_host, tenant_id, client_id, http, **retry)
+        super().__init__(authority_host, tenant_id, client_id, http, retry=retry)
         self.token_source = token_source
 
     async def get_token(self, scope: str) -> AccessToken:
@@ -316,7 +273,7 @@ class AssertionCredential(_EntraCredential):
 
 
 class ClientSecretCredential(_EntraCredential):
-    """Service principal: client id + secret from nodePublishSecretRef / --secrets (wire §9.2)."""
+    """Service principal: client id + secret from nodePublishSecretRef / --secrets."""
 
     flow = "service principal"
 
@@ -327,9 +284,10 @@ class ClientSecretCredential(_EntraCredential):
         client_id: str,
         client_secret: str,
         http: httpx.AsyncClient,
-        **retry: Unpack[EntraRetry],
+        *,
+        retry: RetryPolicy = ENTRA_RETRY,
     ) -> None:
-        super().__init__(authority_host, tenant_id, client_id, http, **retry)
+        super().__init__(authority_host, tenant_id, client_id, http, retry=retry)
         if not client_secret:
             raise ConfigError("clientsecret", None, "is empty", "put the secret's Value in the secret")
         self._client_secret = client_secret
@@ -349,7 +307,7 @@ class _LocalCredential:
 
     def __init__(self, http: httpx.AsyncClient | None, owns_http: bool) -> None:
         if http is None:
-            http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(10.0, connect=2.0))
+            http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(HTTP_TIMEOUT, connect=LOCAL_CONNECT_TIMEOUT))
             owns_http = True
         self._http = http
         self._owns_http = owns_http
@@ -360,7 +318,7 @@ class _LocalCredential:
 
 
 class ImdsCredential(_LocalCredential):
-    """VM / VMSS managed identity via IMDS (wire §11); `client_id` None = system-assigned.
+    """VM / VMSS managed identity via IMDS; `client_id` None = system-assigned.
 
     Pass an httpx client built with `trust_env=False` (IMDS must never go through a proxy);
     with `http=None` one is created and closed by `aclose()`.
@@ -373,18 +331,14 @@ class ImdsCredential(_LocalCredential):
         *,
         base_url: str | None = None,
         owns_http: bool = False,
-        retries: int = 5,
-        backoff: float = 0.8,
-        retry_budget: float = 20.0,
+        retry: RetryPolicy = IMDS_RETRY,
     ) -> None:
         super().__init__(http, owns_http)
         self.client_id = client_id or None
         self.base_url = (
             base_url or os.environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") or IMDS_DEFAULT_URL
         ).rstrip("/")
-        self._retries = retries
-        self._backoff = backoff
-        self._budget = retry_budget
+        self._retry = retry
 
     def __repr__(self) -> str:
         return f"ImdsCredential(client_id={self.client_id!r}, base_url={self.base_url!r})"
@@ -395,17 +349,12 @@ class ImdsCredential(_LocalCredential):
             params["client_id"] = self.client_id
         url = f"{self.base_url}/metadata/identity/oauth2/token"
         try:
-            response = await _send_with_retries(
-                lambda: self._http.get(url, params=params, headers={"Metadata": "true"}),
-                retry_statuses=frozenset({404, 410, 429, 500, 502, 503, 504}),
-                retries=self._retries,
-                backoff=self._backoff,
-                budget=self._budget,
-                retry_transport_errors=False,
-                what=f"IMDS {self.base_url}",
+            response = await _fetch(
+                self._http, self._retry, f"IMDS at {self.base_url}", "GET", url,
+                params=params, headers={"Metadata": "true"},
             )
-        except httpx.TransportError as exc:
-            raise imds_unreachable(self.base_url, type(exc).__name__) from None
+        except (httpx.TransportError, DeadlineExceeded) as exc:
+            raise imds_unreachable(self.base_url, _reason(exc, self._retry)) from None
         body = _json(response)
         if response.status_code != 200:
             raise imds_error(response.status_code, body, base_url=self.base_url, client_id=self.client_id)
@@ -420,7 +369,7 @@ class ImdsCredential(_LocalCredential):
 
 
 class NmiCredential(_LocalCredential):
-    """aad-pod-identity: ask the node's NMI for the pod's token (upstream-provider §8)."""
+    """aad-pod-identity: ask the node's NMI for the pod's token (GET /host/token/ with pod headers)."""
 
     def __init__(
         self,
@@ -451,11 +400,12 @@ class NmiCredential(_LocalCredential):
         url = f"{self.base_url}/host/token/?resource={scope_to_resource(scope)}"
         pod = f"{self.pod_namespace}/{self.pod_name}"
         try:
-            response = await self._http.get(
-                url, headers={"podname": self.pod_name, "podns": self.pod_namespace}
+            response = await _fetch(
+                self._http, _NMI_RETRY, f"NMI at {self.base_url}", "GET", url,
+                headers={"podname": self.pod_name, "podns": self.pod_namespace},
             )
-        except httpx.TransportError as exc:
-            raise nmi_unreachable(self.base_url, type(exc).__name__) from None
+        except (httpx.TransportError, DeadlineExceeded) as exc:
+            raise nmi_unreachable(self.base_url, _reason(exc, _NMI_RETRY)) from None
         if response.status_code != 200:
             raise nmi_error(response.status_code, response.text, base_url=self.base_url, pod=pod)
         body = _json(response)

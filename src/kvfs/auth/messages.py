@@ -14,14 +14,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE as DEFAULT_AUDIENCE
 from kvfs.errors import AuthError
+from kvfs.logsafe import JWT_PATTERN
 
-_JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_-]*")
 _ECHO_RE = re.compile(r"Assertion (Issuer|Subject|Audience): '([^']*)'")
 _MAX_TEXT = 300
 _TRANSIENT_4XX = frozenset({408, 429})
-
-DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
 
 
 def _errno_for(status: int) -> int:
@@ -36,7 +35,7 @@ def safe_text(text: object, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             s = s.replace(secret, "<redacted>")
-    s = _JWT_RE.sub("<redacted-jwt>", s)
+    s = JWT_PATTERN.sub("<redacted-jwt>", s)
     if len(s) > _MAX_TEXT:
         s = s[:_MAX_TEXT] + "..."
     return s

@@ -15,6 +15,7 @@ import time
 import jwt
 import trio
 
+from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE
 from kvfs.errors import AuthError
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class PushedTokenSource:
             if not self._token:
                 raise AuthError(
                     "no service account token in the CSI request (tokenRequests for audience"
-                    " api://AzureADTokenExchange missing in the CSIDriver object?)",
+                    f" {WORKLOAD_IDENTITY_AUDIENCE} missing in the CSIDriver object?)",
                     code="sa_token_missing",
                 )
             return self._token

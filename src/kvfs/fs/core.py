@@ -7,30 +7,36 @@ Semantics (docs/SEMANTICS.md states them for users; tests check each):
   the version it shows now; rotation re-points the name and asks the kernel to drop the dentry.
 - `open()` pins the inode's bytes in the handle, so an open file keeps reading its version.
 - Sizes are exact; mtime is the version's `updated` time.
-- Listing never fetches: an unfetched file is listed with a placeholder inode that expires at once.
+- Listing a folder never fetches: an unfetched file is listed with a placeholder inode that
+  expires at once. Listing a history folder does fetch: its names depend on which versions exist.
 
 Concurrency (trio, one thread): every method runs as its own task. State changes happen only
 between awaits: `_version_inode` and `_forget` contain no await, so the inode table is never
-seen half-updated. The only awaits are the resolver calls, whose results are applied afterwards.
+seen half-updated. The only awaits are the cache calls, whose results are applied afterwards.
+
+The core knows the cache only as `kvfs.cache.base.ObjectCache`, so its tests can run it over
+the real cache (with a fake vault) or over a fake cache.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
+import re
 import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
 
+from kvfs.cache.base import ObjectCache, Version
 from kvfs.config.model import MountConfig, ObjectSpec
-from kvfs.errors import KvfsError
+from kvfs.errors import KvfsError, error_code
 from kvfs.fs.tree import DirNode, FileNode, HistoryNode, Node, Tree, build_tree
 
-if TYPE_CHECKING:
-    from kvfs.cache.resolver import Resolver, Version
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ IMMUTABLE_TIMEOUT = 3600.0
 NAME_TIMEOUT = 1.0
 DIR_TIMEOUT = 1.0
 XATTR_PREFIX = "user.kvfs."
+# A history folder's file names: 0 … N-1 in ASCII digits, without leading zeros.
+_HISTORY_NAME = re.compile(r"0|[1-9][0-9]*")
 
 
 class FsError(KvfsError):
@@ -77,29 +85,20 @@ class _VersionInode:
     current: bool = True  # still what its name points to
 
 
-@dataclass
-class _Stats:
-    lookups: int = 0
-    opens: int = 0
-    reads: int = 0
-    invalidations: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-
-
 class FilesystemCore:
     """Names → versions → inodes, for one volume."""
 
     def __init__(
         self,
         config: MountConfig,
-        resolver: Resolver,
+        cache: ObjectCache,
         *,
         invalidate_entry: Callable[[int, str], None] | None = None,
         uid: int | None = None,
         gid: int | None = None,
     ) -> None:
         self.config = config
-        self.resolver = resolver
+        self.cache = cache
         self.tree: Tree = build_tree(config)
         self._invalidate_entry = invalidate_entry or (lambda parent, name: None)
         self._uid = os.getuid() if uid is None else uid
@@ -109,11 +108,13 @@ class FilesystemCore:
         self._inodes: dict[int, _VersionInode] = {}
         # (node identity, history index or -1) → the inode that name shows now.
         self._current: dict[tuple[int, int], _VersionInode] = {}
+        # History folder inode → how many of its indices the kernel was told about (0 … n-1).
+        self._history_shown: dict[int, int] = {}
         self._handles: dict[int, _VersionInode] = {}
         self._placeholders: dict[int, FileNode] = {}
         self._placeholder_inodes: dict[int, int] = {}
         self._next_fh = 1
-        self.stats = _Stats()
+        self.errors: collections.Counter[str] = collections.Counter()  # failed fetches by file name
 
     # ----- attributes ---------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class FilesystemCore:
             # The name moves on; the old inode lives while the kernel or a handle knows it.
             vinode.current = False
             self._maybe_drop(vinode)
+        if isinstance(node, HistoryNode):
+            self._history_shown[node.inode] = max(self._history_shown.get(node.inode, 0), index + 1)
         vinode = _VersionInode(self._next_inode, data, version, version.spec.file_mode)
         self._next_inode += 1
         self._inodes[vinode.inode] = vinode
@@ -163,45 +166,34 @@ class FilesystemCore:
             self._inodes.pop(vinode.inode, None)
 
     async def _resolve_file(self, node: FileNode) -> _VersionInode:
-        version = await self._call_resolver(node.spec, self.resolver.current(node.spec))
+        version = await self._fetch(node.spec, self.cache.current(node.spec))
         data = version.files.get(node.suffix)
         if data is None:  # a split companion of a secret that is not certificate-backed
             raise FsError(errno.ENOENT, f"{node.spec.file_name}{node.suffix}: not a certificate")
         return self._version_inode(node, -1, version, data)
 
     async def _resolve_history(self, node: HistoryNode) -> list[Version]:
-        return await self._call_resolver(node.spec, self.resolver.history(node.spec))
+        return await self._fetch(node.spec, self.cache.history(node.spec))
 
-    async def _call_resolver(self, spec: ObjectSpec, coro):  # type: ignore[no-untyped-def]
+    async def _fetch(self, spec: ObjectSpec, fetch: Awaitable[T]) -> T:
         try:
-            return await coro
+            return await fetch
         except KvfsError as err:
-            code = getattr(err, "code", "") or type(err).__name__
-            self.stats.errors[spec.file_name] = self.stats.errors.get(spec.file_name, 0) + 1
-            raise FsError(err.errno, f"{spec.file_name}: {code}") from err
-
-    def _child(self, parent_inode: int, name: str) -> Node:
-        parent = self.tree.dirs.get(parent_inode)
-        if parent is None:
-            raise FsError(errno.ENOENT)
-        if isinstance(parent, HistoryNode):
-            raise FsError(errno.ENOENT)  # handled by the caller
-        child = parent.children.get(name)
-        if child is None:
-            raise FsError(errno.ENOENT)
-        return child
+            self.errors[spec.file_name] += 1
+            raise FsError(err.errno, f"{spec.file_name}: {error_code(err)}") from err
 
     # ----- operations ---------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: str) -> Attr:
         """Resolve one name; fetches that object (only) when it is not cached."""
-        self.stats.lookups += 1
         parent = self.tree.dirs.get(parent_inode)
         if isinstance(parent, HistoryNode):
             vinode = await self._history_entry(parent, name)
             vinode.lookups += 1
             return self._file_attr(vinode, NAME_TIMEOUT)
-        child = self._child(parent_inode, name)
+        child = parent.children.get(name) if parent is not None else None
+        if child is None:
+            raise FsError(errno.ENOENT)
         if isinstance(child, (DirNode, HistoryNode)):
             return self._dir_attr(child.inode)
         vinode = await self._resolve_file(child)
@@ -210,7 +202,7 @@ class FilesystemCore:
         return self._file_attr(vinode, entry_timeout)
 
     async def _history_entry(self, node: HistoryNode, name: str) -> _VersionInode:
-        if not name.isdigit() or (len(name) > 1 and name.startswith("0")):
+        if not _HISTORY_NAME.fullmatch(name):  # not str.isdigit(): "²" is a digit to Python
             raise FsError(errno.ENOENT)
         index = int(name)
         if index >= node.spec.version_history:
@@ -274,7 +266,7 @@ class FilesystemCore:
         """
         if isinstance(child, (DirNode, HistoryNode)):
             return self._dir_attr(child.inode)
-        version = self.resolver.peek(child.spec)
+        version = self.cache.peek(child.spec)
         if version is None:
             return self._placeholder_attr(child)
         data = version.files.get(child.suffix)
@@ -320,7 +312,6 @@ class FilesystemCore:
             vinode = await self._resolve_file(self._placeholders[inode])
         if vinode is None:
             raise FsError(errno.EISDIR if inode in self.tree.dirs else errno.ENOENT)
-        self.stats.opens += 1
         vinode.opens += 1
         fh = self._next_fh
         self._next_fh += 1
@@ -328,7 +319,6 @@ class FilesystemCore:
         return fh
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        self.stats.reads += 1
         vinode = self._handles.get(fh)
         if vinode is None:
             raise FsError(errno.EBADF)
@@ -374,18 +364,17 @@ class FilesystemCore:
     async def on_change(self, spec: ObjectSpec, version: Version) -> None:
         """A new version of `spec` appeared: drop the kernel's dentries for its names.
 
-        The resolver already serves the new version, so the next lookup of any of these names
+        The cache already serves the new version, so the next lookup of any of these names
         returns the new inode; open handles keep the old one.
         """
+        folders: set[int] = set()  # a history folder is listed at the root and in ..data
         for parent_inode, name, node in self.tree.locations.get(spec, []):
-            if isinstance(node, HistoryNode):
-                for index in range(spec.version_history):
-                    self._invalidate(node.inode, str(index))
-            self._invalidate(parent_inode, name)
-
-    def _invalidate(self, parent_inode: int, name: str) -> None:
-        self.stats.invalidations += 1
-        self._invalidate_entry(parent_inode, name)
+            if isinstance(node, HistoryNode) and node.inode not in folders:
+                folders.add(node.inode)
+                # Only names the kernel was given can be in its cache (no negative entries).
+                for index in range(self._history_shown.get(node.inode, 0)):
+                    self._invalidate_entry(node.inode, str(index))
+            self._invalidate_entry(parent_inode, name)
 
     def known_inodes(self) -> Iterator[int]:
         """For tests: file inodes the core still holds."""

@@ -19,12 +19,13 @@ import trio
 
 from kvfs.auth.factory import build_credential
 from kvfs.auth.tokensource import PushedTokenSource
-from kvfs.cache.resolver import Resolver, Version
+from kvfs.cache.base import Version
+from kvfs.cache.resolver import Resolver
 from kvfs.config.model import MountConfig, ObjectSpec
 from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
 from kvfs.fs.core import FilesystemCore
+from kvfs.net.http import make_http_client
 from kvfs.vault.client import VaultClient
-from kvfs.vault.transport import make_http_client
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class _Daemon:
                 "ok": True,
                 "pid": os.getpid(),
                 "objects": len(self.config.objects),
-                "errors": dict(self.core.stats.errors),
+                "errors": dict(self.core.errors),
             }
         if op == "stop":
             self._stop_requested = True

@@ -1,8 +1,10 @@
-"""The one HTTP client every kvfs network call goes through.
+"""The HTTP client kvfs's own network calls go through: TLS trust, proxies, loopback names.
 
 Why a factory: TLS trust (system CAs plus `SSL_CERT_FILE`), the User-Agent, pooling limits and
-the `*.localhost` → loopback rule (RFC 6761 §6.3, so the emulator needs no /etc/hosts entry)
-must be identical for the Key Vault client and the Entra ID flows.
+the `*.localhost` → loopback rule (RFC 6761: such names always mean the local host, so the
+emulator needs no /etc/hosts entry) must be identical for the Key Vault client and the Entra ID
+flows. IMDS and NMI use a plain proxy-free client (auth/flows.py); azure-identity's default
+chain uses `requests` with `make_ssl_context()` (auth/default_chain.py).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import httpx
 
 import kvfs
 from kvfs.errors import ConfigError
+from kvfs.net.deadlines import HTTP_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 USER_AGENT = f"kvfs/{kvfs.__version__}"
+ACCEPT_ENCODING = "gzip, deflate"
 
 
 def is_localhost(host: str) -> bool:
-    """True for `localhost` and any name under `.localhost` (RFC 6761 §6.3: always loopback)."""
+    """True for `localhost` and any name under `.localhost` (RFC 6761: always loopback)."""
     host = host.lower().rstrip(".")
     return host == "localhost" or host.endswith(".localhost")
 
@@ -140,7 +144,7 @@ class LoopbackTransport(httpx.AsyncBaseTransport):
 
 def make_http_client(
     *,
-    timeout: float = 10.0,
+    timeout: float = HTTP_TIMEOUT,
     trust_env: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
@@ -160,7 +164,8 @@ def make_http_client(
     return httpx.AsyncClient(
         transport=transport,
         timeout=httpx.Timeout(timeout),
-        headers={"User-Agent": USER_AGENT},
+        # Only encodings kvfs.net.body decodes within its size cap.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
         follow_redirects=False,
         trust_env=False,  # env proxies / SSL_CERT_FILE are applied above, once, explicitly
     )

@@ -1,1 +1,1 @@
-"""Key Vault access: HTTPS transport, retries, the REST client, and turning objects into file bytes."""
+"""Key Vault access: the REST client (on kvfs.net), answer shapes, and turning objects into file bytes."""

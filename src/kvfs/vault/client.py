@@ -1,8 +1,12 @@
 """VaultClient: the only code that speaks Key Vault REST.
 
 Why it exists as one small class: every request must carry the bearer token for the configured
-vault only, honour the retry policy and the read deadline, and turn Key Vault's error envelope
+vault only, honour the retry policy and the read deadline, read at most `VAULT_BODY_CAP` bytes,
+accept only answers of the right shape (kvfs.vault.bundle), and turn Key Vault's error envelope
 into a `VaultError` with the right errno and a message that says what to fix.
+
+Object names are validated once, by the configuration (kvfs.config.objects); here, at the URL
+boundary, every path segment is percent-encoded so no name can change what the URL addresses.
 """
 
 from __future__ import annotations
@@ -10,23 +14,22 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
-import re
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
 import trio
 
 from kvfs.auth.base import Credential
+from kvfs.config.model import ObjectType
 from kvfs.errors import ConfigError, VaultError, is_tls_verification_error
-from kvfs.vault.retry import DeadlineExceeded, RetryPolicy
+from kvfs.net import body
+from kvfs.net.deadlines import VAULT_OP_DEADLINE
+from kvfs.net.retry import KEY_VAULT_RETRY, DeadlineExceeded, RetryPolicy
+from kvfs.vault.bundle import check_bundle, check_page
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["secret", "key", "cert"]
-
-_NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
-_VERSION_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 _COLLECTION: dict[str, str] = {"secret": "secrets", "key": "keys", "cert": "certificates"}
 _ROUTE_NOUN: dict[str, str] = {"secret": "secret", "key": "key", "cert": "certificate"}
 _RBAC_ROLE: dict[str, str] = {
@@ -48,6 +51,16 @@ def _origin(url: httpx.URL) -> tuple[str, str, int]:
     """(scheme, host, port) with the default port made explicit, so `host:443` ≡ `host`."""
     port = url.port or (443 if url.scheme == "https" else 80)
     return (url.scheme.lower(), url.host.lower().rstrip("."), port)
+
+
+def _segment(text: str) -> str:
+    """One URL path segment holding exactly `text`: `/`, `?`, `#`, `%` and dots escaped.
+
+    Dots too, so that `.` and `..` stay names instead of being resolved as relative paths.
+    """
+    if not text:
+        raise ValueError("an empty Key Vault object name or version would address another resource")
+    return quote(text, safe="").replace(".", "%2E")
 
 
 def parse_challenge(header: str) -> dict[str, str]:
@@ -113,9 +126,9 @@ class VaultClient:
         http: httpx.AsyncClient,
         *,
         api_version: str = "7.4",
-        deadline: float = 25.0,
+        deadline: float = VAULT_OP_DEADLINE,
         tenant_id: str = "",
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy = KEY_VAULT_RETRY,
     ) -> None:
         url = httpx.URL(vault_url)
         if url.scheme != "https" or not url.host:
@@ -134,7 +147,7 @@ class VaultClient:
         self._api_version = api_version
         self._deadline = deadline
         self._tenant_id = tenant_id
-        self._retry = retry or RetryPolicy(deadline=deadline)
+        self._retry = retry
         self.request_counts: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
@@ -142,26 +155,25 @@ class VaultClient:
 
     # -- public API -------------------------------------------------------------------------
 
-    async def get_secret(self, name: str, version: str = "") -> dict:
-        return await self._get("secret", name, version)
+    async def get(self, kind: ObjectType, name: str, version: str = "") -> dict[str, Any]:
+        """The bundle of one object: its latest version, or `version`."""
+        path = f"/{_COLLECTION[kind]}/{_segment(name)}" + (f"/{_segment(version)}" if version else "")
+        url = httpx.URL(self._base + path, params={"api-version": self._api_version})
+        what = f"{kind} '{name}'" + (f" version {version}" if version else "")
+        deadline = trio.current_time() + self._deadline
+        answer = await self._request(kind, f"get_{_ROUTE_NOUN[kind]}", url, what, deadline)
+        return check_bundle(kind, answer, what)
 
-    async def get_key(self, name: str, version: str = "") -> dict:
-        return await self._get("key", name, version)
-
-    async def get_certificate(self, name: str, version: str = "") -> dict:
-        return await self._get("cert", name, version)
-
-    async def list_versions(self, kind: Kind, name: str) -> list[dict]:
+    async def list_versions(self, kind: ObjectType, name: str) -> list[dict[str, Any]]:
         """All version items of one object, following nextLink through empty pages."""
-        self._check(kind, name, "")
         route = f"list_{_ROUTE_NOUN[kind]}_versions"
         what = f"{kind} '{name}' versions"
         deadline = trio.current_time() + self._deadline
         url: httpx.URL | None = httpx.URL(
-            f"{self._base}/{_COLLECTION[kind]}/{quote(name, safe='')}/versions",
+            f"{self._base}/{_COLLECTION[kind]}/{_segment(name)}/versions",
             params={"api-version": self._api_version, "maxresults": "25"},
         )
-        items: list[dict] = []
+        items: list[dict[str, Any]] = []
         seen: set[str] = set()
         while url is not None:
             if len(seen) >= _MAX_PAGES or str(url) in seen:
@@ -169,32 +181,12 @@ class VaultClient:
                     f"{what}: Key Vault paging did not end (nextLink repeats)", status=0, code="PagingLoop"
                 )
             seen.add(str(url))
-            page = await self._request(kind, route, url, what, deadline)
-            value = page.get("value")
-            if isinstance(value, list):
-                items.extend(v for v in value if isinstance(v, dict))
-            url = self._next_link(page.get("nextLink"), what)
+            page, link = check_page(await self._request(kind, route, url, what, deadline), what)
+            items.extend(page)
+            url = self._next_link(link, what)
         return items
 
     # -- internals --------------------------------------------------------------------------
-
-    def _check(self, kind: str, name: str, version: str) -> None:
-        if kind not in _COLLECTION:
-            raise ConfigError("objectType", kind, "must be secret, key or cert")
-        if not _NAME_RE.match(name):
-            raise ConfigError("objectName", name, "must be 1-127 characters of 0-9, a-z, A-Z and '-'")
-        if version and not _VERSION_RE.match(version):
-            raise ConfigError("objectVersion", version, "must be empty or a 32-character hex version id")
-
-    async def _get(self, kind: Kind, name: str, version: str) -> dict:
-        self._check(kind, name, version)
-        path = f"/{_COLLECTION[kind]}/{quote(name, safe='')}"
-        if version:
-            path += f"/{quote(version, safe='')}"
-        url = httpx.URL(self._base + path, params={"api-version": self._api_version})
-        what = f"{kind} '{name}'" + (f" version {version}" if version else "")
-        deadline = trio.current_time() + self._deadline
-        return await self._request(kind, f"get_{_ROUTE_NOUN[kind]}", url, what, deadline)
 
     def _next_link(self, link: object, what: str) -> httpx.URL | None:
         if link is None or link == "":
@@ -220,7 +212,7 @@ class VaultClient:
                 await result
         return (await self._credential.get_token(self._scope)).token
 
-    async def _request(self, kind: str, route: str, url: httpx.URL, what: str, deadline: float) -> dict:
+    async def _request(self, kind: str, route: str, url: httpx.URL, what: str, deadline: float) -> object:
         response = await self._send(route, url, what, deadline, fresh=False)
         if response.status_code == 401:
             tenant = challenge_tenant(response.headers.get("www-authenticate", ""))
@@ -238,14 +230,11 @@ class VaultClient:
             response = await self._send(route, url, what, deadline, fresh=True)
         if response.status_code == 200:
             try:
-                body = response.json()
+                return response.json()
             except ValueError:
-                body = None
-            if not isinstance(body, dict):
                 raise VaultError(
                     f"{what}: Key Vault answered with invalid JSON", status=200, code="BadResponse"
-                )
-            return body
+                ) from None
         raise self._error(response, kind, what)
 
     async def _send(
@@ -258,12 +247,16 @@ class VaultClient:
             token = await self._token(fresh=fresh and first)
             first = False
             self.request_counts[route] += 1
-            return await self._http.get(
-                url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
+            request = self._http.build_request(
+                "GET", url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
             )
+            return await body.send(self._http, request, cap=body.VAULT_BODY_CAP, what=f"vault {self.vault}")
 
         try:
             return await self._retry.run(attempt, deadline=deadline, what=f"{self.vault} {route} {what}")
+        except body.BodyError as exc:
+            log.debug("vault=%s object=%s code=%s", self.vault, what, exc.code)
+            raise VaultError(f"{what}: {exc}", status=0, code=exc.code) from None
         except DeadlineExceeded:
             log.debug("vault=%s object=%s code=Timeout", self.vault, what)
             raise VaultError(
