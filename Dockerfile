@@ -1,4 +1,5 @@
-# kvfs image: `kvfs mount`, `kvfs emulator` and the CSI node plugin + mounter (csi/daemonset.yaml).
+# kvfs image: `kvfs mount` and the CSI node plugin + mounter (csi/daemonset.yaml).
+# The emulator (`pip install 'kvfs[emulator]'`) is for tests and demos and is not installed here.
 #   docker build -t kvfs:0.1.0 .
 # Build stage: wheels for everything (pyfuse3 compiles against libfuse3).
 FROM python:3.11-slim AS build
@@ -6,9 +7,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libfuse3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md* LICENSE ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . setproctitle grpcio-tools
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Runtime stage: fuse3 runtime only, no compiler.
 FROM python:3.11-slim
@@ -16,9 +17,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends fuse3 libfuse3-3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels kvfs setproctitle grpcio-tools \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels kvfs \
  && rm -rf /wheels \
- # generate the CSI gRPC stubs now: the installed package is read-only at run time
+ # the committed CSI gRPC stubs must import with the installed protobuf and grpcio
  && python -c "from kvfs.csi.proto import load; load()"
 # Volume daemons run as nobody (65534, `--daemon-uid/--daemon-gid`); the CSI plugin and the
 # mounter start as root (mount(2), switching uid) and drop nothing else themselves.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything kvfs needs on Debian/Ubuntu: the FUSE 3 runtime and headers (pyfuse3 builds
-# against them), then a virtualenv in .venv with kvfs and its test dependencies. Idempotent.
+# against them), then a virtualenv in .venv with kvfs, the emulator extra and the test
+# dependencies. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,5 +26,5 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v -E '^(WARNING: Location|  )' || true
+.venv/bin/python -m pip install -q -e ".[test,emulator]" 2>&1 | grep -v -E '^(WARNING: Location|  )' || true
 .venv/bin/python -c 'import kvfs, pyfuse3' || { echo "kvfs setup: installation failed" >&2; exit 1; }
