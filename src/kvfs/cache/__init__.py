@@ -1,1 +1,1 @@
-"""The resolver: object versions as immutable bytes, fetched once, shared and refreshed."""
+"""The object cache: versions as immutable bytes, fetched once, shared and refreshed (see resolver.py)."""
