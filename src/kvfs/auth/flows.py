@@ -39,6 +39,7 @@ from kvfs.auth.messages import (
 from kvfs.errors import AuthError, ConfigError, is_tls_verification_error
 from kvfs.net.body import TOKEN_BODY_CAP, BodyError, send
 from kvfs.net.deadlines import HTTP_TIMEOUT, LOCAL_CONNECT_TIMEOUT
+from kvfs.net.http import ACCEPT_ENCODING
 from kvfs.net.retry import ENTRA_RETRY, IMDS_RETRY, DeadlineExceeded, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,11 @@ class _LocalCredential:
 
     def __init__(self, http: httpx.AsyncClient | None, owns_http: bool) -> None:
         if http is None:
-            http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(HTTP_TIMEOUT, connect=LOCAL_CONNECT_TIMEOUT))
+            http = httpx.AsyncClient(
+                trust_env=False,
+                timeout=httpx.Timeout(HTTP_TIMEOUT, connect=LOCAL_CONNECT_TIMEOUT),
+                headers={"Accept-Encoding": ACCEPT_ENCODING},  # what kvfs.net.body can decode
+            )
             owns_http = True
         self._http = http
         self._owns_http = owns_http

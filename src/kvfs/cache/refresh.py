@@ -49,7 +49,7 @@ class RefreshScheduler(Generic[K]):
         self._failures.pop(key, None)
         self._wake.set()  # the loop may be sleeping past this new due time
 
-    def backoff(self, failures: int, exc: BaseException) -> float:
+    def _backoff(self, failures: int, exc: BaseException) -> float:
         """Delay before retrying a failed refresh: Retry-After, else jittered exponential; ≤ interval."""
         asked = getattr(exc, "retry_after", None)
         if isinstance(asked, (int, float)) and asked > 0:
@@ -63,7 +63,7 @@ class RefreshScheduler(Generic[K]):
         except KvfsError as exc:
             # Keep serving the last good bytes; the loader logged the failure.
             failures = self._failures[key] = self._failures.get(key, 0) + 1
-            delay = self.backoff(failures, exc)
+            delay = self._backoff(failures, exc)
             self._due[key] = trio.current_time() + delay
             log.debug("%s refresh failed (%s), next try in %.1fs", key, error_code(exc), delay)
         except Exception:
