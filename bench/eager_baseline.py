@@ -15,7 +15,7 @@ import trio
 
 from kvfs.auth.flows import AssertionCredential
 from kvfs.auth.tokensource import FileTokenSource
-from kvfs.vault.transport import make_http_client
+from kvfs.net.http import make_http_client
 
 
 async def main(info_file: str, vault: str, outdir: str, names: list[str]) -> None:

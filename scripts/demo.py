@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from kvfs.auth.flows import ClientSecretCredential
-from kvfs.vault.transport import make_http_client
+from kvfs.net.http import make_http_client
 
 KVFS = [sys.executable, "-m", "kvfs"]
 API_VERSION = "7.4"
