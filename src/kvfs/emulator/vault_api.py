@@ -438,11 +438,9 @@ class VaultApi:
         k = self.store.update(
             ctx.vault.name, "key", ctx.params["name"], ctx.params.get("version") or None,
             enabled=attrs.get("enabled"), nbf=attrs.get("nbf"), exp=attrs.get("exp"), tags=body.get("tags"),
+            key_ops=_ops(body.get("key_ops")),
         )
         assert isinstance(k, KeyVersion)
-        ops = _ops(body.get("key_ops"))
-        if ops:
-            k.key_ops = tuple(ops)
         return 200, key_bundle(ctx.vault, k)
 
     # -- certificates ----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The emulated vaults' content: secrets, keys and certificates with versions, and who may read them.
 
-Pure in-memory state behind one `threading.Lock`: the trio server reads it and tests running the
+In-memory state behind one `threading.RLock`: the trio server reads it and tests running the
 emulator in a background thread mutate it. No method awaits, so holding the lock is always brief.
+After every change the store calls `on_change` under that lock, so the emulator saves each state
+in order (`state.py`).
 JSON shapes follow Key Vault's wire format (`docs/EMULATOR.md`, reference keyvault-wire §3).
 """
 
@@ -12,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -167,6 +169,16 @@ class VaultStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._vaults: dict[str, Vault] = {}
+        self.on_change: Callable[[VaultStore], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def vaults(self) -> list[Vault]:
+        """Every vault; read their content only while holding the store (e.g. inside `on_change`)."""
+        with self._lock:
+            return list(self._vaults.values())
 
     # -- vaults and grants ------------------------------------------------------------------
     def add_vault(self, name: str, base_url: str) -> Vault:
@@ -174,6 +186,7 @@ class VaultStore:
             key = name.lower()
             if key not in self._vaults:
                 self._vaults[key] = Vault(name, base_url)
+                self._changed()
             return self._vaults[key]
 
     def vault(self, name: str) -> Vault:
@@ -194,10 +207,12 @@ class VaultStore:
     def grant(self, vault: str, client_id: str) -> None:
         with self._lock:
             self.vault(vault).grants.add(client_id.lower())
+            self._changed()
 
     def revoke(self, vault: str, client_id: str) -> None:
         with self._lock:
             self.vault(vault).grants.discard(client_id.lower())
+            self._changed()
 
     def is_granted(self, vault: str, client_id: str) -> bool:
         with self._lock:
@@ -262,6 +277,7 @@ class VaultStore:
                 content_type=content_type, tags=_tags(tags),
             )
             hist.versions[sv.version] = sv
+            self._changed()
             return sv
 
     def add_key(
@@ -286,6 +302,7 @@ class VaultStore:
                 attributes=Attributes(enabled=enabled, nbf=nbf, exp=exp), tags=_tags(tags),
             )
             hist.versions[kv.version] = kv
+            self._changed()
             return kv
 
     def add_certificate(
@@ -336,6 +353,7 @@ class VaultStore:
                 attributes=attrs(), content_type=content_type, tags=cv.tags,
                 kid=v.object_id("key", khist.name, version), managed=True,
             )
+            self._changed()
             return cv
 
     def update(
@@ -350,6 +368,7 @@ class VaultStore:
         exp: int | None = None,
         tags: dict[str, str] | None = None,
         content_type: str | None = None,
+        key_ops: Sequence[str] | None = None,
     ) -> object:
         """PATCH semantics: change only what is given. Certificate changes mirror to key and secret."""
         with self._lock:
@@ -375,6 +394,9 @@ class VaultStore:
                     t.tags = _tags(tags)  # type: ignore[attr-defined]
             if content_type is not None and isinstance(obj, SecretVersion):
                 obj.content_type = content_type
+            if key_ops and isinstance(obj, KeyVersion):
+                obj.key_ops = tuple(key_ops)
+            self._changed()
             return obj
 
 
