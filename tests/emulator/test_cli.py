@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -17,10 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 from inotify_simple import INotify
 from inotify_simple import flags as Flags
 
 from kvfs.emulator import cli
+from kvfs.emulator.server import open_emulator
+
+PLANTED = "planted-s3cret-value"
 
 RUNNER = (
     "import argparse, sys; from kvfs.emulator import cli; p = argparse.ArgumentParser(prog='kvfs emulator'); "
@@ -242,3 +248,81 @@ def test_restart_keeps_identity_fresh_starts_over_and_files_are_private_at_every
     assert not loose, f"readable by others when it appeared: {loose}"
     assert not watcher.chmods, f"mode changed after creation: {watcher.chmods}"
     assert set(_modes(folder).values()) <= {oct(0o600)}
+
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder an emulator has served from and left, holding a planted secret."""
+    folder = tmp_path_factory.mktemp("saved") / "emu"
+
+    async def serve_once() -> None:
+        async with open_emulator(folder) as emu:
+            emu.set_secret("demo", "planted", PLANTED)
+
+    trio.run(serve_once)
+    return folder
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "emu"
+    shutil.copytree(saved, folder)
+    return folder
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda f: (f / "tenant.json").write_text("{not json"), "tenant.json is not valid JSON"),
+        (lambda f: (f / "tenant.json").write_text('{"format": 1}'), "tenant.json is malformed (field 'tenant_id' is missing)"),
+        (lambda f: (f / "vaults.json").write_text('["a list"]'), "vaults.json is not a kvfs emulator state file"),
+        (lambda f: (f / "vaults.json").write_text((f / "vaults.json").read_text().replace('"created":', '"created":"' + PLANTED + '","x":')),
+         "vaults.json: entry vaults[0].secrets[0] is malformed (a field has the wrong type or value: ValueError)"),
+        (lambda f: (f / "ca-key.pem").unlink(), "cannot read"),
+        (lambda f: ((f / "vaults.json").unlink(), (f / "vaults.json").mkdir()), "cannot read"),
+    ],
+    ids=["tenant-not-json", "tenant-missing-field", "vaults-not-state", "vaults-bad-field", "ca-key-missing", "vaults-a-folder"],
+)
+def test_damaged_state_is_a_clear_error(saved_state: Path, tmp_path: Path, damage: Any, needle: str) -> None:
+    folder = _copy(saved_state, tmp_path)
+    damage(folder)
+    proc = start("--dir", str(folder), "--port", _free_port(), "--http-port", _free_port())
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert needle in err and "--fresh" in err and "Traceback" not in err and PLANTED not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_taken_saved_port_names_the_port_and_the_ways_out(saved_state: Path, tmp_path: Path) -> None:
+    folder = _copy(saved_state, tmp_path)
+    port = json.loads((folder / "tenant.json").read_text())["https_port"]
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        proc = start("--dir", str(folder))
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert f"127.0.0.1:{port}" in err and "--fresh" in err and "--port" in err and "Traceback" not in err
+
+
+def test_without_the_web_stack_it_names_the_extra(tmp_path: Path) -> None:
+    blocked = "import sys; sys.modules['hypercorn'] = None; from kvfs.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", blocked, "emulator", "--dir", str(tmp_path / "emu")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("kvfs emulator: hypercorn is not installed; install the emulator's extra: "
+                                   "pip install 'kvfs[emulator]'")
+    assert not (tmp_path / "emu").exists()
+
+
+def test_a_non_loopback_host_is_warned_about(tmp_path: Path) -> None:
+    proc = start("--dir", str(tmp_path / "emu"), "--host", "192.0.2.1")  # TEST-NET-1: never assigned here
+    _, err = proc.communicate(timeout=60)
+    assert "192.0.2.1" in err and "serves credentials; keep it on loopback" in err
+    assert proc.returncode == 1 and "cannot listen on 192.0.2.1" in err
