@@ -214,7 +214,7 @@ def test_restart_keeps_identity_fresh_starts_over_and_files_are_private_at_every
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert set(_modes(folder).values()) == {oct(0o600)}, _modes(folder)
         for name in ("emulator.json", "admin-token", "ca.pem", "ca-key.pem", "server.pem", "server-key.pem",
-                     "cloud-env.json", "sa-token", "tenant.json", "vaults.json"):
+                     "cloud-env.json", "sa-token", "tenant.json", "vaults.jsonl"):
             assert (folder / name).exists(), name
     finally:
         first.stop()
@@ -242,7 +242,7 @@ def test_restart_keeps_identity_fresh_starts_over_and_files_are_private_at_every
     finally:
         watcher.close()
     seen = {Path(p).name for p, _ in watcher.modes}
-    assert {"emulator.json", "vaults.json", "sa-token", "admin-token", "ca-key.pem", "server-key.pem",
+    assert {"emulator.json", "vaults.jsonl", "sa-token", "admin-token", "ca-key.pem", "server-key.pem",
             "tenant.json"} <= seen, seen
     loose = [(p, oct(m)) for p, m in watcher.modes if stat.S_IMODE(m) & 0o077]
     assert not loose, f"readable by others when it appeared: {loose}"
@@ -280,11 +280,11 @@ def _free_port() -> str:
     [
         (lambda f: (f / "tenant.json").write_text("{not json"), "tenant.json is not valid JSON"),
         (lambda f: (f / "tenant.json").write_text('{"format": 1}'), "tenant.json is malformed (field 'tenant_id' is missing)"),
-        (lambda f: (f / "vaults.json").write_text('["a list"]'), "vaults.json is not a kvfs emulator state file"),
-        (lambda f: (f / "vaults.json").write_text((f / "vaults.json").read_text().replace('"created":', '"created":"' + PLANTED + '","x":')),
-         "vaults.json: entry vaults[0].secrets[0] is malformed (a field has the wrong type or value: ValueError)"),
+        (lambda f: (f / "vaults.jsonl").write_text('["a list"]\n'), "vaults.jsonl is not a kvfs emulator journal"),
+        (lambda f: (f / "vaults.jsonl").write_text((f / "vaults.jsonl").read_text().replace('"created":', '"created":"' + PLANTED + '","x":')),
+         "vaults.jsonl: line 3 is malformed (a field has the wrong type or value: ValueError)"),
         (lambda f: (f / "ca-key.pem").unlink(), "cannot read"),
-        (lambda f: ((f / "vaults.json").unlink(), (f / "vaults.json").mkdir()), "cannot read"),
+        (lambda f: ((f / "vaults.jsonl").unlink(), (f / "vaults.jsonl").mkdir()), "cannot read"),
     ],
     ids=["tenant-not-json", "tenant-missing-field", "vaults-not-state", "vaults-bad-field", "ca-key-missing", "vaults-a-folder"],
 )
@@ -326,3 +326,30 @@ def test_a_non_loopback_host_is_warned_about(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert "192.0.2.1" in err and "serves credentials; keep it on loopback" in err
     assert proc.returncode == 1 and "cannot listen on 192.0.2.1" in err
+
+
+def test_a_change_survives_a_killed_emulator(tmp_path: Path) -> None:
+    """Each change is on disk once it is answered: SIGKILL, no clean stop, loses nothing."""
+    folder = tmp_path / "emu"
+    first = Served(folder)
+    try:
+        assert first.admin("POST", "secrets", json={"vault": "demo", "name": "kept", "value": "v1"}).is_success
+        assert first.admin("POST", "grants", json={"vault": "demo", "client_id": "extra", "granted": True}).is_success
+    finally:
+        first.proc.kill()
+        first.proc.wait()
+    (folder / "emulator.json").unlink()  # left behind by the kill
+    again = Served(folder)
+    try:
+        r = httpx.post(
+            f"{again.info['authority_host']}/{again.info['tenant_id']}/oauth2/v2.0/token",
+            verify=ssl.create_default_context(cafile=again.info["ca_file"]),
+            data={"grant_type": "client_credentials", "client_id": again.info["app"]["client_id"],
+                  "client_secret": again.info["app"]["client_secret"], "scope": again.info["kv_resource"] + "/.default"},
+        )
+        r = httpx.get(again.info["vaults"]["demo"] + "secrets/kept?api-version=7.4",
+                      verify=ssl.create_default_context(cafile=again.info["ca_file"]),
+                      headers={"Authorization": f"Bearer {r.json()['access_token']}"})
+        assert r.status_code == 200 and r.json()["value"] == "v1"
+    finally:
+        again.stop()

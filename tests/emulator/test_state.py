@@ -118,11 +118,30 @@ async def test_a_fresh_folder_per_test_stays_fresh(tmp_path: Path) -> None:
         assert a.tenant_id != b.tenant_id and a.https_port != b.https_port
 
 
-async def test_every_change_is_saved(tmp_path: Path) -> None:
-    async with open_emulator(tmp_path / "emu") as emu:
+async def test_the_journal_holds_every_change_and_a_restart_compacts_it(tmp_path: Path) -> None:
+    folder = tmp_path / "emu"
+    journal = folder / "vaults.jsonl"
+    async with open_emulator(folder) as emu:
+        start = len(journal.read_text().splitlines())
         for i in range(300):
-            emu.set_secret("demo", f"s{i}", f"value-{i}")
-            if i % 100 == 0:
-                doc = json.loads((emu.dir / "vaults.json").read_text())
-                assert len(doc["vaults"][0]["secrets"]) == i + 1
-        assert stat.S_IMODE(os.stat(emu.dir / "vaults.json").st_mode) == 0o600
+            emu.set_secret("demo", "rotated", f"value-{i}")
+            assert len(journal.read_text().splitlines()) == start + i + 1
+        emu.set_enabled("demo", "secret", "rotated", None, False)
+        assert json.loads(journal.read_text().splitlines()[-1])["v"]["attributes"]["enabled"] is False
+    async with open_emulator(folder) as emu:
+        assert len(emu.store.versions("demo", "secret", "rotated")) == 300
+        assert not emu.store.get("demo", "secret", "rotated").attributes.enabled
+        assert len(journal.read_text().splitlines()) == start + 300, "one line per version after compaction"
+        assert stat.S_IMODE(os.stat(journal).st_mode) == 0o600
+
+
+async def test_a_change_cut_short_by_a_kill_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "emu"
+    async with open_emulator(folder) as emu:
+        emu.set_secret("demo", "whole", "v")
+    with open(folder / "vaults.jsonl", "ab") as journal:
+        journal.write(b'{"vault":"demo","kind":"secret","name":"torn","v":{"version":"ab')
+    async with open_emulator(folder) as emu:
+        assert (await kv(emu, "GET", "/secrets/whole")).json()["value"] == "v"
+        assert (await kv(emu, "GET", "/secrets/torn")).status_code == 404
+    assert "the last change was cut short" in caplog.text

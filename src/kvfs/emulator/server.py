@@ -459,17 +459,15 @@ def _build(
         admin_token=files.load_admin_token(), token_lifetime=token_lifetime,
     )
     mi = identity.default_managed_identity if saved else identity.add_managed_identity(system=True)
-    kept = files.read_json(files.vaults) if saved else None
-    if kept is not None:
-        files.restore_vaults(emu.store, kept, lambda name: f"https://{name}{VAULT_SUFFIX}:{https_port}")
+    if saved:
+        files.restore_vaults(emu.store, lambda name: f"https://{name}{VAULT_SUFFIX}:{https_port}")
     new = [n for n in names if emu.store.find(n) is None]
     for name in new:
         emu.add_vault(name)
         emu.grant(name, mi.client_id)
     # saved content wins: the seed fills only vaults this start creates
     apply_seed(emu.store, {"vaults": {n: c for n, c in (seed.get("vaults") or {}).items() if str(n) in new}})
-    emu.store.on_change = files.saver()
-    emu.store.on_change(emu.store)
+    files.journal(emu.store)
     files.save_tenant({"tenant_id": tenant_id, "https_port": https_port, "http_port": http_port,
                        "identity": identity.to_state()})
 

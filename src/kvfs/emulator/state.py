@@ -5,8 +5,9 @@ chmod-ed after it was written: `emulator.json` and the state files hold the clie
 admin token and private keys. DIR itself is created 0700.
 
 A restart with the same DIR reuses `tenant.json` (tenant id, ports, signing keys, app and managed
-identities), the CA and server certificate, `admin-token` and `vaults.json` (every vault's objects,
-all versions, and its grants; rewritten after each change). `--fresh` removes these files first.
+identities), the CA and server certificate, `admin-token` and `vaults.jsonl` (every vault's objects,
+all versions, and its grants: a snapshot at start, then one appended line per change). `--fresh`
+removes these files first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import pki
-from .vaults import Attributes, CertVersion, History, KeyVersion, SecretVersion, Vault, VaultStore
+from .vaults import Attributes, CertVersion, History, KeyVersion, Kind, SecretVersion, Vault, VaultStore, Version
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class StateDir:
         self.dir = dir
         self.info = dir / "emulator.json"
         self.tenant = dir / "tenant.json"
-        self.vaults = dir / "vaults.json"
+        self.vaults = dir / "vaults.jsonl"
         self.admin_token = dir / "admin-token"
         self.ca = dir / "ca.pem"
         self.ca_key = dir / "ca-key.pem"
@@ -134,33 +135,49 @@ class StateDir:
     def save_tenant(self, doc: dict[str, Any]) -> None:
         write_private(self.tenant, _dump({"format": FORMAT, **doc}))
 
-    def saver(self) -> Callable[[VaultStore], None]:
-        """A `VaultStore.on_change` hook that rewrites vaults.json (the store calls it under its lock)."""
-        pem_cache: dict[int, tuple[object, str]] = {}
+    def journal(self, store: VaultStore) -> None:
+        """Write the store's whole content as a new vaults.jsonl, then append every change to it.
 
-        def save(store: VaultStore) -> None:
-            doc = {"format": FORMAT, "vaults": [_vault_doc(v, pem_cache) for v in store.vaults()]}
-            write_private(self.vaults, _dump(doc))
+        One line per change (`VaultStore.on_change`, called under the store's lock, so lines are in
+        change order): each change costs one short append however much the vaults hold.
+        """
+        with store.lock:
+            lines = [_header()]
+            for v in store.vaults():
+                lines.append(_line(_vault_record(v)))
+                for table in (v.secrets, v.keys, v.certs):
+                    lines += [_line(_version_record(v, o)) for h in table.values() for o in h.versions.values()]
+            write_private(self.vaults, b"".join(lines))
+            store.on_change = self._append
 
-        return save
-
-    def restore_vaults(self, store: VaultStore, doc: dict[str, Any], base_url: Callable[[str], str]) -> None:
-        """Put saved vault content into an empty store; any malformed entry is a StateError naming it."""
-        where = "vaults"
+    def _append(self, vault: Vault, version: Version | None) -> None:
+        record = _vault_record(vault) if version is None else _version_record(vault, version)
+        fd = os.open(self.vaults, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)  # exists: `journal` made it 0600
         try:
-            for i, vd in enumerate(doc["vaults"]):
-                where = f"vaults[{i}]"
-                vault = store.add_vault(vd["name"], base_url(vd["name"]))
-                vault.grants.update(str(c).lower() for c in vd["grants"])
-                for kind, table in (("secrets", vault.secrets), ("keys", vault.keys), ("certificates", vault.certs)):
-                    for j, hd in enumerate(vd[kind]):
-                        where = f"vaults[{i}].{kind}[{j}]"
-                        hist = table[hd["name"].lower()] = History(hd["name"])
-                        for vdoc in hd["versions"]:
-                            obj = _LOADERS[kind](vault, hist.name, vdoc)
-                            hist.versions[str(vdoc["version"])] = obj
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise StateError(f"{self.vaults}: entry {where} is malformed ({why(err)}); {FRESH_HINT}") from None
+            os.write(fd, _line(record))  # one write: a crash leaves at most a torn last line
+        finally:
+            os.close(fd)
+
+    def restore_vaults(self, store: VaultStore, base_url: Callable[[str], str]) -> None:
+        """Replay vaults.jsonl (if any) into an empty store; a malformed line is a StateError naming it."""
+        try:
+            data = self.vaults.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StateError(f"cannot read {self.vaults} ({err.strerror}); fix its permissions or {FRESH_HINT}") from None
+        lines = data.split(b"\n")
+        if lines[-1]:
+            log.warning("%s: the last change was cut short (the emulator was killed while writing it); dropped",
+                        self.vaults)
+        lines = lines[:-1]
+        if not lines or lines[0] + b"\n" != _header():
+            raise StateError(f"{self.vaults} is not a kvfs emulator journal of format {FORMAT}; {FRESH_HINT}")
+        for n, raw in enumerate(lines[1:], start=2):
+            try:
+                _replay(store, json.loads(raw), base_url)
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise StateError(f"{self.vaults}: line {n} is malformed ({why(err)}); {FRESH_HINT}") from None
 
 
 def why(err: Exception) -> str:
@@ -174,48 +191,61 @@ def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-# -- vault content <-> JSON ----------------------------------------------------------------------
-def _pem(obj: object, make: Callable[[], bytes], cache: dict[int, tuple[object, str]]) -> str:
-    """PEM text of an immutable key or certificate, serialised once per object."""
-    hit = cache.get(id(obj))
-    if hit is None or hit[0] is not obj:
-        hit = cache[id(obj)] = (obj, make().decode("ascii"))
-    return hit[1]
+# -- vault content <-> journal records -----------------------------------------------------------
+_KINDS: dict[type, Kind] = {SecretVersion: "secret", KeyVersion: "key", CertVersion: "cert"}
 
 
-def _cert_pem(cert: x509.Certificate, cache: dict[int, tuple[object, str]]) -> str:
-    return _pem(cert, lambda: cert.public_bytes(serialization.Encoding.PEM), cache)
+def _header() -> bytes:
+    return _line({"format": FORMAT, "kind": "kvfs-emulator-vaults"})
 
 
-def _key_pem(key: pki.PrivateKey, cache: dict[int, tuple[object, str]]) -> str:
-    return _pem(key, lambda: pki.private_pem(key), cache)
+def _line(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def _vault_record(v: Vault) -> dict[str, Any]:
+    return {"vault": v.name, "grants": sorted(v.grants)}
 
 
 def _attrs_doc(a: Attributes) -> dict[str, Any]:
     return {"enabled": a.enabled, "created": a.created, "updated": a.updated, "nbf": a.nbf, "exp": a.exp}
 
 
-def _version_doc(obj: object, cache: dict[int, tuple[object, str]]) -> dict[str, Any]:
+def _cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _version_record(v: Vault, obj: Version) -> dict[str, Any]:
+    """One version, all of it: a later record of the same version replaces the earlier one."""
+    doc: dict[str, Any] = {"version": obj.version, "attributes": _attrs_doc(obj.attributes), "tags": obj.tags}
     if isinstance(obj, SecretVersion):
-        return {"version": obj.version, "value": obj.value, "attributes": _attrs_doc(obj.attributes),
-                "content_type": obj.content_type, "tags": obj.tags, "managed": obj.managed}
-    if isinstance(obj, KeyVersion):
-        return {"version": obj.version, "key": _key_pem(obj.key, cache), "kty": obj.kty, "key_ops": list(obj.key_ops),
-                "attributes": _attrs_doc(obj.attributes), "tags": obj.tags, "managed": obj.managed}
-    assert isinstance(obj, CertVersion)
-    m = obj.material
-    return {"version": obj.version, "key": _key_pem(m.key, cache), "cert": _cert_pem(m.leaf, cache),
-            "chain": [_cert_pem(c, cache) for c in m.chain], "content_type": obj.content_type,
-            "attributes": _attrs_doc(obj.attributes), "tags": obj.tags, "issuer": obj.issuer}
+        doc.update(value=obj.value, content_type=obj.content_type, managed=obj.managed)
+    elif isinstance(obj, KeyVersion):
+        doc.update(key=pki.private_pem(obj.key).decode("ascii"), kty=obj.kty, key_ops=list(obj.key_ops),
+                   managed=obj.managed)
+    else:
+        m = obj.material
+        doc.update(key=pki.private_pem(m.key).decode("ascii"), cert=_cert_pem(m.leaf),
+                   chain=[_cert_pem(c) for c in m.chain], content_type=obj.content_type, issuer=obj.issuer)
+    return {"vault": v.name, "kind": _KINDS[type(obj)], "name": obj.name, "v": doc}
 
 
-def _vault_doc(v: Vault, cache: dict[int, tuple[object, str]]) -> dict[str, Any]:
-    def histories(table: dict[str, History]) -> list[dict[str, Any]]:
-        return [{"name": h.name, "versions": [_version_doc(o, cache) for o in h.versions.values()]}
-                for h in table.values()]
-
-    return {"name": v.name, "grants": sorted(v.grants), "secrets": histories(v.secrets),
-            "keys": histories(v.keys), "certificates": histories(v.certs)}
+def _replay(store: VaultStore, record: dict[str, Any], base_url: Callable[[str], str]) -> None:
+    name = record["vault"]
+    if "grants" in record:
+        vault = store.add_vault(name, base_url(name))
+        vault.grants = {str(c).lower() for c in record["grants"]}
+        return
+    found = store.find(name)
+    if found is None:
+        raise ValueError("a version of a vault no earlier line names")
+    kind = record["kind"]
+    table = found.table(kind)
+    hist = table.get(record["name"].lower())
+    if hist is None:
+        hist = table[record["name"].lower()] = History(record["name"])
+    doc = record["v"]
+    hist.versions[str(doc["version"])] = _LOADERS[kind](found, hist.name, doc)
 
 
 def _attributes(d: dict[str, Any]) -> Attributes:
@@ -260,6 +290,6 @@ def _load_cert(vault: Vault, name: str, d: dict[str, Any]) -> CertVersion:
     )
 
 
-_LOADERS: dict[str, Callable[[Vault, str, dict[str, Any]], object]] = {
-    "secrets": _load_secret, "keys": _load_key, "certificates": _load_cert,
+_LOADERS: dict[str, Callable[[Vault, str, dict[str, Any]], Version]] = {
+    "secret": _load_secret, "key": _load_key, "cert": _load_cert,
 }

@@ -316,7 +316,7 @@ class VaultApi:
         """One page of every version of the object named in the path."""
         versions = self.store.versions(ctx.vault.name, kind, ctx.params["name"])
         items = [item(ctx.vault, v, versioned=True) for v in versions if isinstance(v, cls)]
-        return self._page(ctx, f"/{noun}/{versions[0].name}/versions", items, empty)  # type: ignore[attr-defined]
+        return self._page(ctx, f"/{noun}/{versions[0].name}/versions", items, empty)
 
     # -- secrets -------------------------------------------------------------------------------
     def _list_secrets(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
