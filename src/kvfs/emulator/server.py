@@ -432,6 +432,7 @@ def _build(
     files: StateDir, saved: dict[str, Any] | None, host: str, https_sock: socket.socket, http_sock: socket.socket,
     seed: dict[str, Any], vaults: Sequence[str], token_lifetime: int,
 ) -> Emulator:
+    """The emulator of this folder: the saved one on a restart, else a new tenant; writes every file."""
     https_port = https_sock.getsockname()[1]
     http_port = http_sock.getsockname()[1]
     names = list(dict.fromkeys([*vaults, *seed_vault_names(seed)]))
@@ -441,16 +442,7 @@ def _build(
                 f"vault name {name!r} is invalid: use 3-24 letters, digits and single hyphens, "
                 "starting with a letter and not ending with a hyphen"
             )
-    authority = f"https://localhost:{https_port}"
-    try:
-        tenant_id = str(saved["tenant_id"]) if saved else str(uuid.uuid4())
-        identity = IdentityProvider(
-            authority_host=authority, tenant_id=tenant_id, kv_resource=f"https://vault.localhost:{https_port}",
-            oidc_issuer=f"{authority}/oidc", token_lifetime=token_lifetime,
-            saved=saved["identity"] if saved else None,
-        )
-    except (KeyError, TypeError, ValueError, StopIteration) as err:
-        raise StateError(f"{files.tenant} is malformed ({why(err)}); {FRESH_HINT}") from None
+    identity = _identity(files, saved, https_port, token_lifetime)
     counts = Counts()
     identity.on_request = lambda route, client_id: counts.add(None, route, client_id)
     emu = Emulator(
@@ -468,41 +460,65 @@ def _build(
     # saved content wins: the seed fills only vaults this start creates
     apply_seed(emu.store, {"vaults": {n: c for n, c in (seed.get("vaults") or {}).items() if str(n) in new}})
     files.journal(emu.store)
-    files.save_tenant({"tenant_id": tenant_id, "https_port": https_port, "http_port": http_port,
-                       "identity": identity.to_state()})
-
-    served = emu.store.names()
-    hosts = ["localhost", "*.vault.localhost", *(f"{n.lower()}{VAULT_SUFFIX}" for n in served), "127.0.0.1", "::1"]
+    hosts = ["localhost", "*.vault.localhost", *(f"{n.lower()}{VAULT_SUFFIX}" for n in emu.store.names()),
+             "127.0.0.1", "::1"]
     if host not in hosts:
         hosts.append(host)
     files.load_tls(hosts, restart=saved is not None)
-    cloud = {
+    # last: a folder with tenant.json holds a whole state, so a start cut short stays a first start
+    files.save_tenant({"tenant_id": identity.tenant_id, "https_port": https_port, "http_port": http_port,
+                       "identity": identity.to_state()})
+    write_private(files.cloud_env, json.dumps(_cloud_env(emu), indent=2).encode() + b"\n")
+    emu.rotate_sa_token()
+    emu.info = _info(emu, mi.client_id)
+    return emu
+
+
+def _identity(files: StateDir, saved: dict[str, Any] | None, https_port: int, token_lifetime: int) -> IdentityProvider:
+    """The saved tenant (its id, signing keys, app, managed identities), or a new one."""
+    authority = f"https://localhost:{https_port}"
+    try:
+        return IdentityProvider(
+            authority_host=authority, tenant_id=str(saved["tenant_id"]) if saved else str(uuid.uuid4()),
+            kv_resource=f"https://vault.localhost:{https_port}", oidc_issuer=f"{authority}/oidc",
+            token_lifetime=token_lifetime, saved=saved["identity"] if saved else None,
+        )
+    except (KeyError, TypeError, ValueError, StopIteration) as err:
+        raise StateError(f"{files.tenant} is malformed ({why(err)}); {FRESH_HINT}") from None
+
+
+def _cloud_env(emu: Emulator) -> dict[str, str]:
+    """The AzureStackCloud file kvfs and the Azure SDK take as `cloudEnvFileName`."""
+    authority = emu.authority_host
+    return {
         "name": "AzureStackCloud",
         "activeDirectoryEndpoint": f"{authority}/",
         "activeDirectoryResourceID": f"{authority}/",
         "resourceManagerEndpoint": f"{authority}/",
-        "keyVaultEndpoint": f"https://vault.localhost:{https_port}/",
-        "keyVaultDNSSuffix": f"vault.localhost:{https_port}",
+        "keyVaultEndpoint": f"{emu.kv_resource}/",
+        "keyVaultDNSSuffix": f"vault.localhost:{emu.https_port}",
         "tokenAudience": f"{authority}/",
     }
-    write_private(files.cloud_env, json.dumps(cloud, indent=2).encode() + b"\n")
-    emu.rotate_sa_token()
-    app = identity.default_app
-    emu.info = {
-        "tenant_id": tenant_id,
-        "authority_host": authority,
+
+
+def _info(emu: Emulator, managed_identity: str) -> dict[str, Any]:
+    """emulator.json: what clients need (it holds the client secret and the admin token)."""
+    app = emu.identity.default_app
+    return {
+        "tenant_id": emu.tenant_id,
+        "authority_host": emu.authority_host,
         "ca_file": str(emu.ca_file),
         "cloud_env_file": str(emu.cloud_env_file),
         "cloud_name": "AzureStackCloud",
-        "vaults": {n: emu.vault_url(n) for n in served},
+        "vaults": {n: emu.vault_url(n) for n in emu.store.names()},
         "app": {"client_id": app.client_id, "client_secret": app.client_secret},
         "sa_token_file": str(emu.sa_token_file),
         "service_account": {"namespace": SA_NAMESPACE, "name": SA_NAME},
-        "managed_identity": {"client_id": mi.client_id},
-        "https_port": https_port,
-        "http_port": http_port,
+        "managed_identity": {"client_id": managed_identity},
+        "https_port": emu.https_port,
+        "http_port": emu.http_port,
         "kv_resource": emu.kv_resource,
-        "key_vault_dns_suffix": f"vault.localhost:{https_port}",
+        "key_vault_dns_suffix": f"vault.localhost:{emu.https_port}",
         "imds_url": emu.imds_url,
         "nmi_url": emu.nmi_url,
         "oidc_issuer": emu.oidc_issuer,
@@ -511,7 +527,6 @@ def _build(
         "admin_token": emu.admin_token,
         "pid": os.getpid(),
     }
-    return emu
 
 
 async def _refresh_sa_token(emu: Emulator) -> None:
