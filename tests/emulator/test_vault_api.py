@@ -305,27 +305,6 @@ async def test_counts_by_vault_route_and_client(emulator: Emulator) -> None:
     assert emulator.count(vault="other") == 0
 
 
-async def test_admin_endpoints(emulator: Emulator) -> None:
-    async with httpx.AsyncClient(verify=tls(emulator), base_url=emulator.admin_url + "/") as c:
-        assert (await c.get("info")).json() == emulator.info
-        r = await c.post("secrets", json={"vault": "demo", "name": "adm", "value": "from-admin"})
-        version = r.json()["version"]
-        assert (await kv(emulator, "GET", f"/secrets/adm/{version}")).json()["value"] == "from-admin"
-        await c.post("faults", json={"throttle": {"n": 1, "retry_after": 2}})
-        assert (await c.get("faults")).json()["throttle"] == {"remaining": 1, "retry_after": 2.0}
-        assert (await kv(emulator, "GET", "/secrets/adm")).status_code == 429
-        counts = (await c.get("counts", params={"route": "get_secret"})).json()
-        assert counts["count"] == 2
-        await c.post("enabled", json={"vault": "demo", "kind": "secret", "name": "adm", "enabled": False})
-        assert (await kv(emulator, "GET", "/secrets/adm")).status_code == 403
-        await c.post("counts/reset")
-        assert emulator.count() == 0
-        r = await c.post("faults", content=b"{oops")
-        assert r.status_code == 400 and r.json()["error"]["code"] == "BadParameter"
-    async with httpx.AsyncClient() as plain:  # the admin API is on the plain-HTTP port too
-        assert (await plain.get(f"{emulator.imds_url}/_emulator/info")).json()["tenant_id"] == emulator.tenant_id
-
-
 async def test_secret_values_and_tokens_stay_out_of_logs(emulator: Emulator, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     emulator.set_secret("demo", "quiet", "do-not-log-me-123")

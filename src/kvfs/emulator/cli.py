@@ -19,8 +19,11 @@ DESCRIPTION = """\
 Serve an emulated Azure Key Vault (secrets, keys, certificates) and Entra ID (token endpoint,
 OIDC issuer for service account tokens, IMDS, NMI) on loopback over HTTPS with a generated CA.
 When ready it writes DIR/emulator.json (tenant_id, authority_host, ca_file, cloud_env_file, vaults,
-app {client_id, client_secret}, sa_token_file, ...) and prints the environment to export.
-Admin API (faults, counters, content): GET/POST https://localhost:PORT/_emulator/... (docs/EMULATOR.md).
+app {client_id, client_secret}, sa_token_file, admin_token_file, ...) and prints the environment to
+export. Every file in DIR is private (0600). Restarted with the same DIR it keeps its CA, tenant,
+app, ports, admin token and vault content, so open mounts keep working; --fresh starts over.
+Admin API (faults, counters, content): GET/POST https://localhost:PORT/_emulator/... with
+"Authorization: Bearer $(cat DIR/admin-token)" (docs/EMULATOR.md).
 """
 
 
@@ -40,14 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
-                        help="folder for emulator.json, ca.pem, cloud-env.json, sa-token and the server key "
-                             "(created if missing)")
+                        help="folder for emulator.json, ca.pem, cloud-env.json, sa-token, admin-token, keys and "
+                             "saved state (created 0700 if missing; reused on restart)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the state saved in DIR (tenant, keys, ports, vault content) and start over")
     parser.add_argument("--host", default="127.0.0.1", metavar="ADDR",
-                        help="address to listen on (default: 127.0.0.1; keep it on loopback)")
+                        help="address to listen on (default: 127.0.0.1; keep it on loopback: it serves credentials)")
     parser.add_argument("--port", type=_port, default=0, metavar="PORT",
-                        help="HTTPS port for Key Vault, Entra ID, OIDC and the admin API (default: 0 = pick a free one)")
+                        help="HTTPS port for Key Vault, Entra ID, OIDC and the admin API "
+                             "(default: 0 = the saved one on a restart, else a free one)")
     parser.add_argument("--http-port", type=_port, default=0, metavar="PORT",
-                        help="plain-HTTP port for IMDS and NMI (default: 0 = pick a free one)")
+                        help="plain-HTTP port for IMDS and NMI (default: 0 = the saved one on a restart, else a free one)")
     parser.add_argument("--seed", type=Path, metavar="FILE",
                         help="YAML file with initial vault content (secrets, keys, certificates; see docs/EMULATOR.md)")
     parser.add_argument("--vault", action="append", metavar="NAME", dest="vaults",
@@ -67,7 +73,7 @@ def summary(emu: Emulator) -> str:
     lines += [
         f"  authority:   {emu.authority_host}/",
         f"  IMDS / NMI:  {emu.imds_url}",
-        f"  admin:       {emu.admin_url}/",
+        f"  admin:       {emu.admin_url}/  (Authorization: Bearer $(cat {emu.admin_token_file}))",
         f"  files:       {emu.dir / 'emulator.json'} (app client secret inside), {emu.ca_file},",
         f"               {emu.cloud_env_file}, {emu.sa_token_file}",
         "export:",
@@ -81,7 +87,14 @@ def summary(emu: Emulator) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input, 1 when the ports are taken."""
+    """Serve until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input or state, 1 when the ports are taken."""
+    try:
+        import hypercorn  # noqa: F401
+        import starlette  # noqa: F401
+    except ImportError as err:
+        print(f"kvfs emulator: {err.name or 'its web stack'} is not installed; "
+              "install the emulator's extra: pip install 'kvfs[emulator]'", file=sys.stderr)
+        return 2
     import trio
 
     from .seed import SeedError, load_seed
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     vaults = tuple(args.vaults or ["demo"])
     try:
         trio.run(_serve, args, seed, vaults)
-    except ValueError as err:  # SeedError, bad vault names
+    except ValueError as err:  # SeedError, StateError, bad vault names
         print(f"kvfs emulator: {err}", file=sys.stderr)
         return 2
     except OSError as err:
@@ -124,7 +137,7 @@ async def _serve(args: argparse.Namespace, seed: dict[str, object], vaults: tupl
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_emulator(
             args.dir, seed=seed, vaults=vaults, token_lifetime=args.token_lifetime,
-            host=args.host, port=args.port, http_port=args.http_port,
+            host=args.host, port=args.port, http_port=args.http_port, fresh=args.fresh,
         ) as emu:
             print(summary(emu), flush=True)
             async for signum in signals:

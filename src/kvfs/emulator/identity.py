@@ -92,7 +92,9 @@ class IdentityProvider:
         kv_resource: str,
         oidc_issuer: str,
         token_lifetime: int = 3600,
+        saved: dict[str, Any] | None = None,
     ) -> None:
+        """`saved` (from `to_state`) brings back the signing keys, default app and managed identities."""
         self._lock = threading.RLock()
         self.authority_host = authority_host.rstrip("/")
         self.tenant_id = tenant_id
@@ -104,39 +106,50 @@ class IdentityProvider:
         self.refined_fic_errors = False  # True: AADSTS700211/700212/700213 instead of 70021
         self.on_request = None
         self.clock: Callable[[], float] = time.time
-        self.entra_key = SigningKey("kvfs-emulator-sts")
-        self.oidc = OidcIssuer(oidc_issuer)
+        self.entra_key = SigningKey("kvfs-emulator-sts", saved=saved["entra_key"] if saved else None)
+        self.oidc = OidcIssuer(oidc_issuer, saved["sa_key"] if saved else None)
         self._apps: dict[str, App] = {}
         self._pods: dict[tuple[str, str], str | None] = {}
-        self.default_app = self.add_app()
+        if saved is None:
+            self.default_app = self.add_app()
+            self._default_user_assigned = self.add_managed_identity()
+        else:
+            app = saved["default_app"]
+            self.default_app = self.add_app(app["client_id"], secret=app["client_secret"], object_id=app["object_id"])
+            for mi in saved["managed_identities"]:
+                self.add_managed_identity(mi["client_id"], system=bool(mi["system"]), object_id=mi["object_id"])
+            self._default_user_assigned = next(a for a in self.managed_identities() if not a.system_assigned)
         self.default_app.display_name = "kvfs-emulator-app"
         self.add_federated_credential(
             self.default_app.client_id,
             issuer=oidc_issuer,
             subject="system:serviceaccount:default:workload",
         )
-        self._default_user_assigned = self.add_managed_identity()
 
     def __repr__(self) -> str:
         return f"IdentityProvider(tenant_id={self.tenant_id!r}, authority_host={self.authority_host!r})"
 
     # ---- directory -------------------------------------------------------------------------
 
-    def add_app(self, client_id: str | None = None, *, secret: str | None = None) -> App:
+    def add_app(
+        self, client_id: str | None = None, *, secret: str | None = None, object_id: str | None = None
+    ) -> App:
         """Register an app. `secret=None` generates a client secret; `secret=""` gives none."""
         if secret is None:
             secret = secrets.token_urlsafe(30)
         app = App(
             client_id=client_id or str(uuid.uuid4()),
             client_secret=secret or None,
-            object_id=str(uuid.uuid4()),
+            object_id=object_id or str(uuid.uuid4()),
             display_name="",
         )
         app.display_name = f"app-{app.client_id[:8]}"
         self._register(app)
         return app
 
-    def add_managed_identity(self, client_id: str | None = None, *, system: bool = False) -> App:
+    def add_managed_identity(
+        self, client_id: str | None = None, *, system: bool = False, object_id: str | None = None
+    ) -> App:
         """Add a user-assigned (default) or the VM's system-assigned identity to IMDS."""
         cid = client_id or str(uuid.uuid4())
         arm = f"/subscriptions/{_SUBSCRIPTION}/resourceGroups/{_RESOURCE_GROUP}/providers"
@@ -149,7 +162,7 @@ class IdentityProvider:
         app = App(
             client_id=cid,
             client_secret=None,
-            object_id=str(uuid.uuid4()),
+            object_id=object_id or str(uuid.uuid4()),
             display_name=name,
             managed=True,
             system_assigned=system,
@@ -211,6 +224,25 @@ class IdentityProvider:
         with self._lock:
             system = [a for a in self._apps.values() if a.system_assigned]
             return system[0] if system else self._default_user_assigned
+
+    def to_state(self) -> dict[str, Any]:
+        """What an emulator restart keeps of the tenant: signing keys, default app, managed identities.
+
+        Apps, federated credentials and pod bindings added later through the Python API are not kept.
+        """
+        with self._lock:
+            app = self.default_app
+            return {
+                "entra_key": self.entra_key.to_state(),
+                "sa_key": self.oidc.key.to_state(),
+                "default_app": {
+                    "client_id": app.client_id, "client_secret": app.client_secret, "object_id": app.object_id,
+                },
+                "managed_identities": [
+                    {"client_id": a.client_id, "object_id": a.object_id, "system": a.system_assigned}
+                    for a in self.managed_identities()
+                ],
+            }
 
     def managed_identities(self) -> list[App]:
         with self._lock:

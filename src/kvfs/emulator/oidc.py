@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from kvfs.emulator.pki import b64url
+from kvfs.emulator.pki import b64url, load_private_key, private_pem
 
 DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 JWKS_SUFFIX = "/openid/v1/jwks"
@@ -43,29 +43,43 @@ class SigningKey:
 
     `style="entra"` names the key like Entra (kid = x5t = base64url SHA-1 of the certificate);
     `style="k8s"` like the API server (kid = base64url SHA-256 of the public key DER).
+    `saved` (from `to_state`) brings back the same key and certificate, so the kid stays the same
+    and tokens signed before an emulator restart still verify.
     """
 
-    def __init__(self, common_name: str, *, style: str = "entra") -> None:
+    def __init__(self, common_name: str, *, style: str = "entra", saved: dict[str, str] | None = None) -> None:
         self.style = style
-        self._private = _new_rsa_key()
-        now = dt.datetime.now(dt.UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._private.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .sign(self._private, hashes.SHA256())
-        )
+        if saved is None:
+            self._private = _new_rsa_key()
+            now = dt.datetime.now(dt.UTC)
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name)
+                .issuer_name(name)
+                .public_key(self._private.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=3650))
+                .sign(self._private, hashes.SHA256())
+            )
+        else:
+            key = load_private_key(saved["key"].encode("ascii"))
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise ValueError("a signing key must be RSA")
+            self._private = key
+            cert = x509.load_pem_x509_certificate(saved["cert"].encode("ascii"))
+        self._cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.cert_der = cert.public_bytes(serialization.Encoding.DER)
         self.x5t = b64url(hashlib.sha1(self.cert_der).digest())  # noqa: S324 - x5t is SHA-1 by spec
         spki = self._private.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         self.kid = self.x5t if style == "entra" else b64url(hashlib.sha256(spki).digest())
+
+    def to_state(self) -> dict[str, str]:
+        """The private key and certificate as PEM text, for the emulator's state file."""
+        return {"key": private_pem(self._private).decode("ascii"), "cert": self._cert_pem}
 
     def __repr__(self) -> str:
         return f"SigningKey(kid={self.kid!r})"
@@ -106,9 +120,9 @@ class SigningKey:
 class OidcIssuer:
     """A Kubernetes service account issuer: what `--service-account-issuer` serves and signs."""
 
-    def __init__(self, issuer: str) -> None:
+    def __init__(self, issuer: str, saved_key: dict[str, str] | None = None) -> None:
         self.issuer = issuer
-        self.key = SigningKey("kvfs-emulator-sa-signer", style="k8s")
+        self.key = SigningKey("kvfs-emulator-sa-signer", style="k8s", saved=saved_key)
         self.path = urlsplit(issuer).path.rstrip("/")
 
     @property

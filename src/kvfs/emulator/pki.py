@@ -127,14 +127,16 @@ def _name(subject: str) -> x509.Name:
         raise ValueError(f"certificate subject {subject!r} is not an RFC 4514 name: {err}") from None
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _san(names: Sequence[str]) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            out.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            out.append(x509.DNSName(name))
-    return out
+    return [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n) for n in names]
 
 
 def make_certificate(
@@ -188,14 +190,33 @@ class TlsMaterial:
     """The emulator's own CA and server certificate, PEM-encoded for files and ssl contexts."""
 
     ca_pem: bytes
+    ca_key_pem: bytes = field(repr=False)
     cert_pem: bytes
     key_pem: bytes = field(repr=False)
 
 
-def make_tls_material(hosts: Sequence[str]) -> TlsMaterial:
-    """A throwaway CA and a server cert for `hosts` (DNS names and IP literals)."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = make_certificate("CN=kvfs emulator CA,O=kvfs", ca_key, ca=True, days=3650)
+def private_pem(key: PrivateKey) -> bytes:
+    """PKCS#8 PEM without a password: what Key Vault's PEM secrets and the emulator's files hold."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_private_key(pem: bytes) -> PrivateKey:
+    """A password-less PEM private key; only RSA and EC keys are supported."""
+    loaded = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(loaded, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise ValueError("only RSA and EC private keys are supported")
+    return loaded
+
+
+def make_tls_material(hosts: Sequence[str], ca_pem: bytes | None = None, ca_key_pem: bytes | None = None) -> TlsMaterial:
+    """A server cert for `hosts` (DNS names and IP literals), signed by the given CA or a new one."""
+    if ca_pem is None or ca_key_pem is None:
+        ca_key: PrivateKey = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = make_certificate("CN=kvfs emulator CA,O=kvfs", ca_key, ca=True, days=3650)
+    else:
+        ca_key, ca_cert = load_private_key(ca_key_pem), x509.load_pem_x509_certificate(ca_pem)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = make_certificate(
         "CN=localhost,O=kvfs emulator", key, issuer_cert=ca_cert, issuer_key=ca_key,
@@ -203,13 +224,24 @@ def make_tls_material(hosts: Sequence[str]) -> TlsMaterial:
     )
     return TlsMaterial(
         ca_pem=ca_cert.public_bytes(serialization.Encoding.PEM),
+        ca_key_pem=private_pem(ca_key),
         cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+        key_pem=private_pem(key),
     )
+
+
+def serves(cert_pem: bytes, hosts: Sequence[str], *, min_days: int = 30) -> bool:
+    """Whether a saved server cert names every host and stays valid for `min_days` more."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
+    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    wanted = {str(ipaddress.ip_address(h)) if _is_ip(h) else h.lower() for h in hosts}
+    horizon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=min_days)
+    return wanted <= names and cert.not_valid_after_utc > horizon
 
 
 @dataclass
@@ -231,11 +263,7 @@ class CertMaterial:
     def secret_value(self, content_type: str) -> str:
         """The backing secret: base64 PFX without password, or PEM with PKCS#8 key first then certs."""
         if content_type == PEM:
-            key_pem = self.key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+            key_pem = private_pem(self.key)
             certs = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [self.leaf, *self.chain])
             return (key_pem + certs).decode("ascii")
         pfx = pkcs12.serialize_key_and_certificates(
@@ -288,10 +316,7 @@ def parse_pem_bundle(pem: bytes) -> CertMaterial:
         stop = pem.find(b"-----", end_marker + 8)
         block = pem[start : stop + 5]
         if b"PRIVATE KEY" in block.split(b"\n", 1)[0]:
-            loaded = serialization.load_pem_private_key(block, password=None)
-            if not isinstance(loaded, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
-                raise ValueError("only RSA and EC private keys are supported")
-            key = loaded
+            key = load_private_key(block)
         start = pem.find(b"-----BEGIN", stop + 5)
     if key is None:
         raise ValueError("the PEM content holds no private key")

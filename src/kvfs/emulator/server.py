@@ -6,11 +6,14 @@ a background thread (for tests that do blocking file I/O on a real mount). Both 
 
 Host names: vaults are `https://<name>.vault.localhost:P/` (routed by the Host header), the
 authority is `https://localhost:P/`, and the Key Vault token resource is `https://vault.localhost:P`.
+Any other Host (but loopback IPs and the `--host` address) is refused on both ports: a web page
+whose name rebinds to 127.0.0.1 must not reach the client secret (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import os
@@ -34,10 +37,13 @@ from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
 from . import pki
+from .admin import PREFIX as ADMIN_PREFIX
+from .admin import Admin
 from .faults import Counts, Faults
 from .identity import IdentityProvider
 from .seed import apply_seed, seed_vault_names
-from .vault_api import ApiError, VaultApi, read_body, send_json
+from .state import FRESH_HINT, StateDir, StateError, why, write_private
+from .vault_api import ApiError, VaultApi, send_json
 from .vaults import Kind, VaultStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,7 @@ class Emulator:
     def __init__(
         self,
         *,
-        dir: Path,
+        files: StateDir,
         host: str,
         https_port: int,
         http_port: int,
@@ -62,8 +68,11 @@ class Emulator:
         store: VaultStore,
         faults: Faults,
         counts: Counts,
+        admin_token: str,
+        token_lifetime: int,
     ) -> None:
-        self.dir = dir
+        self.files = files
+        self.dir = files.dir
         self.host = host
         self.https_port = https_port
         self.http_port = http_port
@@ -79,10 +88,26 @@ class Emulator:
         self.imds_url = f"http://{_url_host(host)}:{http_port}"
         self.nmi_url = self.imds_url
         self.admin_url = f"{self.authority_host}/_emulator"
-        self.ca_file = dir / "ca.pem"
-        self.cloud_env_file = dir / "cloud-env.json"
-        self.sa_token_file = dir / "sa-token"
+        self.admin_token = admin_token
+        self.admin_token_file = files.admin_token
+        self.ca_file = files.ca
+        self.cloud_env_file = files.cloud_env
+        self.sa_token_file = files.sa_token
+        self.token_lifetime = token_lifetime
         self.info: dict[str, Any] = {}
+
+    def admin_headers(self) -> dict[str, str]:
+        """The header the admin API needs."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def rotate_sa_token(self) -> None:
+        """Write a new service account token to `sa_token_file`, as kubelet refreshes projected tokens."""
+        token = self.identity.mint_sa_token(SA_NAMESPACE, SA_NAME, lifetime=self.sa_token_lifetime)
+        write_private(self.sa_token_file, token.encode())
+
+    @property
+    def sa_token_lifetime(self) -> int:
+        return max(self.token_lifetime, 3600)
 
     # -- addresses ------------------------------------------------------------------------------
     def vault_url(self, vault: str) -> str:
@@ -166,7 +191,8 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, saved_in: Path | None = None) -> socket.socket:
+    """A listening socket; `saved_in` names the state file the port comes from, for the error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -174,23 +200,42 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror} (choose another --port/--http-port)") from None
+        if saved_in is None:
+            fix = "choose another --port/--http-port"
+        else:
+            fix = (f"the port saved in {saved_in}; stop whatever holds it, choose --port/--http-port, "
+                   "or start over with --fresh")
+        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror} ({fix})") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+def _is_loopback(host: str) -> bool:
+    """`localhost`, and IP literals in 127.0.0.0/8 or ::1 (brackets allowed)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host: str, listen: str) -> bool:
+    """Whether to serve a request with this Host header (port optional): loopback names and IPs,
+    `vault.localhost`, `<vault>.vault.localhost` and the literal `--host` address. Any other name
+    may be a web page whose DNS name was rebound to 127.0.0.1."""
+    name = host_name(host).rstrip(".")
+    if name == VAULT_SUFFIX[1:] or name.endswith(VAULT_SUFFIX) or _is_loopback(name):
+        return True
+    return bool(name) and name.strip("[]") == listen.strip("[]").lower()
 
 
 class _App:
-    """Top-level ASGI app: admin, vault hosts, identity HTTPS routes, identity HTTP routes."""
+    """Top-level ASGI app: Host check, then admin, vault hosts, identity HTTPS routes, identity HTTP routes."""
 
-    def __init__(self, emu: Emulator, api: VaultApi, admin: _Admin) -> None:
+    def __init__(self, emu: Emulator, api: VaultApi, admin: Admin) -> None:
         self.emu = emu
         self.api = api
         self.admin = admin
@@ -201,11 +246,14 @@ class _App:
         if scope["type"] != "http":
             return
         try:
-            if scope["path"].startswith("/_emulator/"):
-                await self.admin(scope, receive, send)
+            host = _host(scope)
+            if not host_allowed(host, self.emu.host):
+                await _misdirected(host, self.emu.host, send)
                 return
             if scope.get("scheme") == "https":
-                host = _host(scope)
+                if scope["path"].startswith(ADMIN_PREFIX):
+                    await self.admin(scope, receive, send)
+                    return
                 if host.endswith(VAULT_SUFFIX):
                     await self.api.handle(host[: -len(VAULT_SUFFIX)], scope, receive, send)
                     return
@@ -220,72 +268,31 @@ class _App:
 def _host(scope: Scope) -> str:
     for k, v in scope.get("headers", []):
         if k == b"host":
-            host = v.decode("latin-1").lower()
-            if host.startswith("["):
-                return host.split("]")[0] + "]"
-            return host.rsplit(":", 1)[0] if ":" in host else host
+            return host_name(v.decode("latin-1"))
     return ""
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header: lower case, without the port; an IPv6 literal keeps its brackets."""
+    host = header.lower()
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+async def _misdirected(host: str, listen: str, send: Send) -> None:
+    also = "" if _is_loopback(listen) else f", {listen}"
+    err = ApiError(
+        421, "MisdirectedRequest",
+        f"Host {host[:100]!r} is not served here: the emulator answers only localhost, <vault>.vault.localhost, "
+        f"127.0.0.1 and [::1]{also} (a guard against DNS rebinding).",
+    )
+    await send_json(send, 421, err.body(), {})
 
 
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     err = ApiError(404, "NotFound", f"The requested resource {scope.get('path', '')[:200]} does not exist.")
     await send_json(send, 404, err.body(), {})
-
-
-class _Admin:
-    """`/_emulator/...` on both ports: info, counts, faults, content and grants (loopback, no auth)."""
-
-    def __init__(self, emu: Emulator) -> None:
-        self.emu = emu
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        try:
-            body = await read_body(receive, headers)
-            status, payload = self._route(scope["method"].upper(), scope["path"], scope, body)
-        except ApiError as err:
-            status, payload = err.status, err.body()
-        except (ValueError, KeyError, TypeError) as err:
-            status, payload = 400, ApiError(400, "BadParameter", f"Bad admin request: {err}").body()
-        except Exception:  # noqa: BLE001 - only a closed connection gets here
-            return
-        await send_json(send, status, payload, {})
-
-    def _route(self, method: str, path: str, scope: Scope, raw: bytes) -> tuple[int, dict[str, Any]]:
-        emu = self.emu
-        body: dict[str, Any] = json.loads(raw) if raw.strip() else {}
-        if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
-        path = path.rstrip("/")
-        if (method, path) == ("GET", "/_emulator/info"):
-            return 200, emu.info
-        if (method, path) == ("GET", "/_emulator/counts"):
-            from urllib.parse import parse_qsl
-
-            q = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            n = emu.count(q.get("vault"), q.get("route"), q.get("client_id"))
-            return 200, {"count": n, "entries": emu.counts.snapshot()}
-        if (method, path) == ("POST", "/_emulator/counts/reset"):
-            emu.reset_counts()
-            return 200, {"count": 0}
-        if (method, path) == ("GET", "/_emulator/faults"):
-            return 200, emu.faults.state()
-        if (method, path) == ("POST", "/_emulator/faults"):
-            emu.faults.apply(body)
-            return 200, emu.faults.state()
-        if (method, path) == ("POST", "/_emulator/secrets"):
-            version = emu.set_secret(
-                body["vault"], body["name"], str(body["value"]),
-                content_type=body.get("content_type"), enabled=bool(body.get("enabled", True)),
-            )
-            return 200, {"version": version}
-        if (method, path) == ("POST", "/_emulator/enabled"):
-            emu.set_enabled(body["vault"], body["kind"], body["name"], body.get("version"), bool(body["enabled"]))
-            return 200, {"enabled": bool(body["enabled"])}
-        if (method, path) == ("POST", "/_emulator/grants"):
-            (emu.grant if body.get("granted", True) else emu.revoke)(body["vault"], body["client_id"])
-            return 200, {"granted": bool(body.get("granted", True))}
-        raise ApiError(404, "NotFound", f"No admin endpoint {method} {path}.")
 
 
 class _Server:
@@ -346,54 +353,73 @@ async def open_emulator(
     host: str = "127.0.0.1",
     port: int = 0,
     http_port: int = 0,
+    fresh: bool = False,
 ) -> AsyncIterator[Emulator]:
-    """Start the emulator in this trio run; writes DIR/emulator.json (atomically) once serving."""
+    """Start the emulator in this trio run; writes DIR/emulator.json (atomically) once serving.
+
+    A DIR an earlier emulator used brings back its tenant, keys, ports (when `port`/`http_port`
+    are 0), admin token and vault content; `fresh=True` discards that state first.
+    """
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="kvfs-emulator-")
         dir = Path(tmp.name)
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
-    info_file = dir / "emulator.json"
-    info_file.unlink(missing_ok=True)  # a stale file from an earlier run must not look ready
-    https_sock = _bind(host, port)
+    files = StateDir(Path(dir))
     try:
-        http_sock = _bind(host, http_port)
-    except OSError:
-        https_sock.close()
-        raise
-    try:
-        emu = _build(dir, host, https_sock, http_sock, seed or {}, vaults, token_lifetime)
-        config = _hypercorn_config(dir)
-        server = _Server(config)
-        api = VaultApi(
-            emu.store, identity=emu.identity, faults=emu.faults, counts=emu.counts,
-            authority_host=emu.authority_host, tenant_id=emu.tenant_id, kv_resource=emu.kv_resource,
-            dropper=server.drop,
-        )
-        app = _App(emu, api, _Admin(emu))
-        server.app = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, https_sock, http_sock)
-            nursery.start_soon(_refresh_sa_token, emu, token_lifetime)
-            _write_atomic(info_file, json.dumps(emu.info, indent=2).encode() + b"\n")
-            log.info("emulator serving on %s (vaults: %s)", emu.authority_host, ", ".join(emu.store.names()))
-            try:
-                yield emu
-            finally:
-                info_file.unlink(missing_ok=True)
-                nursery.cancel_scope.cancel()
+        files.prepare(fresh=fresh)
+        saved = files.read_json(files.tenant)
+        if not _is_loopback(host):
+            log.warning("listening on %s, which is not loopback: the emulator serves credentials; keep it on loopback",
+                        host)
+        https_sock, http_sock = _listen(files, saved, host, port, http_port)
+        try:
+            emu = _build(files, saved, host, https_sock, http_sock, seed or {}, vaults, token_lifetime)
+            config = _hypercorn_config(files)
+            server = _Server(config)
+            api = VaultApi(
+                emu.store, identity=emu.identity, faults=emu.faults, counts=emu.counts,
+                authority_host=emu.authority_host, tenant_id=emu.tenant_id, kv_resource=emu.kv_resource,
+                dropper=server.drop,
+            )
+            app = _App(emu, api, Admin(emu))
+            server.app = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, https_sock, http_sock)
+                nursery.start_soon(_refresh_sa_token, emu)
+                write_private(files.info, json.dumps(emu.info, indent=2).encode() + b"\n")
+                log.info("emulator serving on %s (vaults: %s)", emu.authority_host, ", ".join(emu.store.names()))
+                try:
+                    yield emu
+                finally:
+                    files.info.unlink(missing_ok=True)
+                    nursery.cancel_scope.cancel()
+        finally:
+            https_sock.close()
+            http_sock.close()
     finally:
-        https_sock.close()
-        http_sock.close()
         if tmp is not None:
             tmp.cleanup()
 
 
-def _hypercorn_config(dir: Path) -> Config:
+def _listen(
+    files: StateDir, saved: dict[str, Any] | None, host: str, port: int, http_port: int
+) -> tuple[socket.socket, socket.socket]:
+    """Both listening sockets; a port given as 0 is the saved one, if any, else a free one."""
+    saved_https = int(saved.get("https_port", 0)) if saved and not port else 0
+    saved_http = int(saved.get("http_port", 0)) if saved and not http_port else 0
+    https_sock = _bind(host, saved_https or port, files.tenant if saved_https else None)
+    try:
+        http_sock = _bind(host, saved_http or http_port, files.tenant if saved_http else None)
+    except OSError:
+        https_sock.close()
+        raise
+    return https_sock, http_sock
+
+
+def _hypercorn_config(files: StateDir) -> Config:
     config = Config()
-    config.certfile = str(dir / "server.pem")
-    config.keyfile = str(dir / "server-key.pem")
+    config.certfile = str(files.server_cert)
+    config.keyfile = str(files.server_key)
     config.alpn_protocols = ["http/1.1"]
     config.keep_alive_timeout = 30
     config.backlog = 1024
@@ -403,9 +429,10 @@ def _hypercorn_config(dir: Path) -> Config:
 
 
 def _build(
-    dir: Path, host: str, https_sock: socket.socket, http_sock: socket.socket,
+    files: StateDir, saved: dict[str, Any] | None, host: str, https_sock: socket.socket, http_sock: socket.socket,
     seed: dict[str, Any], vaults: Sequence[str], token_lifetime: int,
 ) -> Emulator:
+    """The emulator of this folder: the saved one on a restart, else a new tenant; writes every file."""
     https_port = https_sock.getsockname()[1]
     http_port = http_sock.getsockname()[1]
     names = list(dict.fromkeys([*vaults, *seed_vault_names(seed)]))
@@ -415,46 +442,71 @@ def _build(
                 f"vault name {name!r} is invalid: use 3-24 letters, digits and single hyphens, "
                 "starting with a letter and not ending with a hyphen"
             )
-    tenant_id = str(uuid.uuid4())
-    authority = f"https://localhost:{https_port}"
-    identity = IdentityProvider(
-        authority_host=authority, tenant_id=tenant_id, kv_resource=f"https://vault.localhost:{https_port}",
-        oidc_issuer=f"{authority}/oidc", token_lifetime=token_lifetime,
-    )
+    identity = _identity(files, saved, https_port, token_lifetime)
     counts = Counts()
     identity.on_request = lambda route, client_id: counts.add(None, route, client_id)
     emu = Emulator(
-        dir=dir, host=host, https_port=https_port, http_port=http_port,
+        files=files, host=host, https_port=https_port, http_port=http_port,
         identity=identity, store=VaultStore(), faults=Faults(identity), counts=counts,
+        admin_token=files.load_admin_token(), token_lifetime=token_lifetime,
     )
-    mi = identity.add_managed_identity(system=True)
-    for name in names:
+    mi = identity.default_managed_identity if saved else identity.add_managed_identity(system=True)
+    if saved:
+        files.restore_vaults(emu.store, lambda name: f"https://{name}{VAULT_SUFFIX}:{https_port}")
+    new = [n for n in names if emu.store.find(n) is None]
+    for name in new:
         emu.add_vault(name)
         emu.grant(name, mi.client_id)
-    apply_seed(emu.store, seed)
-
-    hosts = ["localhost", "*.vault.localhost", *(f"{n.lower()}{VAULT_SUFFIX}" for n in names), "127.0.0.1", "::1"]
+    # saved content wins: the seed fills only vaults this start creates
+    apply_seed(emu.store, {"vaults": {n: c for n, c in (seed.get("vaults") or {}).items() if str(n) in new}})
+    files.journal(emu.store)
+    hosts = ["localhost", "*.vault.localhost", *(f"{n.lower()}{VAULT_SUFFIX}" for n in emu.store.names()),
+             "127.0.0.1", "::1"]
     if host not in hosts:
         hosts.append(host)
-    tls = pki.make_tls_material(hosts)
-    _write_atomic(dir / "ca.pem", tls.ca_pem)
-    _write_atomic(dir / "server.pem", tls.cert_pem)
-    _write_atomic(dir / "server-key.pem", tls.key_pem, 0o600)
-    cloud = {
+    files.load_tls(hosts, restart=saved is not None)
+    # last: a folder with tenant.json holds a whole state, so a start cut short stays a first start
+    files.save_tenant({"tenant_id": identity.tenant_id, "https_port": https_port, "http_port": http_port,
+                       "identity": identity.to_state()})
+    write_private(files.cloud_env, json.dumps(_cloud_env(emu), indent=2).encode() + b"\n")
+    emu.rotate_sa_token()
+    emu.info = _info(emu, mi.client_id)
+    return emu
+
+
+def _identity(files: StateDir, saved: dict[str, Any] | None, https_port: int, token_lifetime: int) -> IdentityProvider:
+    """The saved tenant (its id, signing keys, app, managed identities), or a new one."""
+    authority = f"https://localhost:{https_port}"
+    try:
+        return IdentityProvider(
+            authority_host=authority, tenant_id=str(saved["tenant_id"]) if saved else str(uuid.uuid4()),
+            kv_resource=f"https://vault.localhost:{https_port}", oidc_issuer=f"{authority}/oidc",
+            token_lifetime=token_lifetime, saved=saved["identity"] if saved else None,
+        )
+    except (KeyError, TypeError, ValueError, StopIteration) as err:
+        raise StateError(f"{files.tenant} is malformed ({why(err)}); {FRESH_HINT}") from None
+
+
+def _cloud_env(emu: Emulator) -> dict[str, str]:
+    """The AzureStackCloud file kvfs and the Azure SDK take as `cloudEnvFileName`."""
+    authority = emu.authority_host
+    return {
         "name": "AzureStackCloud",
         "activeDirectoryEndpoint": f"{authority}/",
         "activeDirectoryResourceID": f"{authority}/",
         "resourceManagerEndpoint": f"{authority}/",
-        "keyVaultEndpoint": f"https://vault.localhost:{https_port}/",
-        "keyVaultDNSSuffix": f"vault.localhost:{https_port}",
+        "keyVaultEndpoint": f"{emu.kv_resource}/",
+        "keyVaultDNSSuffix": f"vault.localhost:{emu.https_port}",
         "tokenAudience": f"{authority}/",
     }
-    _write_atomic(emu.cloud_env_file, json.dumps(cloud, indent=2).encode() + b"\n")
-    _write_atomic(emu.sa_token_file, _mint_sa(emu, token_lifetime).encode(), 0o600)
-    app = identity.default_app
-    emu.info = {
-        "tenant_id": tenant_id,
-        "authority_host": authority,
+
+
+def _info(emu: Emulator, managed_identity: str) -> dict[str, Any]:
+    """emulator.json: what clients need (it holds the client secret and the admin token)."""
+    app = emu.identity.default_app
+    return {
+        "tenant_id": emu.tenant_id,
+        "authority_host": emu.authority_host,
         "ca_file": str(emu.ca_file),
         "cloud_env_file": str(emu.cloud_env_file),
         "cloud_name": "AzureStackCloud",
@@ -462,29 +514,26 @@ def _build(
         "app": {"client_id": app.client_id, "client_secret": app.client_secret},
         "sa_token_file": str(emu.sa_token_file),
         "service_account": {"namespace": SA_NAMESPACE, "name": SA_NAME},
-        "managed_identity": {"client_id": mi.client_id},
-        "https_port": https_port,
-        "http_port": http_port,
+        "managed_identity": {"client_id": managed_identity},
+        "https_port": emu.https_port,
+        "http_port": emu.http_port,
         "kv_resource": emu.kv_resource,
-        "key_vault_dns_suffix": f"vault.localhost:{https_port}",
+        "key_vault_dns_suffix": f"vault.localhost:{emu.https_port}",
         "imds_url": emu.imds_url,
         "nmi_url": emu.nmi_url,
         "oidc_issuer": emu.oidc_issuer,
         "admin_url": emu.admin_url,
+        "admin_token_file": str(emu.admin_token_file),
+        "admin_token": emu.admin_token,
         "pid": os.getpid(),
     }
-    return emu
 
 
-def _mint_sa(emu: Emulator, token_lifetime: int) -> str:
-    return emu.identity.mint_sa_token(SA_NAMESPACE, SA_NAME, lifetime=max(token_lifetime, 3600))
-
-
-async def _refresh_sa_token(emu: Emulator, token_lifetime: int) -> None:
+async def _refresh_sa_token(emu: Emulator) -> None:
     """Rewrite the SA token file at half its lifetime, like kubelet does for projected tokens."""
     while True:
-        await trio.sleep(max(token_lifetime, 3600) / 2)
-        _write_atomic(emu.sa_token_file, _mint_sa(emu, token_lifetime).encode(), 0o600)
+        await trio.sleep(emu.sa_token_lifetime / 2)
+        emu.rotate_sa_token()
 
 
 class EmulatorThread:

@@ -316,7 +316,7 @@ class VaultApi:
         """One page of every version of the object named in the path."""
         versions = self.store.versions(ctx.vault.name, kind, ctx.params["name"])
         items = [item(ctx.vault, v, versioned=True) for v in versions if isinstance(v, cls)]
-        return self._page(ctx, f"/{noun}/{versions[0].name}/versions", items, empty)  # type: ignore[attr-defined]
+        return self._page(ctx, f"/{noun}/{versions[0].name}/versions", items, empty)
 
     # -- secrets -------------------------------------------------------------------------------
     def _list_secrets(self, ctx: Ctx, empty: bool) -> tuple[int, dict[str, Any]]:
@@ -438,11 +438,9 @@ class VaultApi:
         k = self.store.update(
             ctx.vault.name, "key", ctx.params["name"], ctx.params.get("version") or None,
             enabled=attrs.get("enabled"), nbf=attrs.get("nbf"), exp=attrs.get("exp"), tags=body.get("tags"),
+            key_ops=_ops(body.get("key_ops")),
         )
         assert isinstance(k, KeyVersion)
-        ops = _ops(body.get("key_ops"))
-        if ops:
-            k.key_ops = tuple(ops)
         return 200, key_bundle(ctx.vault, k)
 
     # -- certificates ----------------------------------------------------------------------------

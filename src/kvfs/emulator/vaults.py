@@ -1,7 +1,10 @@
 """The emulated vaults' content: secrets, keys and certificates with versions, and who may read them.
 
-Pure in-memory state behind one `threading.Lock`: the trio server reads it and tests running the
+In-memory state behind one `threading.RLock`: the trio server reads it and tests running the
 emulator in a background thread mutate it. No method awaits, so holding the lock is always brief.
+After every change the store calls `on_change(vault, version)` under that lock, for the vault
+itself (version None: it is new or its grants changed) or each version added or updated, so the
+emulator journals the changes in order (`state.py`).
 JSON shapes follow Key Vault's wire format (`docs/EMULATOR.md`, reference keyvault-wire §3).
 """
 
@@ -12,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,14 +107,17 @@ class CertVersion:
     issuer: str = "Self"
 
 
+Version = SecretVersion | KeyVersion | CertVersion
+
+
 @dataclass
 class History:
     """All versions of one object name, oldest first; `name` keeps the casing it was created with."""
 
     name: str
-    versions: dict[str, object] = field(default_factory=dict)
+    versions: dict[str, Version] = field(default_factory=dict)
 
-    def latest(self) -> object | None:
+    def latest(self) -> Version | None:
         return next(reversed(self.versions.values()), None)
 
 
@@ -167,6 +173,20 @@ class VaultStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._vaults: dict[str, Vault] = {}
+        self.on_change: Callable[[Vault, Version | None], None] | None = None
+
+    def _changed(self, vault: Vault, version: Version | None = None) -> None:
+        if self.on_change is not None:
+            self.on_change(vault, version)
+
+    def vaults(self) -> list[Vault]:
+        """Every vault; read their content only while holding the store (`with store.lock`)."""
+        with self._lock:
+            return list(self._vaults.values())
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
 
     # -- vaults and grants ------------------------------------------------------------------
     def add_vault(self, name: str, base_url: str) -> Vault:
@@ -174,6 +194,7 @@ class VaultStore:
             key = name.lower()
             if key not in self._vaults:
                 self._vaults[key] = Vault(name, base_url)
+                self._changed(self._vaults[key])
             return self._vaults[key]
 
     def vault(self, name: str) -> Vault:
@@ -193,18 +214,22 @@ class VaultStore:
 
     def grant(self, vault: str, client_id: str) -> None:
         with self._lock:
-            self.vault(vault).grants.add(client_id.lower())
+            v = self.vault(vault)
+            v.grants.add(client_id.lower())
+            self._changed(v)
 
     def revoke(self, vault: str, client_id: str) -> None:
         with self._lock:
-            self.vault(vault).grants.discard(client_id.lower())
+            v = self.vault(vault)
+            v.grants.discard(client_id.lower())
+            self._changed(v)
 
     def is_granted(self, vault: str, client_id: str) -> bool:
         with self._lock:
             return client_id.lower() in self.vault(vault).grants
 
     # -- lookups ----------------------------------------------------------------------------
-    def get(self, vault: str, kind: Kind, name: str, version: str | None = None) -> object:
+    def get(self, vault: str, kind: Kind, name: str, version: str | None = None) -> Version:
         """The named version (latest when `version` is empty); raises StoreError 404."""
         with self._lock:
             hist = self.vault(vault).table(kind).get(name.lower())
@@ -220,7 +245,7 @@ class VaultStore:
         with self._lock:
             return list(self.vault(vault).table(kind).values())
 
-    def versions(self, vault: str, kind: Kind, name: str) -> list[object]:
+    def versions(self, vault: str, kind: Kind, name: str) -> list[Version]:
         with self._lock:
             hist = self.vault(vault).table(kind).get(name.lower())
             if hist is None:
@@ -262,6 +287,7 @@ class VaultStore:
                 content_type=content_type, tags=_tags(tags),
             )
             hist.versions[sv.version] = sv
+            self._changed(self.vault(vault), sv)
             return sv
 
     def add_key(
@@ -286,6 +312,7 @@ class VaultStore:
                 attributes=Attributes(enabled=enabled, nbf=nbf, exp=exp), tags=_tags(tags),
             )
             hist.versions[kv.version] = kv
+            self._changed(self.vault(vault), kv)
             return kv
 
     def add_certificate(
@@ -330,12 +357,14 @@ class VaultStore:
                 key_ops=RSA_OPS if kty == "RSA" else EC_OPS, attributes=attrs(), tags=cv.tags, managed=True,
             )
             shist = self._history(vault, "secret", chist.name)
-            shist.versions[version] = SecretVersion(
+            sv = shist.versions[version] = SecretVersion(
                 name=shist.name, version=version,
                 value=material.secret_value(content_type) if secret_value is None else secret_value,
                 attributes=attrs(), content_type=content_type, tags=cv.tags,
                 kid=v.object_id("key", khist.name, version), managed=True,
             )
+            for changed in (cv, khist.versions[version], sv):
+                self._changed(v, changed)
             return cv
 
     def update(
@@ -350,20 +379,22 @@ class VaultStore:
         exp: int | None = None,
         tags: dict[str, str] | None = None,
         content_type: str | None = None,
-    ) -> object:
+        key_ops: Sequence[str] | None = None,
+    ) -> Version:
         """PATCH semantics: change only what is given. Certificate changes mirror to key and secret."""
         with self._lock:
             obj = self.get(vault, kind, name, version)
-            targets: list[object] = [obj]
+            targets: list[Version] = [obj]
             if isinstance(obj, CertVersion):
-                for k in ("key", "secret"):
+                backing: tuple[Kind, ...] = ("key", "secret")
+                for k in backing:
                     try:
-                        targets.append(self.get(vault, k, obj.name, obj.version))  # type: ignore[arg-type]
+                        targets.append(self.get(vault, k, obj.name, obj.version))
                     except StoreError:
                         pass
             now = int(time.time())
             for t in targets:
-                attrs: Attributes = t.attributes  # type: ignore[attr-defined]
+                attrs = t.attributes
                 if enabled is not None:
                     attrs.enabled = enabled
                 if nbf is not None:
@@ -372,9 +403,13 @@ class VaultStore:
                     attrs.exp = exp
                 attrs.updated = now
                 if tags is not None:
-                    t.tags = _tags(tags)  # type: ignore[attr-defined]
+                    t.tags = _tags(tags)
             if content_type is not None and isinstance(obj, SecretVersion):
                 obj.content_type = content_type
+            if key_ops and isinstance(obj, KeyVersion):
+                obj.key_ops = tuple(key_ops)
+            for t in targets:
+                self._changed(self.vault(vault), t)
             return obj
 
 
@@ -436,7 +471,7 @@ def cert_policy(v: Vault, c: CertVersion) -> dict[str, object]:
     if pki.curve_name(key):
         key_props["crv"] = pki.curve_name(key)
     else:
-        key_props["key_size"] = key.key_size  # type: ignore[union-attr]
+        key_props["key_size"] = key.key_size
     leaf = c.material.leaf
     x509_props: dict[str, object] = {
         "subject": leaf.subject.rfc4514_string(),
