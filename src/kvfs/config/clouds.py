@@ -159,7 +159,7 @@ def _read_env_file(name: str, path: str, allowed_dir: str | None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _invalid(name, f"{path} is not UTF-8 text", _STACK_FIX) from None
+        raise _invalid(name, f"cloudEnvFileName {path} is not UTF-8 text", _STACK_FIX) from None
 
 
 def _load_stack(name: str, env_file: str, allowed_dir: str | None) -> CloudConfig:
@@ -172,18 +172,18 @@ def _load_stack(name: str, env_file: str, allowed_dir: str | None) -> CloudConfi
     except json.JSONDecodeError as exc:
         raise _invalid(
             name,
-            f"{env_file} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            f"cloudEnvFileName {env_file} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             _STACK_FIX,
         ) from None
     if not isinstance(doc, dict):
-        raise _invalid(name, f"{env_file} must hold a JSON object", _STACK_FIX)
+        raise _invalid(name, f"cloudEnvFileName {env_file} must hold a JSON object", _STACK_FIX)
     values: dict[str, str] = {}
     for field in _STACK_FIELDS:
         value = _json_field(doc, field)
         if not isinstance(value, str) or not value.strip():
             raise _invalid(
                 name,
-                f"{env_file}: field {field} is missing or not a non-empty string",
+                f"cloudEnvFileName {env_file}: field {field} is missing or not a non-empty string",
                 f'add "{field}" to {env_file}; {_STACK_FIX}',
             )
         values[field] = value.strip()
@@ -194,7 +194,7 @@ def _load_stack(name: str, env_file: str, allowed_dir: str | None) -> CloudConfi
     if not _DNS_SUFFIX.match(suffix):
         raise _invalid(
             name,
-            f"{env_file}: keyVaultDNSSuffix is not a host name with an optional :port",
+            f"cloudEnvFileName {env_file}: keyVaultDNSSuffix is not a host name with an optional :port",
             'write it like "vault.local.azurestack.external" (no scheme, no leading dot, no path)',
         )
     return CloudConfig(
@@ -221,7 +221,7 @@ def _https_endpoint(name: str, env_file: str, field: str, values: dict[str, str]
     if not url.lower().startswith("https://") or len(url.rstrip("/")) <= len("https://"):
         raise _invalid(
             name,
-            f"{env_file}: {field} is not an https:// URL",
+            f"cloudEnvFileName {env_file}: {field} is not an https:// URL",
             f'write {field} like "https://host.example/" (kvfs only talks HTTPS)',
         )
     return url.rstrip("/")
