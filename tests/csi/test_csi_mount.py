@@ -138,8 +138,13 @@ def test_killed_plugin_restarts_and_keeps_volumes(csi_process: Callable[..., Plu
     plugin.kill()
     for target in targets:  # still served while no plugin runs
         assert Path(target, "hello").read_text().startswith("hello from vol-")
+    uids = [kubelet.state(t).uid for t in targets]
     kubelet = plugin.start()
     assert plugin.mounter_pid() == mounter  # the old mounter was found, not replaced
+    third = kubelet.target(tmp_path, "p2")
+    kubelet.publish("vol-2", third)  # the state folder still holds the living volumes' uids
+    assert kubelet.state(third).uid not in uids and _uid(kubelet.state(third).pid) == kubelet.state(third).uid
+    kubelet.unpublish("vol-2", third)
     kubelet.publish("vol-0", targets[0], token="after-restart")  # republish by the new plugin
     status = kubelet.control(targets[0], {"op": "status"})
     assert status["token_sha256"] == hashlib.sha256(b"after-restart").hexdigest()[:12]
@@ -187,6 +192,28 @@ def test_many_volumes_publish_concurrently(csi_plugin: Kubelet, tmp_path: Path) 
     assert len(pids) == 6
     health: dict[str, Any] = csi_plugin.volumes.check_health()  # type: ignore[attr-defined]
     assert {p.health for p in health.values()} == {Health.HEALTHY}
+    for i, target in enumerate(targets):
+        csi_plugin.unpublish(f"vol-{i}", target)
+    assert csi_plugin.volumes._locks == {}  # type: ignore[attr-defined]  # no entry outlives its use
+
+
+def test_each_volume_gets_the_lowest_free_uid_of_the_range(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    kubelet = csi_plugin.make(daemon_uid_range=(5000, 5001))  # type: ignore[attr-defined]
+    a, b, c = (kubelet.target(tmp_path, name) for name in "abc")
+    kubelet.publish("vol-a", a)
+    kubelet.publish("vol-b", b)
+    assert (kubelet.state(a).uid, kubelet.state(b).uid) == (5000, 5001)
+    assert (kubelet.state(a).gid, kubelet.state(b).gid) == (5000, 5001)
+    assert _uid(kubelet.state(b).pid) == 5001
+    with pytest.raises(grpc.RpcError) as info:
+        kubelet.publish("vol-c", c)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--daemon-uid-range" in info.value.details()
+    assert not is_kvfs_mount(c) and kubelet.state(c) is None
+    kubelet.unpublish("vol-a", a)
+    kubelet.publish("vol-c", c)  # a's uid is free again once its volume is gone
+    assert kubelet.state(c).uid == 5000
+    assert Path(c, "hello").read_text() == "hello from vol-c\n"
 
 
 def test_sigterm_stops_the_plugin_but_not_the_volumes(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:

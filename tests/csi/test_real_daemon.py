@@ -37,7 +37,7 @@ import yaml
 from csi_harness import AUDIENCE, FUSE_OK, TOKENS_KEY, Kubelet, PluginProcess, wait_for
 from fakekube import FakeKube
 from kvfs.csi.mountinfo import is_kvfs_mount, read_mountinfo
-from kvfs.csi.state import VolumeState, process_alive, volume_key
+from kvfs.csi.state import StateStore, VolumeState, process_alive, volume_key
 from kvfs.csi.volumes import DEFAULT_DAEMON_UID_RANGE
 from kvfs.emulator import entra
 from kvfs.emulator.server import Emulator, EmulatorThread
@@ -386,6 +386,11 @@ def as_user(uid: int, action: Any) -> int:
         os.waitpid(child, 0)
 
 
+def connect(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+
+
 def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(fleet: Fleet) -> None:
     """Two volumes' daemons: distinct non-zero uids; one cannot signal or inspect the other; a
     process running as nobody cannot read a 0600 file (but can read a 0644 one)."""
@@ -416,6 +421,12 @@ def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(f
         assert as_user(b.uid, lambda: os.kill(a.pid, signal.SIGKILL)) == errno.EPERM
         assert as_user(a.uid, lambda: open(f"/proc/{b.pid}/environ", "rb").close()) == errno.EACCES
         assert as_user(a.uid, lambda: open(f"/proc/{b.pid}/mem", "rb").close()) == errno.EACCES
+        # not even its own /proc files: daemons are non-dumpable, so those belong to root
+        assert as_user(a.uid, lambda: open(f"/proc/{a.pid}/environ", "rb").close()) == errno.EACCES
+        # nor the plugin's side: b's control socket (token, stop) or the mounter's socket
+        for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(kubelet.state_dir, "mounter.sock")):
+            assert as_user(a.uid, lambda path=path: connect(path)) == errno.EACCES
+        assert kubelet.control(pods[1].target, {"op": "status"})["ok"] is True  # root's plugin can
         assert process_alive(a.pid, a.pid_start) and process_alive(b.pid, b.pid_start)
         assert Path(pods[1].target, "app-secret").read_text() == pods[1].value
     finally:
@@ -532,7 +543,7 @@ def test_state_folder_and_logs_never_hold_a_token_or_a_secret(fleet: Fleet) -> N
             assert not JWT.search(data), f"a JWT in {path}"
     assert files >= len(fleet.pods) + 2  # state.json per volume, plugin.log, mounter.log
     mounter_log = Path(fleet.plugin.mounter_log).read_text()
-    assert "app-secret" in mounter_log  # the daemons did log there
+    assert mounter_log.count("mount config: vault=") >= len(fleet.pods)  # every daemon logged there
     assert " DEBUG kvfs." in mounter_log  # at DEBUG, through kvfs's one logging setup
 
 
