@@ -228,3 +228,37 @@ def test_daemon_uid_range_flag() -> None:
     for bad in ("0-5", "5-4", "x-y", "10", "1-2147483648", "-5-10"):
         with pytest.raises(argparse.ArgumentTypeError, match="START-END"):
             uid_range(bad)
+
+
+def test_an_entry_brings_its_own_root_step() -> None:
+    from kvfs.csi import daemon
+
+    default = daemon.load_entry(daemon.DEFAULT_ENTRY)
+    assert (default.run, default.prepare) == (daemon.run_volume, daemon.prepare)
+    assert daemon.load_entry("kvfs.csi.standin:run").prepare is None  # no other entry's prepare runs
+
+
+def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path) -> None:
+    """The daemon re-parses its parameters: a file outside the folder it was sent is refused there too."""
+    from kvfs.csi import daemon
+
+    env = tmp_path / "env.json"
+    env.write_text(json.dumps({"activeDirectoryEndpoint": "https://a.example/", "keyVaultEndpoint": "https://v.example/",
+                               "keyVaultDNSSuffix": "v.example"}))  # fmt: skip
+    params = {
+        **POD_INFO,
+        "keyvaultName": "kv1",
+        "tenantID": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "clientID": "00000000-0000-0000-0000-0000000000c1",
+        "cloudName": "AzureStackCloud",
+        "cloudEnvFileName": str(env),
+        "objects": "array:\n  - |\n    objectName: s\n    objectType: secret\n",
+        request.TOKENS_KEY: json.dumps({request.AUDIENCE: {"token": "x.y.z"}}),
+    }
+    ready_r, ready_w = os.pipe()
+    spec = daemon.DaemonSpec("vol-1", params, {}, False, -1, -1, ready_w, cloud_env_dir=str(tmp_path / "admin"))
+    daemon.prepare(spec)
+    assert daemon.run_volume(spec) == 2
+    assert os.read(ready_r, 4096).startswith(b"error cloudName AzureStackCloud is not valid, error: cloudEnvFileName")
+    os.close(ready_r)
+    os.close(ready_w)
