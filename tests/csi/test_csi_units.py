@@ -238,9 +238,12 @@ def test_an_entry_brings_its_own_root_step() -> None:
     assert daemon.load_entry("kvfs.csi.standin:run").prepare is None  # no other entry's prepare runs
 
 
-def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path) -> None:
+def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon re-parses its parameters: a file outside the folder it was sent is refused there too."""
     from kvfs.csi import daemon
+    from kvfs.vault import transport
+
+    monkeypatch.setattr(transport, "_preloaded_context", None)  # prepare() sets it process-wide
 
     env = tmp_path / "env.json"
     env.write_text(json.dumps({"activeDirectoryEndpoint": "https://a.example/", "keyVaultEndpoint": "https://v.example/",
