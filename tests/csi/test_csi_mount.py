@@ -209,7 +209,7 @@ def test_each_volume_gets_the_lowest_free_uid_of_the_range(csi_plugin: Kubelet, 
         kubelet.publish("vol-c", c)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--daemon-uid-range" in info.value.details()
-    assert not is_kvfs_mount(c) and kubelet.state(c) is None
+    assert not is_kvfs_mount(c) and kubelet.state(c) is None and not os.path.exists(c)
     kubelet.unpublish("vol-a", a)
     kubelet.publish("vol-c", c)  # a's uid is free again once its volume is gone
     assert kubelet.state(c).uid == 5000

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -278,16 +277,12 @@ class Volumes:
     def _mount_and_spawn(self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str]) -> None:
         cfg = self.config
         self.ensure_mounter()
-        try:
-            os.makedirs(target, mode=0o750, exist_ok=True)
-            is_dir = stat.S_ISDIR(os.lstat(target).st_mode)
-        except OSError as exc:
-            raise RequestError("INTERNAL", f"cannot create target {target}: {exc.strerror}") from None
-        if not is_dir:  # mount(2) would follow a symlink out of kubelet's folder
-            raise RequestError("INVALID_ARGUMENT", f"target_path {target} exists and is not a directory")
+        if os.path.islink(target):  # mount(2) would follow it out of kubelet's folder
+            raise RequestError("INVALID_ARGUMENT", f"target_path {target} is a symbolic link")
         state = self._allocate(volume_id, target)
         control = fuse_fd = -1
         try:
+            os.makedirs(target, mode=0o750, exist_ok=True)
             control = self._bind_control(target, state.uid, state.gid)
             fuse_fd = syscalls.open_fuse_device()
             syscalls.mount_fuse(fuse_fd, target, state.uid, state.gid)
