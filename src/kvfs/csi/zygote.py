@@ -1,6 +1,6 @@
 """The zygote: the process every volume daemon is forked from, and which never sees a request.
 
-The mounter starts it by exec (`python -m kvfs.csi.zygote --fd N ...`), so it inherits nothing
+The mounter starts it by exec (`python -P -m kvfs.csi.zygote --fd N ...`), so it inherits nothing
 from the mounter's memory: no earlier volume's parameters, client secret or token. It imports
 what a daemon needs, freezes those objects for the garbage collector (their pages stay shared
 with every fork), and then serves fork commands on the socket the mounter passed:
@@ -67,7 +67,11 @@ class Zygote:
             finally:
                 for fd in fds:  # the child has its own copies: keep none here
                     jsonline.close_quietly(fd)
-            jsonline.send(self.sock, reply)
+            try:
+                jsonline.send(self.sock, reply)
+            except OSError as exc:
+                log.info("zygote stopping: the mounter went away (%s)", exc)
+                return 0
 
     def _fork(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         try:
