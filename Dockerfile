@@ -21,8 +21,7 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels kvfs \
  && rm -rf /wheels \
  # the committed CSI gRPC stubs must import with the installed protobuf and grpcio
  && python -c "from kvfs.csi.proto import load; load()"
-# Volume daemons run as nobody (65534, `--daemon-uid/--daemon-gid`); the CSI plugin and the
-# mounter start as root (mount(2), switching uid) and drop nothing else themselves.
-RUN id nobody
+# Each volume's daemon runs with a uid of its own (`kvfs csi node --daemon-uid-range`); the CSI
+# plugin and the mounter start as root (mount(2), switching uid) and drop nothing else themselves.
 ENTRYPOINT ["kvfs"]
 CMD ["--help"]

@@ -72,15 +72,14 @@ SECRET_NAME = "demo-secret"
 class RealVolumes:
     """An in-process emulator and one identity per volume, for the real daemon.
 
-    Its files live in a world-readable folder: the daemons run as uid 65534 and read the CA
-    (SSL_CERT_FILE) and the cloud env file themselves.
+    Daemons read the CA (SSL_CERT_FILE) and the cloud env file before they drop to their own
+    uids; the plugin reads cloud env files only from the emulator's folder (--cloud-env-dir).
     """
 
     def __init__(self, stack: ExitStack) -> None:
         from kvfs.emulator.server import EmulatorThread
 
         self.dir = tempfile.mkdtemp(prefix="kvfsbench-emu-", dir="/tmp")
-        os.chmod(self.dir, 0o755)
         stack.callback(shutil.rmtree, self.dir, True)
         self.emu = stack.enter_context(EmulatorThread(Path(self.dir), vaults=("bench",)))
         self.value = "bench-value-" + os.urandom(8).hex()
@@ -150,7 +149,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes |
     plugin = subprocess.Popen(
         [sys.executable, "-m", "kvfs.csi.cli", "node", "--endpoint", endpoint, "--node-id", "bench",
          "--state-dir", state_dir, "--daemon-entry", args.daemon_entry, "--log-level", "WARNING",
-         "--mounter-log", os.path.join(state_dir, "mounter.log")],
+         "--mounter-log", os.path.join(state_dir, "mounter.log"), "--kubelet-dir", state_dir,
+         "--allow-inline-parameters", *(("--cloud-env-dir", real.dir) if real else ())],
         stdout=log, stderr=log, env=real.env() if real else None,
     )  # fmt: skip
     channel = grpc.insecure_channel(endpoint)
@@ -160,8 +160,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes |
     params: dict[str, Any] = {}
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
-        mounter_pid = int((MounterClient(os.path.join(state_dir, "mounter.sock")).ping() or {"pid": 0})["pid"])
-        mounter_before = smaps_rollup(mounter_pid)
+        # daemons fork from the mounter's zygote: its pages are the ones they share
+        zygote_pid = int((MounterClient(os.path.join(state_dir, "mounter.sock")).ping() or {"zygote": 0})["zygote"])
+        zygote_before = smaps_rollup(zygote_pid)
         cap = pb2.VolumeCapability(mount=pb2.VolumeCapability.MountVolume())
         for i in range(args.volumes):
             target = os.path.join(state_dir, "pods", f"pod-{i}", "mount")
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes |
                 cached_reads.append(timed_read(os.path.join(target, SECRET_NAME))[0])
         store = StateStore(state_dir)
         daemons = [smaps_rollup(store.load(t).pid) for t in targets]  # type: ignore[union-attr]
-        mounter_after = smaps_rollup(mounter_pid)
+        zygote_after = smaps_rollup(zygote_pid)
         start = time.perf_counter()
         req_re = pb2.NodePublishVolumeRequest(
             volume_id=f"bench-{len(targets) - 1}", target_path=targets[-1], readonly=True, volume_capability=cap,
@@ -226,8 +227,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes |
             ("cached re-read median", f"{statistics.median(cached_reads):.2f} ms"),
         ]
     rows += [
-        ("mounter Pss / USS", f"{mounter_before['Pss'] / 1024:.1f} / {uss(mounter_before) / 1024:.1f} MiB"),
-        ("mounter USS change (pages now shared)", f"{(uss(mounter_after) - uss(mounter_before)) / 1024:.1f} MiB"),
+        ("zygote Pss / USS", f"{zygote_before['Pss'] / 1024:.1f} / {uss(zygote_before) / 1024:.1f} MiB"),
+        ("zygote USS change (pages now shared)", f"{(uss(zygote_after) - uss(zygote_before)) / 1024:.1f} MiB"),
         ("per volume: daemon Rss (mean)", f"{mean(d['Rss'] for d in daemons) / 1024:.1f} MiB"),
         ("per volume: daemon Pss (mean)", f"{mean(d['Pss'] for d in daemons) / 1024:.1f} MiB"),
         ("per volume: daemon USS (mean)", f"{mean(uss(d) for d in daemons) / 1024:.1f} MiB"),

@@ -162,7 +162,7 @@ def test_ssl_cert_file_pointing_nowhere(spc: Path, mnt: Path, tmp_path: Path) ->
 def test_workload_identity_without_the_token_file(spc: Path, mnt: Path, tmp_path: Path) -> None:
     missing = tmp_path / "sa-token"
     refused(
-        kvfs_run("mount", "--spc", str(spc), "--param", f"tenantID={TENANT}", "--param", "clientID=app", str(mnt),
+        kvfs_run("mount", "--spc", str(spc), "--param", f"tenantID={TENANT}", "--param", "clientID=00000000-0000-0000-0000-0000000000a1", str(mnt),
                  env={"AZURE_FEDERATED_TOKEN_FILE": str(missing)}),
         "AZURE_FEDERATED_TOKEN_FILE", str(missing), "no such file", "export AZURE_FEDERATED_TOKEN_FILE=",
     )

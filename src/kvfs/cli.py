@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from kvfs import __version__
 from kvfs.config.model import MountConfig
 from kvfs.errors import ConfigError, KvfsError
-from kvfs.logsafe import setup_logging
+from kvfs.logsafe import LOG_LEVELS, setup_logging
 
 log = logging.getLogger("kvfs")
-
-LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 MOUNT_EPILOG = """\
 examples:

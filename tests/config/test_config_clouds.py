@@ -197,3 +197,66 @@ def test_stack_is_per_mount_and_leaves_environment_alone(tmp_path: Path) -> None
 def test_env_file_ignored_for_non_stack_clouds(tmp_path: Path) -> None:
     cloud = resolve_cloud("AzureChinaCloud", _stack_file(tmp_path, STACK))
     assert cloud.keyvault_dns_suffix == "vault.azure.cn"
+
+
+# --- reading the env file safely (issue 9: the CSI plugin reads it as root) ------------------
+
+
+def test_stack_env_file_must_be_a_small_regular_file(tmp_path: Path) -> None:
+    """/dev/zero, a FIFO without a writer, a folder and 10 MiB fail at once (no hang, no OOM)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_bytes(b"{" + b" " * (10 * 1024 * 1024) + b"}")
+    for path, problem in [
+        ("/dev/zero", "is not a regular file"),
+        (str(fifo), "is not a regular file"),
+        (str(tmp_path), "is not a regular file"),
+        (str(big), "is larger than 64 KiB"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            resolve_cloud("AzureStackCloud", path)
+        assert problem in str(info.value), path
+
+
+def test_stack_env_file_errors_quote_nothing_from_the_file(tmp_path: Path) -> None:
+    doc = {**STACK, "keyVaultDNSSuffix": "NODE-SECRET_4711", "keyVaultEndpoint": "http://NODE-SECRET-0815/"}
+    for bad in ({**doc, "keyVaultEndpoint": STACK["keyVaultEndpoint"]}, doc):
+        with pytest.raises(ConfigError) as info:
+            resolve_cloud("AzureStackCloud", _stack_file(tmp_path, bad))
+        assert "NODE-SECRET" not in str(info.value)
+    (tmp_path / "text.json").write_text("NODE-SECRET-1234 is not json")
+    with pytest.raises(ConfigError) as info:
+        resolve_cloud("AzureStackCloud", str(tmp_path / "text.json"))
+    assert "NODE-SECRET" not in str(info.value) and "is not valid JSON" in str(info.value)
+
+
+def test_workstation_follows_a_symlink_the_user_names(tmp_path: Path) -> None:
+    (tmp_path / "link.json").symlink_to(_stack_file(tmp_path, STACK))
+    assert resolve_cloud("AzureStackCloud", str(tmp_path / "link.json")).name == "AzureStackCloud"
+
+
+def test_cluster_reads_env_files_only_inside_the_admin_folder(tmp_path: Path) -> None:
+    admin = tmp_path / "admin"
+    admin.mkdir()
+    inside = _stack_file(admin, STACK)
+    assert resolve_cloud("AzureStackCloud", inside, str(admin)).name == "AzureStackCloud"
+    outside = _stack_file(tmp_path, STACK, "outside.json")
+    (admin / "escape.json").symlink_to(outside)
+    (admin / "shadow").symlink_to("/etc/shadow")
+    refused = [
+        outside,
+        str(tmp_path / "missing.json"),  # same answer: existence outside is never told
+        "/etc/shadow",
+        str(admin / "escape.json"),
+        str(admin / "shadow"),
+        f"{admin}/../outside.json",
+        "env.json",  # relative
+        str(admin),
+    ]
+    for path in refused:
+        with pytest.raises(ConfigError) as info:
+            resolve_cloud("AzureStackCloud", path, str(admin))
+        text = str(info.value)
+        assert f"is not a file inside {admin}" in text and "--cloud-env-dir" in text, path
+        assert "no such file" not in text

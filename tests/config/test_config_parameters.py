@@ -25,6 +25,9 @@ TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJlLXRva2VuLXZ
 CLIENT_SECRET = "Zx8Q~s3cr3t-VALUE_never.shown"
 WI = "failed to parse workload identity tokens, error: "
 SP = {"clientid": "11111111-2222-3333-4444-555555555555", "clientsecret": CLIENT_SECRET}
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+APP = "00000000-0000-0000-0000-0000000000a1"
+MI = "00000000-0000-0000-0000-0000000000b2"
 
 
 def tokens_json(token: object = TOKEN, audience: str = "api://AzureADTokenExchange") -> str:
@@ -32,7 +35,7 @@ def tokens_json(token: object = TOKEN, audience: str = "api://AzureADTokenExchan
 
 
 def base(**extra: str) -> dict[str, str]:
-    return {**POD, "keyvaultName": "testkv", "tenantID": "tenant-1", "objects": OBJECTS, **extra}
+    return {**POD, "keyvaultName": "testkv", "tenantID": TENANT, "objects": OBJECTS, **extra}
 
 
 def csi_error(params: Mapping[str, str], secrets: Mapping[str, str] | None = None, **kw) -> str:
@@ -53,7 +56,7 @@ def test_error_sequence_as_upstream() -> None:
     assert csi_error(params).startswith("keyvaultName is not provided")
     params["keyvaultName"] = "testkv"
     assert csi_error(params).startswith("tenantId is not provided")
-    params["tenantID"] = "t"
+    params["tenantID"] = TENANT
     params["cloudName"] = "AzureCloud1"
     assert csi_error(params).startswith("cloudName AzureCloud1 is not valid")
     del params["cloudName"]
@@ -107,7 +110,7 @@ def test_mutual_exclusion() -> None:
 
 
 def test_token_proxy_not_supported_points_to_workload_identity() -> None:
-    msg = csi_error(base(useAzureTokenProxy="true", clientID="c"))
+    msg = csi_error(base(useAzureTokenProxy="true", clientID=APP))
     assert "identity binding" in msg and "not supported by kvfs yet" in msg
     assert "clientID" in msg and "workload identity" in msg
 
@@ -131,11 +134,11 @@ def test_object_errors_keep_wrapper_through_parameters() -> None:
 
 
 def test_tenant_id_preferred_over_deprecated_spelling() -> None:
-    cfg = parse_parameters(base(tenantID="new", tenantId="old"), SP, context="csi")
-    assert cfg.auth.tenant_id == "new"
-    params = base(tenantId="old")
+    cfg = parse_parameters(base(tenantID=TENANT, tenantId=MI), SP, context="csi")
+    assert cfg.auth.tenant_id == TENANT
+    params = base(tenantId=MI)
     del params["tenantID"]
-    assert parse_parameters(params, SP, context="csi").auth.tenant_id == "old"
+    assert parse_parameters(params, SP, context="csi").auth.tenant_id == MI
 
 
 @pytest.mark.parametrize(
@@ -153,7 +156,7 @@ def test_tenant_not_required_for_node_and_pod_identity(extra: dict, kw: dict) ->
 
 
 def test_tenant_required_for_workload_identity() -> None:
-    params = base(clientID="c", **{SA_TOKENS_KEY: tokens_json()})
+    params = base(clientID=APP, **{SA_TOKENS_KEY: tokens_json()})
     del params["tenantID"]
     assert csi_error(params).startswith("tenantId is not provided")
 
@@ -170,10 +173,10 @@ def test_tenant_shape_validated() -> None:
 
 def test_workload_identity_csi_token_from_params() -> None:
     cfg = parse_parameters(
-        base(clientID=" app-1 ", **{SA_TOKENS_KEY: tokens_json()}), None, context="csi"
+        base(clientID=f" {APP} ", **{SA_TOKENS_KEY: tokens_json()}), None, context="csi"
     )
     assert cfg.auth.mode == "workload_identity"
-    assert cfg.auth.client_id == "app-1" and cfg.auth.sa_token == TOKEN
+    assert cfg.auth.client_id == APP and cfg.auth.sa_token == TOKEN
     assert cfg.auth.sa_token_file == ""
     assert TOKEN not in repr(cfg) and TOKEN not in cfg.summary()
 
@@ -181,7 +184,7 @@ def test_workload_identity_csi_token_from_params() -> None:
 def test_workload_identity_token_in_secrets_wins() -> None:
     other = tokens_json("other-token")
     cfg = parse_parameters(
-        base(clientID="app", **{SA_TOKENS_KEY: other}),
+        base(clientID=APP, **{SA_TOKENS_KEY: other}),
         {SA_TOKENS_KEY: tokens_json()},
         context="csi",
     )
@@ -215,7 +218,7 @@ def test_workload_identity_token_in_secrets_wins() -> None:
     ],
 )
 def test_workload_identity_token_errors(raw: str, expected: str) -> None:
-    params = base(clientID="app")
+    params = base(clientID=APP)
     if raw:
         params[SA_TOKENS_KEY] = raw
     msg = csi_error(params)
@@ -225,13 +228,13 @@ def test_workload_identity_token_errors(raw: str, expected: str) -> None:
 
 
 def test_missing_audience_lists_received_audiences() -> None:
-    msg = csi_error(base(clientID="app", **{SA_TOKENS_KEY: tokens_json(audience="api://Other")}))
+    msg = csi_error(base(clientID=APP, **{SA_TOKENS_KEY: tokens_json(audience="api://Other")}))
     assert "audiences received: api://Other" in msg
 
 
 def test_workload_identity_cli_uses_token_file_env() -> None:
     cfg = parse_parameters(
-        {"keyvaultName": "testkv", "tenantID": "t", "clientID": "app", "objects": OBJECTS},
+        {"keyvaultName": "testkv", "tenantID": TENANT, "clientID": APP, "objects": OBJECTS},
         None,
         context="cli",
         environ={FEDERATED_TOKEN_FILE_ENV: "/var/run/token"},
@@ -243,7 +246,7 @@ def test_workload_identity_cli_uses_token_file_env() -> None:
 def test_workload_identity_cli_without_env_names_it() -> None:
     with pytest.raises(ConfigError) as info:
         parse_parameters(
-            {"keyvaultName": "testkv", "tenantID": "t", "clientID": "app", "objects": OBJECTS},
+            {"keyvaultName": "testkv", "tenantID": TENANT, "clientID": APP, "objects": OBJECTS},
             None,
             context="cli",
             environ={},
@@ -254,7 +257,7 @@ def test_workload_identity_cli_without_env_names_it() -> None:
 def test_cli_environ_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FEDERATED_TOKEN_FILE_ENV, "/from/os/environ")
     cfg = parse_parameters(
-        {"keyvaultName": "testkv", "tenantID": "t", "clientID": "app", "objects": OBJECTS},
+        {"keyvaultName": "testkv", "tenantID": TENANT, "clientID": APP, "objects": OBJECTS},
         None,
         context="cli",
     )
@@ -263,10 +266,10 @@ def test_cli_environ_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_service_principal_keys_case_insensitive() -> None:
     cfg = parse_parameters(
-        base(), {"ClientID": " id-1 ", "CLIENTSECRET": CLIENT_SECRET}, context="csi"
+        base(), {"ClientID": f" {APP} ", "CLIENTSECRET": CLIENT_SECRET}, context="csi"
     )
     assert cfg.auth.mode == "service_principal"
-    assert cfg.auth.client_id == "id-1" and cfg.auth.client_secret == CLIENT_SECRET
+    assert cfg.auth.client_id == APP and cfg.auth.client_secret == CLIENT_SECRET
     assert CLIENT_SECRET not in repr(cfg) and CLIENT_SECRET not in cfg.summary()
 
 
@@ -300,13 +303,13 @@ def test_vm_managed_identity_refused_in_csi_by_default() -> None:
 
 def test_vm_managed_identity_allowed_by_admin_or_cli() -> None:
     cfg = parse_parameters(
-        base(useVMManagedIdentity="true", userAssignedIdentityID="mi-client"),
+        base(useVMManagedIdentity="true", userAssignedIdentityID=MI),
         None,
         context="csi",
         allow_node_identity=True,
     )
     assert (
-        cfg.auth.mode == "vm_managed_identity" and cfg.auth.user_assigned_identity_id == "mi-client"
+        cfg.auth.mode == "vm_managed_identity" and cfg.auth.user_assigned_identity_id == MI
     )
     cfg = parse_parameters(
         {"keyvaultName": "testkv", "useVMManagedIdentity": "1", "objects": OBJECTS},
@@ -318,7 +321,7 @@ def test_vm_managed_identity_allowed_by_admin_or_cli() -> None:
 
 def test_vm_managed_identity_ignores_client_id_instead_of_needing_tokens() -> None:
     cfg = parse_parameters(
-        base(useVMManagedIdentity="true", clientID="c"),
+        base(useVMManagedIdentity="true", clientID=APP),
         None,
         context="csi",
         allow_node_identity=True,
@@ -348,13 +351,13 @@ def test_cli_without_credentials_uses_default_chain_and_needs_no_pod_info() -> N
     cfg = parse_parameters({"keyvaultName": "testkv", "objects": OBJECTS}, None, context="cli")
     assert cfg.auth.mode == "default_chain" and cfg.auth.tenant_id == "" and cfg.pod_name == ""
     cfg = parse_parameters(
-        {"keyvaultName": "testkv", "tenantId": "t", "objects": OBJECTS}, None, context="cli"
+        {"keyvaultName": "testkv", "tenantId": TENANT, "objects": OBJECTS}, None, context="cli"
     )
-    assert cfg.auth.tenant_id == "t"
+    assert cfg.auth.tenant_id == TENANT
 
 
 def test_cli_with_secrets_file_is_service_principal() -> None:
-    params = {"keyvaultName": "testkv", "tenantID": "t", "objects": OBJECTS}
+    params = {"keyvaultName": "testkv", "tenantID": TENANT, "objects": OBJECTS}
     assert parse_parameters(params, SP, context="cli").auth.mode == "service_principal"
     with pytest.raises(ConfigError, match="could not find clientid in secrets.*--secrets file"):
         parse_parameters(params, {}, context="cli")
@@ -533,29 +536,29 @@ SECRET_CASES = [
     ("sp odd keys", base(), {"client_id": CLIENT_SECRET, "clientsecret": CLIENT_SECRET}),
     ("sp ok but bad vault", base(keyvaultName="k"), SP),
     ("sp ok but bad objects", base(objects="array: [x"), SP),
-    ("wi wrong audience", base(clientID="a", **{SA_TOKENS_KEY: tokens_json(audience="aud")}), None),
+    ("wi wrong audience", base(clientID=APP, **{SA_TOKENS_KEY: tokens_json(audience="aud")}), None),
     (
         "wi token as key",
-        base(clientID="a", **{SA_TOKENS_KEY: json.dumps({TOKEN: {"token": TOKEN}})}),
+        base(clientID=APP, **{SA_TOKENS_KEY: json.dumps({TOKEN: {"token": TOKEN}})}),
         None,
     ),
-    ("wi broken json", base(clientID="a", **{SA_TOKENS_KEY: tokens_json()[:-3]}), None),
+    ("wi broken json", base(clientID=APP, **{SA_TOKENS_KEY: tokens_json()[:-3]}), None),
     (
         "wi token not str",
         base(
-            clientID="a",
+            clientID=APP,
             **{SA_TOKENS_KEY: json.dumps({"api://AzureADTokenExchange": {"token": [TOKEN]}})},
         ),
         None,
     ),
     (
         "wi in secrets, bad vault",
-        base(clientID="a", keyvaultName="x"),
+        base(clientID=APP, keyvaultName="x"),
         {SA_TOKENS_KEY: tokens_json()},
     ),
     (
         "wi in secrets, no tenant",
-        {**POD, "keyvaultName": "kv1", "clientID": "a"},
+        {**POD, "keyvaultName": "kv1", "clientID": APP},
         {SA_TOKENS_KEY: tokens_json(), **SP},
     ),
     ("vm refused", base(useVMManagedIdentity="true", **{SA_TOKENS_KEY: tokens_json()}), SP),
@@ -576,3 +579,49 @@ def test_errors_never_contain_tokens_or_client_secrets(
     )
     for needle in (TOKEN, CLIENT_SECRET, TOKEN[:20], CLIENT_SECRET[:12]):
         assert needle not in shown, label
+
+
+# --- ids are checked before use (issue 9: they reach URLs and suggested `az` commands) ----------
+
+
+@pytest.mark.parametrize("tenant", [TENANT, TENANT.upper(), "adfs", "contoso.onmicrosoft.com", "x.example"])
+def test_tenant_forms_accepted(tenant: str) -> None:
+    assert parse_parameters(base(tenantID=tenant), SP, context="csi").auth.tenant_id == tenant
+
+
+@pytest.mark.parametrize(
+    "tenant", ["t", "tenant-1", "ADFS x", "contoso.onmicrosoft.com'; rm -rf ~", "a..b.com", "-x.com", "x.c0m"]
+)
+def test_tenant_forms_refused(tenant: str) -> None:
+    assert "is not a tenant ID" in csi_error(base(tenantID=tenant), SP)
+
+
+@pytest.mark.parametrize("field", ["clientID", "userAssignedIdentityID"])
+@pytest.mark.parametrize("value", ["app", "0000-00", "00000000-0000-0000-0000-00000000000a'; id"])
+def test_client_ids_must_be_guids(field: str, value: str) -> None:
+    if field == "clientID":
+        params, kw = base(clientID=value, **{SA_TOKENS_KEY: tokens_json()}), {}
+    else:
+        params, kw = base(useVMManagedIdentity="true", userAssignedIdentityID=value), {"allow_node_identity": True}
+    msg = csi_error(params, None, **kw)
+    assert msg.startswith(f"{field} ") and "is not a GUID" in msg
+
+
+def test_service_principal_client_id_must_be_a_guid_and_is_not_echoed() -> None:
+    msg = csi_error(base(), {"clientid": "not-a-guid-VALUE", "clientsecret": CLIENT_SECRET})
+    assert "clientid" in msg and "is not a GUID" in msg and "nodePublishSecretRef" in msg
+    assert "not-a-guid-VALUE" not in msg and CLIENT_SECRET not in msg
+
+
+def test_csi_reads_cloud_env_files_only_from_the_admin_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = tmp_path / "env.json"
+    env.write_text(json.dumps({
+        "activeDirectoryEndpoint": "https://adfs.local/adfs/",
+        "keyVaultEndpoint": "https://vault.local/",
+        "keyVaultDNSSuffix": "vault.local",
+    }))  # fmt: skip
+    params = base(cloudName="AzureStackCloud", cloudEnvFileName=str(env))
+    assert "is not a file inside /etc/kubernetes" in csi_error(params, SP)  # the default folder
+    cfg = parse_parameters(params, SP, context="csi", cloud_env_dir=str(tmp_path))
+    assert cfg.cloud.keyvault_dns_suffix == "vault.local"
+    assert parse_parameters(params, SP, context="cli").cloud.name == "AzureStackCloud"  # workstation: any path

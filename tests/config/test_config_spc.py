@@ -71,10 +71,12 @@ def test_load_manifest_parameters_are_strings(tmp_path: Path) -> None:
 
 
 def test_manifest_end_to_end_with_overlay(tmp_path: Path) -> None:
-    params = overlay(load_manifest(write(tmp_path, SPC)), ["keyvaultName=other-kv", "tenantID=t2"])
-    cfg = parse_parameters(params, {"clientid": "c", "clientsecret": SECRET_VALUE}, context="cli")
+    tenant = "contoso.onmicrosoft.com"
+    params = overlay(load_manifest(write(tmp_path, SPC)), ["keyvaultName=other-kv", f"tenantID={tenant}"])
+    app = "00000000-0000-0000-0000-0000000000a1"
+    cfg = parse_parameters(params, {"clientid": app, "clientsecret": SECRET_VALUE}, context="cli")
     assert cfg.vault_url == "https://other-kv.vault.azure.net/"
-    assert cfg.auth.tenant_id == "t2"
+    assert cfg.auth.tenant_id == tenant
     assert [(o.name, o.type, o.file_mode) for o in cfg.objects] == [
         ("secret1", "secret", 0o644),
         ("key1", "key", 0o600),

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,16 +54,26 @@ def csi_mounter() -> Iterator[str]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture
-def csi_plugin(csi_mounter: str, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """An in-process plugin (kvfs.csi.node.serve) using the session's stand-in mounter.
+# Tests that give parameters inline (stand-in files, quick identities) say so with this mark (on a
+# module or a test); the plugin's default, SecretProviderClass-only volumes, is what
+# tests/csi/test_tenant_attacks.py covers.
+INLINE = pytest.mark.csi_plugin(allow_inline_parameters=True)
 
-    Parametrize indirectly with a dict of NodeConfig overrides, or build your own with `make`.
+
+@pytest.fixture
+def csi_plugin(csi_mounter: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An in-process plugin (kvfs.csi.node.serve) using the session's stand-in mounter, kubelet's
+    folder at `tmp_path` (publish to `kubelet.target(tmp_path, name)`).
+
+    NodeConfig overrides come from a `csi_plugin(**overrides)` mark (see INLINE) or an indirect
+    parameter and apply to every `make` too; build more plugins with `make(**overrides)`.
     """
     from kvfs.csi.node import serve
     from kvfs.csi.volumes import NodeConfig, Volumes
 
     made: list[tuple[Any, Kubelet, str]] = []
+    marker = request.node.get_closest_marker("csi_plugin")
+    base = {**(marker.kwargs if marker else {}), **getattr(request, "param", {})}
 
     def make(**overrides: Any) -> Kubelet:
         state_dir = short_tmpdir()
@@ -73,8 +84,10 @@ def csi_plugin(csi_mounter: str, request: pytest.FixtureRequest) -> Iterator[Any
             start_mounter=False,
             daemon_entry=STANDIN,
             publish_timeout=5.0,
+            kubelet_dir=str(tmp_path),
         )
-        factories = {k: overrides.pop(k) for k in ("validator", "kube_factory") if k in overrides}
+        kw.update(base)
+        factories = {k: overrides.pop(k) for k in ("kube_factory",) if k in overrides}
         kw.update(overrides)
         volumes = Volumes(NodeConfig(**kw), **factories)
         endpoint = f"unix://{state_dir}/csi.sock"
@@ -84,7 +97,7 @@ def csi_plugin(csi_mounter: str, request: pytest.FixtureRequest) -> Iterator[Any
         made.append((server, kubelet, state_dir))
         return kubelet
 
-    kubelet = make(**getattr(request, "param", {}))
+    kubelet = make()
     kubelet.make = make  # type: ignore[attr-defined]
     yield kubelet
     for server, k, state_dir in made:
@@ -95,13 +108,15 @@ def csi_plugin(csi_mounter: str, request: pytest.FixtureRequest) -> Iterator[Any
 
 
 @pytest.fixture
-def csi_process() -> Iterator[Callable[..., PluginProcess]]:
-    """Factory: `csi_process(daemon_entry=..., extra_args=(...))` → a started PluginProcess."""
+def csi_process(tmp_path: Path) -> Iterator[Callable[..., PluginProcess]]:
+    """Factory: `csi_process(daemon_entry=..., extra_args=(...), allow_inline_parameters=...)` → a
+    started PluginProcess with kubelet's folder at `tmp_path`."""
     if not FUSE_OK:
         pytest.skip("needs root and /dev/fuse")
     started: list[PluginProcess] = []
 
     def start(**kw: Any) -> PluginProcess:
+        kw.setdefault("kubelet_dir", str(tmp_path))
         plugin = PluginProcess(**kw)
         started.append(plugin)
         plugin.start()

@@ -177,7 +177,13 @@ class PluginProcess:
     """`python -m kvfs.csi.cli node ...` as a real process; it starts its own mounter."""
 
     def __init__(
-        self, daemon_entry: str = STANDIN, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+        self,
+        daemon_entry: str = STANDIN,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        *,
+        kubelet_dir: str,
+        allow_inline_parameters: bool = False,
     ) -> None:
         self.env = env  # None: inherit this process's environment
         self.state_dir = short_tmpdir()
@@ -185,7 +191,9 @@ class PluginProcess:
         self.log_path = os.path.join(self.state_dir, "plugin.log")
         self.mounter_log = os.path.join(self.state_dir, "mounter.log")
         self.daemon_entry = daemon_entry
-        self.extra_args = extra_args
+        self.extra_args = (
+            "--kubelet-dir", kubelet_dir, *(("--allow-inline-parameters",) if allow_inline_parameters else ()), *extra_args
+        )  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.kubelet: Kubelet | None = None
 

@@ -92,7 +92,8 @@ def status(code: int, reason: str, message: str, details: dict[str, Any] | None 
 @dataclass
 class FakeKube:
     """Serves `objects[(namespace, name)]`; `allowed_token` / the client cert's CN authenticate;
-    `forbidden` namespaces answer 403 as RBAC would."""
+    `forbidden` namespaces answer 403 as RBAC would. `requests` records every request's raw path
+    (as sent, percent-encoding included) and who made it, whatever the method."""
 
     folder: Path
     allowed_token: str = "kube-test-token-123"
@@ -125,6 +126,12 @@ class FakeKube:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                fake.requests.append((self.path, fake._identity(self)))
+                self._send(405, status(405, "MethodNotAllowed", "the fake API server only answers GET"))
+
+            do_PUT = do_PATCH = do_DELETE = do_POST  # noqa: N815
 
             def do_GET(self) -> None:  # noqa: N802
                 identity = fake._identity(self)
@@ -185,11 +192,16 @@ class FakeKube:
                         return str(value)
         return ""
 
-    def add_spc(self, namespace: str, name: str, parameters: dict[str, str]) -> None:
+    def add_spc(
+        self, namespace: str, name: str, parameters: dict[str, str], *, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Serve a SecretProviderClass at namespace/name; `metadata` makes the answer claim to be
+        another object (a misbehaving API server or proxy)."""
+        meta = {"name": name, "namespace": namespace, "uid": "0b0e0f00-0000-4000-8000-000000000001"}
         self.objects[(namespace, name)] = {
             "apiVersion": "secrets-store.csi.x-k8s.io/v1",
             "kind": "SecretProviderClass",
-            "metadata": {"name": name, "namespace": namespace, "uid": "0b0e0f00-0000-4000-8000-000000000001"},
+            "metadata": {**meta, **(metadata or {})},
             "spec": {"provider": "azure", "parameters": parameters},
         }
 

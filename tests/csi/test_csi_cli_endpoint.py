@@ -1,4 +1,4 @@
-"""`kvfs csi node` refuses endpoints it cannot serve, before starting anything."""
+"""`kvfs csi node` refuses endpoints and flags it cannot serve, before starting anything."""
 
 from __future__ import annotations
 
@@ -26,3 +26,20 @@ def test_socket_path_too_long_for_unix_sockets_is_refused(tmp_path) -> None:  # 
     )
     assert result.returncode == 2
     assert "longer than unix sockets allow" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_removed_daemon_uid_flags_name_their_replacement() -> None:
+    for flag in ("--daemon-uid", "--daemon-gid"):
+        result = subprocess.run(
+            [sys.executable, "-m", "kvfs", "csi", "node", "--node-id", "n1", flag, "65534", "--no-start-mounter"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 2
+        assert f"{flag} was removed" in result.stderr and "--daemon-uid-range" in result.stderr
+
+
+def test_log_level_is_a_choice() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfs.csi.cli", "mounter", "--log-level", "LOUD"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and "invalid choice: 'LOUD'" in result.stderr

@@ -13,11 +13,13 @@ from typing import Any, Callable
 import grpc
 import pytest
 
+from conftest import INLINE
 from csi_harness import Kubelet, PluginProcess, inline_params, wait_for
 from kvfs.csi.mountinfo import Health, is_kvfs_mount, probe_mount
 from kvfs.csi.state import process_alive
+from kvfs.csi.volumes import DEFAULT_DAEMON_UID_RANGE
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, INLINE]
 
 
 def _fuse_holders() -> dict[int, int]:
@@ -61,18 +63,18 @@ def test_publish_serves_files_at_once_and_unpublish_removes_everything(csi_plugi
     assert state.phase == "ready" and state.pid > 0
     pid = state.pid
     assert "vol-a" in _cmdline(pid)
-    assert _uid(pid) == 65534
+    assert _uid(pid) == state.uid == DEFAULT_DAEMON_UID_RANGE[0]  # the lowest free uid of the range
     assert os.stat(target).st_mode & 0o777 == 0o755
     csi_plugin.unpublish("vol-a", target)
     assert not is_kvfs_mount(target)
     assert not os.path.exists(target)
-    wait_for(lambda: not process_alive(pid, 0), 5, "daemon exit")
+    wait_for(lambda: not process_alive(pid, state.pid_start), 5, "daemon exit")
     assert csi_plugin.state(target) is None
     assert os.listdir(Path(csi_plugin.state_dir, "volumes")) == []
 
 
 def test_only_the_daemon_holds_the_fuse_fd(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
-    plugin = csi_process()
+    plugin = csi_process(allow_inline_parameters=True)
     kubelet = plugin.kubelet
     assert kubelet is not None
     targets = [kubelet.target(tmp_path, f"p{i}") for i in range(2)]
@@ -124,19 +126,25 @@ def test_daemon_start_error_is_reported_and_cleaned_up(csi_plugin: Kubelet, tmp_
 
 
 def test_killed_plugin_restarts_and_keeps_volumes(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
-    plugin = csi_process()
+    plugin = csi_process(allow_inline_parameters=True)
     kubelet = plugin.kubelet
     assert kubelet is not None
     targets = [kubelet.target(tmp_path, f"p{i}") for i in range(2)]
     for i, target in enumerate(targets):
         kubelet.publish(f"vol-{i}", target, token="t0")
-    pids = [kubelet.state(t).pid for t in targets]
+    daemons = [(kubelet.state(t).pid, kubelet.state(t).pid_start) for t in targets]
+    pids = [pid for pid, _ in daemons]
     mounter = plugin.mounter_pid()
     plugin.kill()
     for target in targets:  # still served while no plugin runs
         assert Path(target, "hello").read_text().startswith("hello from vol-")
+    uids = [kubelet.state(t).uid for t in targets]
     kubelet = plugin.start()
     assert plugin.mounter_pid() == mounter  # the old mounter was found, not replaced
+    third = kubelet.target(tmp_path, "p2")
+    kubelet.publish("vol-2", third)  # the state folder still holds the living volumes' uids
+    assert kubelet.state(third).uid not in uids and _uid(kubelet.state(third).pid) == kubelet.state(third).uid
+    kubelet.unpublish("vol-2", third)
     kubelet.publish("vol-0", targets[0], token="after-restart")  # republish by the new plugin
     status = kubelet.control(targets[0], {"op": "status"})
     assert status["token_sha256"] == hashlib.sha256(b"after-restart").hexdigest()[:12]
@@ -144,12 +152,12 @@ def test_killed_plugin_restarts_and_keeps_volumes(csi_process: Callable[..., Plu
     for i, target in enumerate(targets):
         kubelet.unpublish(f"vol-{i}", target)
         assert not is_kvfs_mount(target) and not os.path.exists(target)
-    for pid in pids:
-        wait_for(lambda pid=pid: not process_alive(pid, 0), 5, "daemon exit")
+    for pid, start in daemons:
+        wait_for(lambda pid=pid, start=start: not process_alive(pid, start), 5, "daemon exit")
 
 
 def test_one_dead_daemon_hurts_only_its_volume(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
-    plugin = csi_process()
+    plugin = csi_process(allow_inline_parameters=True)
     kubelet = plugin.kubelet
     assert kubelet is not None
     dead, alive = kubelet.target(tmp_path, "dead"), kubelet.target(tmp_path, "alive")
@@ -184,10 +192,32 @@ def test_many_volumes_publish_concurrently(csi_plugin: Kubelet, tmp_path: Path) 
     assert len(pids) == 6
     health: dict[str, Any] = csi_plugin.volumes.check_health()  # type: ignore[attr-defined]
     assert {p.health for p in health.values()} == {Health.HEALTHY}
+    for i, target in enumerate(targets):
+        csi_plugin.unpublish(f"vol-{i}", target)
+    assert csi_plugin.volumes._locks == {}  # type: ignore[attr-defined]  # no entry outlives its use
+
+
+def test_each_volume_gets_the_lowest_free_uid_of_the_range(csi_plugin: Kubelet, tmp_path: Path) -> None:
+    kubelet = csi_plugin.make(daemon_uid_range=(5000, 5001))  # type: ignore[attr-defined]
+    a, b, c = (kubelet.target(tmp_path, name) for name in "abc")
+    kubelet.publish("vol-a", a)
+    kubelet.publish("vol-b", b)
+    assert (kubelet.state(a).uid, kubelet.state(b).uid) == (5000, 5001)
+    assert (kubelet.state(a).gid, kubelet.state(b).gid) == (5000, 5001)
+    assert _uid(kubelet.state(b).pid) == 5001
+    with pytest.raises(grpc.RpcError) as info:
+        kubelet.publish("vol-c", c)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--daemon-uid-range" in info.value.details()
+    assert not is_kvfs_mount(c) and kubelet.state(c) is None and not os.path.exists(c)
+    kubelet.unpublish("vol-a", a)
+    kubelet.publish("vol-c", c)  # a's uid is free again once its volume is gone
+    assert kubelet.state(c).uid == 5000
+    assert Path(c, "hello").read_text() == "hello from vol-c\n"
 
 
 def test_sigterm_stops_the_plugin_but_not_the_volumes(csi_process: Callable[..., PluginProcess], tmp_path: Path) -> None:
-    plugin = csi_process()
+    plugin = csi_process(allow_inline_parameters=True)
     kubelet = plugin.kubelet
     assert kubelet is not None and plugin.proc is not None
     target = kubelet.target(tmp_path, "p")
@@ -205,7 +235,7 @@ def test_a_reused_mounter_gives_daemons_the_current_plugins_environment(
     """The mounter outlives plugins; a restarted plugin's settings (CA file, IMDS/NMI URL,
     proxies) must reach new daemons, not the settings the mounter was started with."""
     env = dict(os.environ, KVFS_NMI_URL="http://first.invalid")
-    plugin = csi_process(env=env)
+    plugin = csi_process(env=env, allow_inline_parameters=True)
     assert plugin.kubelet is not None and plugin.proc is not None
     shown = {"standin.show_env": "KVFS_NMI_URL"}
     first = plugin.kubelet.target(tmp_path, "first")

@@ -10,9 +10,12 @@ from typing import Any
 import grpc
 import pytest
 
+from conftest import INLINE
 from csi_harness import Kubelet, inline_params, pb2, tokens_json
 from fakekube import FakeKube
 from kvfs.csi.kube import KubeClient
+
+pytestmark = INLINE
 
 
 def _refused(call: Any) -> grpc.RpcError:

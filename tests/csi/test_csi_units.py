@@ -83,6 +83,7 @@ def test_process_identity() -> None:
     assert me is not None
     assert process_alive(os.getpid(), me)
     assert not process_alive(os.getpid(), me + 1)  # pid reuse guard
+    assert not process_alive(os.getpid(), 0)  # an unknown start time never means "any"
     assert not process_alive(0, 0)
 
 
@@ -100,10 +101,46 @@ def test_tokens_read_from_secrets_first() -> None:
     assert request.token_for_audience(json.dumps({"other": {"token": "x"}})) == ""
 
 
-def test_daemon_params_overlay_order() -> None:
-    inputs = request.split_inputs({"keyvaultName": "pod", "a": "1"}, {})
-    params = request.daemon_params({"keyvaultName": "spc", "b": "2"}, inputs)
+POD_INFO = {
+    "csi.storage.k8s.io/pod.name": "web",
+    "csi.storage.k8s.io/pod.namespace": "shop",
+    "csi.storage.k8s.io/pod.uid": "u-1",
+    "csi.storage.k8s.io/serviceAccount.name": "sa",
+    "csi.storage.k8s.io/ephemeral": "true",
+}
+
+
+def test_daemon_params_take_only_kubelets_attributes(caplog: pytest.LogCaptureFixture) -> None:
+    attrs = {**POD_INFO, "secretProviderClass": "demo", "keyvaultName": "pod", "kvfs.io/volumeMountGroup": "0"}
+    inputs = request.split_inputs(attrs, {})
+    spc = {"keyvaultName": "spc", "b": "2", "csi.storage.k8s.io/pod.namespace": "other", "kvfs.io/volumeMountGroup": "0"}
+    params = request.daemon_params(spc, inputs, allow_inline=False)
+    assert params == {**POD_INFO, "keyvaultName": "spc", "b": "2"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'keyvaultName'" in warnings[0] and "'kvfs.io/volumeMountGroup'" in warnings[0]
+    assert "'pod'" not in warnings[0]  # keys only, never values
+
+
+def test_daemon_params_overlay_order_with_inline_parameters() -> None:
+    inputs = request.split_inputs({"keyvaultName": "pod", "a": "1", "kvfs.io/volumeMountGroup": "0"}, {})
+    params = request.daemon_params({"keyvaultName": "spc", "b": "2"}, inputs, allow_inline=True)
     assert params == {"keyvaultName": "pod", "a": "1", "b": "2"}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name"),
+    [("ns", "../../other-ns/secretproviderclasses/x"), ("ns", "x?labelSelector=a"), ("ns", "Upper"), ("ns", "a/b"),
+     ("ns", "%2e%2e"), ("ns", ".."), ("ns", ""), ("ns", "a" * 254), ("../kube-system", "x"), ("ns.x", "x"), ("", "x")],
+)  # fmt: skip
+def test_spc_references_that_could_leave_the_namespace_are_refused(namespace: str, name: str) -> None:
+    with pytest.raises(request.RequestError) as info:
+        request.check_spc_reference(namespace, name)
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_spc_references_kubernetes_allows_pass() -> None:
+    request.check_spc_reference("team-a", "my.spc-1")
+    request.check_spc_reference("a" * 63, "b" * 253)
 
 
 def test_proto_load_is_idempotent() -> None:
@@ -179,3 +216,52 @@ def test_kubeconfig_with_ca_file_and_untrusted_server(fake_kube: FakeKube, tmp_p
             KubeClient.from_kubeconfig(str(path)).get_secret_provider_class("ns1", "demo")
     finally:
         other.close()
+
+
+def test_daemon_uid_range_flag() -> None:
+    import argparse
+
+    from kvfs.csi.cli import uid_range
+
+    assert uid_range("1900000000-1900999999") == (1900000000, 1900999999)
+    assert uid_range("5000-5000") == (5000, 5000)
+    for bad in ("0-5", "5-4", "x-y", "10", "1-2147483648", "-5-10"):
+        with pytest.raises(argparse.ArgumentTypeError, match="START-END"):
+            uid_range(bad)
+
+
+def test_an_entry_brings_its_own_root_step() -> None:
+    from kvfs.csi import daemon
+
+    default = daemon.load_entry(daemon.DEFAULT_ENTRY)
+    assert (default.run, default.prepare) == (daemon.run_volume, daemon.prepare)
+    assert daemon.load_entry("kvfs.csi.standin:run").prepare is None  # no other entry's prepare runs
+
+
+def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon re-parses its parameters: a file outside the folder it was sent is refused there too."""
+    from kvfs.csi import daemon
+    from kvfs.net import http as transport
+
+    monkeypatch.setattr(transport, "_preloaded_context", None)  # prepare() sets it process-wide
+
+    env = tmp_path / "env.json"
+    env.write_text(json.dumps({"activeDirectoryEndpoint": "https://a.example/", "keyVaultEndpoint": "https://v.example/",
+                               "keyVaultDNSSuffix": "v.example"}))  # fmt: skip
+    params = {
+        **POD_INFO,
+        "keyvaultName": "kv1",
+        "tenantID": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "clientID": "00000000-0000-0000-0000-0000000000c1",
+        "cloudName": "AzureStackCloud",
+        "cloudEnvFileName": str(env),
+        "objects": "array:\n  - |\n    objectName: s\n    objectType: secret\n",
+        request.TOKENS_KEY: json.dumps({request.AUDIENCE: {"token": "x.y.z"}}),
+    }
+    ready_r, ready_w = os.pipe()
+    spec = daemon.DaemonSpec("vol-1", params, {}, False, -1, -1, ready_w, cloud_env_dir=str(tmp_path / "admin"))
+    daemon.prepare(spec)
+    assert daemon.run_volume(spec) == 2
+    assert os.read(ready_r, 4096).startswith(b"error cloudName AzureStackCloud is not valid, error: cloudEnvFileName")
+    os.close(ready_r)
+    os.close(ready_w)

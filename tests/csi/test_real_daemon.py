@@ -3,9 +3,11 @@
 
 One plugin process serves a fleet of 20 pod volumes for the whole module (each pod with its own
 namespace, service account, FIC'd app or managed identity, vault and secret value; half name a
-SecretProviderClass served by the fake Kubernetes API, half carry every parameter inline), plus
-one intruder pod whose identity has no grant on the vault it names. Tests that break a volume
-(kill a daemon, unpublish) take it out of the fleet; the others only read.
+SecretProviderClass served by the fake Kubernetes API, half carry every parameter inline, so the
+plugin runs with --allow-inline-parameters), one service-principal pod whose client secret is
+planted to be looked for in every output, plus one intruder pod whose identity has no grant on
+the vault it names. Tests that break a volume (kill a daemon, unpublish) take it out of the
+fleet; the others only read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,23 +37,27 @@ import yaml
 from csi_harness import AUDIENCE, FUSE_OK, TOKENS_KEY, Kubelet, PluginProcess, wait_for
 from fakekube import FakeKube
 from kvfs.csi.mountinfo import is_kvfs_mount, read_mountinfo
-from kvfs.csi.state import process_alive, volume_key
+from kvfs.csi.state import StateStore, VolumeState, process_alive, volume_key
+from kvfs.csi.volumes import DEFAULT_DAEMON_UID_RANGE
 from kvfs.emulator import entra
 from kvfs.emulator.server import Emulator, EmulatorThread
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")]
 
 REAL_DAEMON = "kvfs.csi.daemon:run_volume"
-DAEMON_UID = 65534
 PODS = 20
+NOBODY = 65534
+JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
+PLANTED_CLIENT_SECRET = "planted-client-secret-" + os.urandom(8).hex()
 
 
 # ---- the world: emulator, fake Kubernetes API, identities ----------------------------------
 
 
-def objects_yaml(*names: str) -> str:
+def objects_yaml(*names: str, mode: str = "") -> str:
     """The upstream `objects` shape: a mapping with `array`, each item a YAML string."""
-    items = [yaml.safe_dump({"objectName": n, "objectType": "secret"}, sort_keys=False) for n in names]
+    extra = {"filePermission": mode} if mode else {}
+    items = [yaml.safe_dump({"objectName": n, "objectType": "secret", **extra}, sort_keys=False) for n in names]
     return yaml.safe_dump({"array": items}, sort_keys=False)
 
 
@@ -75,6 +82,8 @@ class Pod:
     spc: str = ""  # SecretProviderClass name, or "" for inline parameters
     target: str = ""
     volume_id: str = ""
+    mode: str = ""  # filePermission of app-secret ("" = the default 0644)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # nodePublishSecretRef
 
     @property
     def name(self) -> str:
@@ -85,7 +94,8 @@ class Pod:
 
 
 class World:
-    """The emulator (its files readable by the unprivileged daemons) and the fake Kubernetes API."""
+    """The emulator and the fake Kubernetes API; the cloud env file lies in the folder the plugin
+    is told to read cloud env files from (--cloud-env-dir)."""
 
     def __init__(self, emu: Emulator, kube: FakeKube, base: Path) -> None:
         self.emu = emu
@@ -94,21 +104,26 @@ class World:
 
     def parameters(self, pod: Pod) -> dict[str, str]:
         """What the SecretProviderClass (or the inline volume) says for this pod."""
-        return {
-            "clientID": pod.client_id,
+        params = {
             "tenantId": self.emu.tenant_id,
             "keyvaultName": pod.vault,
             "cloudName": "AzureStackCloud",
             "cloudEnvFileName": str(self.emu.cloud_env_file),
-            "objects": objects_yaml("app-secret"),
+            "objects": objects_yaml("app-secret", mode=pod.mode),
         }
+        if not pod.secrets:  # workload identity; else a service principal from nodePublishSecretRef
+            params["clientID"] = pod.client_id
+        return params
 
-    def new_pod(self, index: int, *, managed: bool, spc: bool, vault: str | None = None) -> Pod:
+    def new_pod(
+        self, index: int, *, managed: bool, spc: bool, vault: str | None = None, mode: str = "", secret: str = ""
+    ) -> Pod:
         """A namespace + service account federated to its own app (or managed identity), its own
-        vault with its own value, granted there only; `vault` makes it name someone else's."""
+        vault with its own value, granted there only; `vault` makes it name someone else's;
+        `secret` makes it a service principal with that client secret instead."""
         ns, sa = f"ns-{index:02d}", f"sa-{index:02d}"
         ident = self.emu.identity
-        app = ident.add_managed_identity() if managed else ident.add_app()
+        app = ident.add_managed_identity() if managed else ident.add_app(secret=secret or None)
         ident.add_federated_credential(app.client_id, issuer=self.emu.oidc_issuer, subject=f"system:serviceaccount:{ns}:{sa}")
         value = ""
         if vault is None:
@@ -118,7 +133,9 @@ class World:
             value = f"value-of-pod-{index:02d}-{os.urandom(6).hex()}"
             self.emu.set_secret(vault, "app-secret", value)
         token = ident.mint_sa_token(ns, sa, pod=f"pod-{index:02d}")
-        pod = Pod(index, ns, sa, app.client_id, vault, value, token, volume_id=f"csi-{os.urandom(8).hex()}")
+        pod = Pod(index, ns, sa, app.client_id, vault, value, token, volume_id=f"csi-{os.urandom(8).hex()}", mode=mode)
+        if secret:
+            pod.secrets = {"clientid": app.client_id, "clientsecret": secret}
         if spc:
             pod.spc = f"spc-{index:02d}"
             self.kube.add_spc(ns, pod.spc, self.parameters(pod))
@@ -142,15 +159,15 @@ class World:
 
 def publish(kubelet: Kubelet, world: World, pod: Pod, token: str | None = None) -> None:
     """NodePublishVolume exactly as kubelet sends it (the tokens already in the context)."""
-    kubelet.publish(pod.volume_id, pod.target, world.volume_context(pod, token), token=None)
+    kubelet.publish(pod.volume_id, pod.target, world.volume_context(pod, token), pod.secrets, token=None)
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     if not FUSE_OK:
         pytest.skip("needs root and /dev/fuse")
-    # Root-only on purpose: daemons run as uid 65534 and must still use the CA and cloud env files
-    # in here (they read them before dropping privileges).
+    # Root-only on purpose: daemons run with uids of their own and must still use the CA and cloud
+    # env files in here (they read them before dropping privileges).
     base = Path(tempfile.mkdtemp(prefix="kvfsreal-", dir="/tmp"))
     base.chmod(0o700)
     kube = FakeKube(base / "kube")
@@ -185,6 +202,12 @@ class Fleet:
     def pid(self, pod: Pod) -> int:
         return int(self.kubelet.state(pod.target).pid)
 
+    def daemon(self, pod: Pod) -> VolumeState:
+        """The volume's state: its daemon's pid, start time and uid."""
+        state = self.kubelet.state(pod.target)
+        assert state is not None
+        return state
+
     def remove(self, pod: Pod) -> None:
         self.pods.remove(pod)
 
@@ -199,11 +222,15 @@ def fleet(world: World) -> Iterator[Fleet]:
             "--metrics-addr", f"127.0.0.1:{port}",
             "--health-interval", "0",
             "--log-level", "DEBUG",
+            "--cloud-env-dir", str(world.emu.cloud_env_file.parent),
         ),
+        kubelet_dir=str(world.base / "kubelet"),
+        allow_inline_parameters=True,
     )  # fmt: skip
     kubelet = plugin.start()
     try:
         pods = [world.new_pod(i, managed=i % 2 == 1, spc=i % 4 < 2) for i in range(PODS)]
+        pods.insert(1, world.new_pod(PODS + 1, managed=False, spc=True, secret=PLANTED_CLIENT_SECRET))
         intruder = world.new_pod(PODS, managed=False, spc=False, vault=pods[0].vault)
         for pod in [*pods, intruder]:
             pod.target = kubelet.target(world.base / "kubelet", pod.name)
@@ -243,12 +270,12 @@ def read_secret(pod: Pod) -> str:
     return Path(pod.target, "app-secret").read_text()
 
 
-def assert_gone(kubelet: Kubelet, pod: Pod, pid: int) -> None:
+def assert_gone(kubelet: Kubelet, pod: Pod, daemon: VolumeState) -> None:
     """Unpublish left no mount, no daemon process and no state files behind."""
     assert not is_kvfs_mount(pod.target)
     assert all(e.mount_point != pod.target for e in read_mountinfo())
     assert not os.path.exists(pod.target)
-    wait_for(lambda: not process_alive(pid, 0), 10, f"daemon {pid} to exit")
+    wait_for(lambda: not process_alive(daemon.pid, daemon.pid_start), 10, f"daemon {daemon.pid} to exit")
     assert kubelet.state(pod.target) is None
     volumes = Path(kubelet.state_dir, "volumes")
     assert not (volumes / volume_key(pod.target)).exists()
@@ -310,11 +337,15 @@ def test_daemons_are_unprivileged_named_and_sole_holders_of_their_fuse_fd(fleet:
     pods = [*fleet.pods, fleet.intruder]
     pids = {pod.volume_id: fleet.pid(pod) for pod in pods}
     holders = fuse_holders()
+    uids = set()
     for pod in pods:
         pid = pids[pod.volume_id]
-        assert proc_ids(pid, "Uid") == [DAEMON_UID] * 4  # real, effective, saved, filesystem
-        assert proc_ids(pid, "Gid") == [DAEMON_UID] * 4
+        uid = fleet.daemon(pod).uid
+        assert DEFAULT_DAEMON_UID_RANGE[0] <= uid <= DEFAULT_DAEMON_UID_RANGE[1]
+        assert proc_ids(pid, "Uid") == [uid] * 4  # real, effective, saved, filesystem
+        assert proc_ids(pid, "Gid") == [uid] * 4
         assert proc_ids(pid, "Groups") == []
+        uids.add(uid)
         title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         assert pod.volume_id in title
         assert pod.token not in title
@@ -322,10 +353,87 @@ def test_daemons_are_unprivileged_named_and_sole_holders_of_their_fuse_fd(fleet:
     assert fleet.plugin.proc is not None
     for other in (fleet.plugin.proc.pid, fleet.plugin.mounter_pid(), os.getpid()):
         assert other > 0 and other not in holders
+    assert len(uids) == len(pods)  # one uid per volume
     # every fuse.kvfs mount of the fleet is backed by exactly one fd, held by its own daemon
     mounts = [e for e in read_mountinfo() if e.mount_point in {p.target for p in pods}]
     assert len(mounts) == len(pods) and {e.fstype for e in mounts} == {"fuse.kvfs"}
     assert sum(holders[pid] for pid in pids.values()) == len(pods)
+
+
+def as_user(uid: int, action: Any) -> int:
+    """Run `action()` in a forked child whose uid and gid are `uid` (no groups): 0, or the errno
+    of the OSError it raised."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 255
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            action()
+            code = 0
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os.write(write_end, str(code).encode())
+            os._exit(0)
+    os.close(write_end)
+    try:
+        return int(os.read(read_end, 16))
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+
+
+def connect(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+
+
+def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(fleet: Fleet) -> None:
+    """Two volumes' daemons: distinct non-zero uids; one cannot signal or inspect the other; a
+    process running as nobody cannot read a 0600 file (but can read a 0644 one)."""
+    world, kubelet = fleet.world, fleet.kubelet
+    pods = [world.new_pod(95 + i, managed=False, spc=True, mode="0600") for i in range(2)]
+    for pod in pods:
+        pod.target = kubelet.target(world.base / "kubelet", pod.name)
+        publish(kubelet, world, pod)
+    # the readers get the mount roots as open folders: kubelet's folders on the way are root-only
+    private = os.open(pods[0].target, os.O_RDONLY | os.O_DIRECTORY)
+    public = os.open(fleet.pods[0].target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        a, b = (fleet.daemon(pod) for pod in pods)
+        assert a.uid != b.uid and 0 not in (a.uid, b.uid)
+        for daemon in (a, b):
+            assert proc_ids(daemon.pid, "Uid") == [daemon.uid] * 4 and proc_ids(daemon.pid, "Gid") == [daemon.uid] * 4
+        info = os.stat("app-secret", dir_fd=private)
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, 0, 0o600)
+        assert Path(pods[0].target, "app-secret").read_text() == pods[0].value  # root reads it
+
+        def read(folder: int) -> None:
+            os.close(os.open("app-secret", os.O_RDONLY, dir_fd=folder))
+
+        assert as_user(NOBODY, lambda: read(public)) == 0
+        assert as_user(NOBODY, lambda: read(private)) == errno.EACCES
+        assert as_user(a.uid, lambda: os.kill(a.pid, 0)) == 0  # a daemon's own uid may signal it
+        assert as_user(a.uid, lambda: os.kill(b.pid, 0)) == errno.EPERM
+        assert as_user(b.uid, lambda: os.kill(a.pid, signal.SIGKILL)) == errno.EPERM
+        assert as_user(a.uid, lambda: open(f"/proc/{b.pid}/environ", "rb").close()) == errno.EACCES
+        assert as_user(a.uid, lambda: open(f"/proc/{b.pid}/mem", "rb").close()) == errno.EACCES
+        # not even its own /proc files: daemons are non-dumpable, so those belong to root
+        assert as_user(a.uid, lambda: open(f"/proc/{a.pid}/environ", "rb").close()) == errno.EACCES
+        # nor the plugin's side: b's control socket (token, stop) or the mounter's socket
+        for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(kubelet.state_dir, "mounter.sock")):
+            assert as_user(a.uid, lambda path=path: connect(path)) == errno.EACCES
+        assert kubelet.control(pods[1].target, {"op": "status"})["ok"] is True  # root's plugin can
+        assert process_alive(a.pid, a.pid_start) and process_alive(b.pid, b.pid_start)
+        assert Path(pods[1].target, "app-secret").read_text() == pods[1].value
+    finally:
+        os.close(private)
+        os.close(public)
+        for pod in pods:
+            kubelet.unpublish(pod.volume_id, pod.target)
 
 
 def test_republish_pushes_the_new_token_without_a_key_vault_call(
@@ -339,7 +447,8 @@ def test_republish_pushes_the_new_token_without_a_key_vault_call(
         pod.namespace, pod.service_account, audience=AUDIENCE, lifetime=600, issuer=None, now=time.time() - 3600
     )
     publish(kubelet, world, pod, token=stale)
-    pid = fleet.pid(pod)
+    daemon = fleet.daemon(pod)
+    pid = daemon.pid
     seen: list[tuple[str, str, str]] = []
     real_check = entra._check_assertion
 
@@ -362,7 +471,7 @@ def test_republish_pushes_the_new_token_without_a_key_vault_call(
     fresh_jti = jwt.decode(fresh, options={"verify_signature": False})["jti"]
     assert [s for s in seen if s[0] == pod.client_id] == [(pod.client_id, pod.subject(), fresh_jti)]
     kubelet.unpublish(pod.volume_id, pod.target)
-    assert_gone(kubelet, pod, pid)
+    assert_gone(kubelet, pod, daemon)
 
 
 def test_publish_and_unpublish_are_idempotent_and_leave_nothing(fleet: Fleet) -> None:
@@ -370,23 +479,24 @@ def test_publish_and_unpublish_are_idempotent_and_leave_nothing(fleet: Fleet) ->
     pod = world.new_pod(91, managed=True, spc=False)
     pod.target = kubelet.target(world.base / "kubelet", pod.name)
     publish(kubelet, world, pod)
-    pid = fleet.pid(pod)
+    first = fleet.daemon(pod)
     publish(kubelet, world, pod)  # the same request again: OK, same daemon
-    assert fleet.pid(pod) == pid
+    assert fleet.daemon(pod) == first
     assert read_secret(pod) == pod.value
     kubelet.unpublish(pod.volume_id, pod.target)
-    assert_gone(kubelet, pod, pid)
+    assert_gone(kubelet, pod, first)
     kubelet.unpublish(pod.volume_id, pod.target)  # again: still OK
     publish(kubelet, world, pod)  # and a new publish of the same volume starts afresh
-    second = fleet.pid(pod)
-    assert second != pid and read_secret(pod) == pod.value
+    second = fleet.daemon(pod)
+    assert second.pid != first.pid and read_secret(pod) == pod.value
     kubelet.unpublish(pod.volume_id, pod.target)
     kubelet.unpublish(pod.volume_id, pod.target)
     assert_gone(kubelet, pod, second)
 
 
-def test_files_belong_to_the_pods_fs_group_and_only_kubelet_sets_it(fleet: Fleet) -> None:
-    """kubelet delegates fsGroup (VOLUME_MOUNT_GROUP): files and folders get that group."""
+def test_files_belong_to_root_and_the_pods_fs_group_and_only_kubelet_sets_it(fleet: Fleet) -> None:
+    """Files and folders are root's, as upstream's tmpfs files are; kubelet delegates fsGroup
+    (VOLUME_MOUNT_GROUP): files and folders get that group, else group 0."""
     world, kubelet = fleet.world, fleet.kubelet
     pods = [world.new_pod(92 + i, managed=False, spc=False) for i in range(2)]
     for pod in pods:
@@ -399,9 +509,10 @@ def test_files_belong_to_the_pods_fs_group_and_only_kubelet_sets_it(fleet: Fleet
     kubelet.publish(plain.volume_id, plain.target, context, token=None)
     try:
         assert read_secret(grouped) == grouped.value
-        assert os.stat(Path(grouped.target, "app-secret")).st_gid == 4321
-        assert os.stat(Path(grouped.target, "..data")).st_gid == 4321
-        assert os.stat(Path(plain.target, "app-secret")).st_gid == 65534
+        for path in ("", "app-secret", "..data", "..data/app-secret"):
+            grouped_stat, plain_stat = os.stat(Path(grouped.target, path)), os.stat(Path(plain.target, path))
+            assert (grouped_stat.st_uid, grouped_stat.st_gid) == (0, 4321), path
+            assert (plain_stat.st_uid, plain_stat.st_gid) == (0, 0), path
     finally:
         for pod in pods:
             kubelet.unpublish(pod.volume_id, pod.target)
@@ -410,8 +521,12 @@ def test_files_belong_to_the_pods_fs_group_and_only_kubelet_sets_it(fleet: Fleet
 def test_state_folder_and_logs_never_hold_a_token_or_a_secret(fleet: Fleet) -> None:
     for pod in fleet.pods:
         assert read_secret(pod) == pod.value  # everything has been fetched at least once
+    """A full CSI run (the plugin started its own mounter; real daemons log into the mounter's log)
+    at DEBUG: no service account token, access token, client secret or secret value in any output."""
+    assert any(pod.secrets for pod in fleet.pods)
     forbidden = {f"{pod.name} token": pod.token for pod in [*fleet.pods, fleet.intruder]}
     forbidden |= {f"{pod.name} value": pod.value for pod in fleet.pods}
+    forbidden["the planted client secret"] = PLANTED_CLIENT_SECRET
     # the JWT signature alone would leak the token too; the payload part holds no secret
     forbidden |= {f"{pod.name} token signature": pod.token.rsplit(".", 1)[1] for pod in fleet.pods}
     files = 0
@@ -424,13 +539,17 @@ def test_state_folder_and_logs_never_hold_a_token_or_a_secret(fleet: Fleet) -> N
             data = path.read_bytes()
             for what, needle in forbidden.items():
                 assert needle.encode() not in data, f"{what} found in {path}"
+            # no JWT at all: Key Vault access tokens (never seen by this test) are JWTs too
+            assert not JWT.search(data), f"a JWT in {path}"
     assert files >= len(fleet.pods) + 2  # state.json per volume, plugin.log, mounter.log
-    assert "app-secret" in Path(fleet.plugin.mounter_log).read_text()  # the daemons did log there
+    mounter_log = Path(fleet.plugin.mounter_log).read_text()
+    assert mounter_log.count("mount config: vault=") >= len(fleet.pods)  # every daemon logged there
+    assert " DEBUG kvfs." in mounter_log  # at DEBUG, through kvfs's one logging setup
 
 
 def test_killed_plugin_keeps_every_volume_serving_and_unpublish_works_after(fleet: Fleet) -> None:
     plugin = fleet.plugin
-    pids = {pod.volume_id: fleet.pid(pod) for pod in fleet.pods}
+    daemons = {pod.volume_id: fleet.daemon(pod) for pod in fleet.pods}
     mounter = plugin.mounter_pid()
     failures: list[str] = []
     rounds = [0]
@@ -461,14 +580,14 @@ def test_killed_plugin_keeps_every_volume_serving_and_unpublish_works_after(flee
         thread.join(10)
     assert failures == []
     assert plugin.mounter_pid() == mounter
-    assert {pod.volume_id: fleet.pid(pod) for pod in fleet.pods} == pids
+    assert {pod.volume_id: fleet.daemon(pod) for pod in fleet.pods} == daemons
     assert kubelet.probe() is True
     # the new plugin process republishes and unpublishes volumes the old one published
     pod = fleet.pods[-1]
     publish(kubelet, fleet.world, pod, token=fleet.world.emu.identity.mint_sa_token(pod.namespace, pod.service_account))
     for pod in fleet.pods[-2:]:
         kubelet.unpublish(pod.volume_id, pod.target)
-        assert_gone(kubelet, pod, pids[pod.volume_id])
+        assert_gone(kubelet, pod, daemons[pod.volume_id])
         fleet.remove(pod)
     for pod in fleet.pods:
         assert read_secret(pod) == pod.value
@@ -477,11 +596,12 @@ def test_killed_plugin_keeps_every_volume_serving_and_unpublish_works_after(flee
 def test_a_killed_daemon_breaks_only_its_volume_and_is_reported(fleet: Fleet) -> None:
     kubelet, plugin = fleet.kubelet, fleet.plugin
     victim = fleet.pods[3]
-    pid = fleet.pid(victim)
+    daemon = fleet.daemon(victim)
+    pid = daemon.pid
     assert kubelet.probe() is True
     assert metric(fleet.metrics_url, "kvfs_csi_volumes", 'health="dead"') == 0
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not process_alive(pid, 0), 10, "the daemon to die")
+    wait_for(lambda: not process_alive(pid, daemon.pid_start), 10, "the daemon to die")
     with pytest.raises(OSError) as info:
         os.listdir(victim.target)  # fails at once: nobody else holds the connection, so no hang
     assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
@@ -501,7 +621,7 @@ def test_a_killed_daemon_breaks_only_its_volume_and_is_reported(fleet: Fleet) ->
     publish(kubelet, fleet.world, victim)
     assert is_kvfs_mount(victim.target)
     kubelet.unpublish(victim.volume_id, victim.target)
-    assert_gone(kubelet, victim, pid)
+    assert_gone(kubelet, victim, daemon)
     fleet.remove(victim)
     assert kubelet.probe() is True
     assert metric(fleet.metrics_url, "kvfs_csi_volumes", 'health="dead"') == 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 from typing import Any
 
 from kvfs.config.model import CloudConfig
@@ -62,6 +64,7 @@ _DNS_SUFFIX = re.compile(
     r"^(?=.{1,253}(:|$))[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?$"
 )
+MAX_ENV_FILE = 64 * 1024
 _STACK_FIELDS = ("activeDirectoryEndpoint", "keyVaultEndpoint", "keyVaultDNSSuffix")
 _STACK_FIX = (
     "cloudEnvFileName must name a JSON file with activeDirectoryEndpoint, keyVaultEndpoint "
@@ -77,8 +80,11 @@ def _invalid(cloud_name: str, error: str, fix: str) -> ConfigError:
     return ConfigError("cloudName", cloud_name, text, fix, message=text)
 
 
-def resolve_cloud(cloud_name: str, env_file: str = "") -> CloudConfig:
-    """Endpoints for `cloud_name`; `env_file` is only read for AzureStackCloud."""
+def resolve_cloud(cloud_name: str, env_file: str = "", allowed_dir: str | None = None) -> CloudConfig:
+    """Endpoints for `cloud_name`; `env_file` is only read for AzureStackCloud.
+
+    `allowed_dir`: see `read_env_file` (None reads any path: `kvfs mount` on a workstation).
+    """
     name = cloud_name.strip()
     key = name.upper()
     if key == "":
@@ -86,7 +92,7 @@ def resolve_cloud(cloud_name: str, env_file: str = "") -> CloudConfig:
     elif key in _CLOUDS:
         cloud = _CLOUDS[key]
     elif key == _STACK:
-        return _load_stack(name, env_file.strip())
+        return _load_stack(name, env_file.strip(), allowed_dir)
     else:
         raise _invalid(
             name,
@@ -98,39 +104,86 @@ def resolve_cloud(cloud_name: str, env_file: str = "") -> CloudConfig:
     return cloud
 
 
-def _load_stack(name: str, env_file: str) -> CloudConfig:
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _read_env_file(name: str, path: str, allowed_dir: str | None) -> str:
+    """The text of a cloud environment file, read without trusting the path.
+
+    With `allowed_dir` (the CSI plugin's --cloud-env-dir) only files inside that folder are
+    read: a path outside it, by its text or through a symlink, is refused before anything
+    outside is touched, so the answer never tells whether a node file exists. Always: opened
+    non-blocking without following a final symlink, a regular file, at most MAX_ENV_FILE bytes.
+    Errors quote nothing from the file.
+    """
+    if allowed_dir is not None:
+        folder = os.path.normpath(allowed_dir)
+        inside = os.path.isabs(path) and _inside(os.path.normpath(path), folder)
+        if not inside or not _inside(os.path.realpath(path), os.path.realpath(folder)):
+            raise _invalid(
+                name,
+                f"cloudEnvFileName {path!r} is not a file inside {allowed_dir}",
+                f"this node reads cloud environment files only from {allowed_dir}: put the file there and"
+                " name it by its absolute path (a cluster admin sets the folder with"
+                " `kvfs csi node --cloud-env-dir DIR`)",
+            )
+    real = os.path.realpath(path)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _invalid(name, f"open {path}: no such file or directory", _STACK_FIX) from None
+    except OSError as exc:
+        raise _invalid(
+            name, f"open {path}: {(exc.strerror or 'cannot open').lower()}", "make the file readable by kvfs"
+        ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _invalid(name, f"cloudEnvFileName {path!r} is not a regular file", _STACK_FIX)
+        data = b""
+        while len(data) <= MAX_ENV_FILE:
+            chunk = os.read(fd, MAX_ENV_FILE + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise _invalid(name, f"read {path}: {(exc.strerror or 'failed').lower()}", _STACK_FIX) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ENV_FILE:
+        raise _invalid(
+            name,
+            f"cloudEnvFileName {path!r} is larger than {MAX_ENV_FILE // 1024} KiB",
+            "a cloud environment file is a small JSON document; " + _STACK_FIX,
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid(name, f"cloudEnvFileName {path} is not UTF-8 text", _STACK_FIX) from None
+
+
+def _load_stack(name: str, env_file: str, allowed_dir: str | None) -> CloudConfig:
     """Read an Azure Stack environment file (go-autorest's JSON, keys matched like Go's json)."""
     if not env_file:
         raise _invalid(name, "cloudEnvFileName is not set", _STACK_FIX)
-    try:
-        with open(env_file, encoding="utf-8") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise _invalid(name, f"open {env_file}: no such file or directory", _STACK_FIX) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise _invalid(
-            name,
-            f"open {env_file}: {reason.lower()}",
-            "make the file readable by kvfs (UTF-8 JSON)",
-        ) from None
+    raw = _read_env_file(name, env_file, allowed_dir)
     try:
         doc: Any = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise _invalid(
             name,
-            f"{env_file} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            f"cloudEnvFileName {env_file} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             _STACK_FIX,
         ) from None
     if not isinstance(doc, dict):
-        raise _invalid(name, f"{env_file} must hold a JSON object", _STACK_FIX)
+        raise _invalid(name, f"cloudEnvFileName {env_file} must hold a JSON object", _STACK_FIX)
     values: dict[str, str] = {}
     for field in _STACK_FIELDS:
         value = _json_field(doc, field)
         if not isinstance(value, str) or not value.strip():
             raise _invalid(
                 name,
-                f"{env_file}: field {field} is missing or not a non-empty string",
+                f"cloudEnvFileName {env_file}: field {field} is missing or not a non-empty string",
                 f'add "{field}" to {env_file}; {_STACK_FIX}',
             )
         values[field] = value.strip()
@@ -141,7 +194,7 @@ def _load_stack(name: str, env_file: str) -> CloudConfig:
     if not _DNS_SUFFIX.match(suffix):
         raise _invalid(
             name,
-            f"{env_file}: keyVaultDNSSuffix {suffix!r} is not a host name with an optional :port",
+            f"cloudEnvFileName {env_file}: keyVaultDNSSuffix is not a host name with an optional :port",
             'write it like "vault.local.azurestack.external" (no scheme, no leading dot, no path)',
         )
     return CloudConfig(
@@ -168,7 +221,7 @@ def _https_endpoint(name: str, env_file: str, field: str, values: dict[str, str]
     if not url.lower().startswith("https://") or len(url.rstrip("/")) <= len("https://"):
         raise _invalid(
             name,
-            f"{env_file}: {field} {url!r} is not an https:// URL",
+            f"cloudEnvFileName {env_file}: {field} is not an https:// URL",
             f'write {field} like "https://host.example/" (kvfs only talks HTTPS)',
         )
     return url.rstrip("/")

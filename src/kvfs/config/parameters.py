@@ -59,10 +59,14 @@ VOLUME_MOUNT_GROUP_KEY = "kvfs.io/volumeMountGroup"
 WORKLOAD_IDENTITY_AUDIENCE = "api://AzureADTokenExchange"
 FEDERATED_TOKEN_FILE_ENV = "AZURE_FEDERATED_TOKEN_FILE"
 
+# The CSI plugin reads cloudEnvFileName only inside this folder (`kvfs csi node --cloud-env-dir`).
+DEFAULT_CLOUD_ENV_DIR = "/etc/kubernetes"
 GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _VAULT_CHARS = re.compile(r"^[-A-Za-z0-9]+$")
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,253}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# a tenant's GUID, "adfs" (Azure Stack Hub with AD FS), or a verified domain such as contoso.onmicrosoft.com
+_TENANT_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$")
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -177,11 +181,14 @@ def parse_parameters(
     allow_node_identity: bool = False,
     environ: Mapping[str, str] | None = None,
     default_cloud: str = "AzurePublicCloud",
+    cloud_env_dir: str | None = None,
 ) -> MountConfig:
     """Validate everything a mount needs before any network call.
 
     `secrets` is the node-publish secret (CSI) or the --secrets file (CLI); None when absent.
     `environ` defaults to os.environ and is only read for AZURE_FEDERATED_TOKEN_FILE.
+    `cloud_env_dir`: cloudEnvFileName must lie inside it; None means DEFAULT_CLOUD_ENV_DIR for
+    "csi" and any path for "cli" (a workstation user names their own files).
     """
     if context not in ("csi", "cli"):
         raise ValueError(f"context must be 'csi' or 'cli', not {context!r}")
@@ -235,15 +242,14 @@ def parse_parameters(
             p.case_hint("tenantID")
             or "set tenantID to the directory (tenant) ID of the identity's Entra ID tenant",
         )
-    if tenant_id and not _TENANT.match(tenant_id):
-        raise ConfigError(
-            "tenantID",
-            tenant_id,
-            "is not a tenant ID",
-            "use the tenant's GUID or domain name (e.g. contoso.onmicrosoft.com), or adfs",
-        )
+    if tenant_id:
+        check_tenant_id(tenant_id)
+    if client_id and mode == "workload_identity":
+        check_guid("clientID", client_id, "the client id of the app registration or managed identity")
 
-    cloud = resolve_cloud(p.get("cloudName") or default_cloud, p.get("cloudEnvFileName"))
+    if cloud_env_dir is None and context == "csi":
+        cloud_env_dir = DEFAULT_CLOUD_ENV_DIR
+    cloud = resolve_cloud(p.get("cloudName") or default_cloud, p.get("cloudEnvFileName"), cloud_env_dir)
 
     auth = _build_auth(
         mode,
@@ -295,6 +301,27 @@ def parse_parameters(
         secret_provider_class=p.get("secretProviderClass"),
         file_group=_group_id(p.get(VOLUME_MOUNT_GROUP_KEY)),
     )
+
+
+def check_guid(field: str, value: str, what: str) -> None:
+    """Ids that end up in URLs and in the `az` commands error messages suggest must be GUIDs."""
+    if not _GUID.match(value):
+        raise ConfigError(
+            field,
+            value,
+            "is not a GUID",
+            f"set {field} to {what}, e.g. 00000000-0000-0000-0000-000000000000",
+        )
+
+
+def check_tenant_id(value: str) -> None:
+    if not (_GUID.match(value) or value == "adfs" or _TENANT_DOMAIN.match(value)):
+        raise ConfigError(
+            "tenantID",
+            value,
+            "is not a tenant ID",
+            "use the tenant's GUID or domain name (e.g. contoso.onmicrosoft.com), or adfs",
+        )
 
 
 def _group_id(text: str) -> int | None:
@@ -385,11 +412,14 @@ def _build_auth(
                 " for the pod's service account); a cluster admin who accepts the risk can start"
                 " the plugin with --allow-node-identity",
             )
-        return AuthConfig(
-            mode=mode,
-            tenant_id=tenant_id,
-            user_assigned_identity_id=p.get("userAssignedIdentityID"),
-        )
+        identity_id = p.get("userAssignedIdentityID")
+        if identity_id:
+            check_guid(
+                "userAssignedIdentityID",
+                identity_id,
+                "the client id of a user-assigned identity of the node (or remove it for the system-assigned one)",
+            )
+        return AuthConfig(mode=mode, tenant_id=tenant_id, user_assigned_identity_id=identity_id)
 
     if mode == "pod_identity":
         if not pod_name or not pod_namespace:
@@ -440,6 +470,13 @@ def _service_principal(
             if near:
                 fix += f"; rename {near[0]} to {needed}"
             raise _upstream(needed, f"{wrapper}could not find {needed} in secrets", fix)
+    if not _GUID.match(found["clientid"]):
+        raise ConfigError(
+            "clientid",
+            None,  # never echo a value from the secret
+            f"in {where} is not a GUID",
+            "set clientid to the service principal's application (client) id",
+        )
     return AuthConfig(
         mode="service_principal",
         tenant_id=tenant_id,

@@ -9,22 +9,44 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
+from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR
 from kvfs.csi.daemon import DEFAULT_ENTRY
+from kvfs.logsafe import LOG_LEVELS, setup_logging
 
 log = logging.getLogger(__name__)
 
+UID_MAX = 2**31 - 1  # uids at or above 2^31 confuse tools that keep them signed
 
-def _setup_logging(level: str) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=getattr(logging, level.upper(), logging.INFO),
-            format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+
+def uid_range(text: str) -> tuple[int, int]:
+    """`START-END`, both inclusive, 1 <= START <= END < 2^31."""
+    start_text, sep, end_text = text.partition("-")
+    try:
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        start = end = -1
+    if not sep or not 1 <= start <= end <= UID_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected START-END with 1 <= START <= END <= {UID_MAX}, e.g. 1900000000-1900999999"
+            " (one uid per mounted volume; keep it clear of the node's users and subuid ranges)"
+        )
+    return start, end
+
+
+class _Removed(argparse.Action):
+    """A removed flag that says what replaced it (instead of argparse's "unrecognized arguments")."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        parser.error(
+            f"{option} was removed: every volume's daemon now runs with a uid of its own (and gid = uid),"
+            " taken from --daemon-uid-range START-END (default 1900000000-1900999999)"
         )
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, pid=True)
     from kvfs.csi.node import endpoint_path, run_node
     from kvfs.csi.state import SUN_PATH_MAX
     from kvfs.csi.volumes import NodeConfig
@@ -33,10 +55,12 @@ def _run_node(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         state_dir=args.state_dir,
         driver_name=args.driver_name,
-        daemon_uid=args.daemon_uid,
-        daemon_gid=args.daemon_gid,
+        daemon_uid_range=args.daemon_uid_range,
         mounter_socket=args.mounter_socket or "",
         allow_node_identity=args.allow_node_identity,
+        allow_inline_parameters=args.allow_inline_parameters,
+        cloud_env_dir=args.cloud_env_dir,
+        kubelet_dir=args.kubelet_dir,
         kubeconfig=args.kubeconfig or "",
         publish_timeout=args.publish_timeout,
         daemon_entry=args.daemon_entry,
@@ -62,23 +86,27 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def _run_mounter(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
-    from kvfs.csi.daemon import load_entry, preload
+    setup_logging(args.log_level, pid=True)
     from kvfs.csi.mounter import Mounter
 
-    try:
-        entry = load_entry(args.daemon_entry)
-    except (ImportError, AttributeError, ValueError) as exc:
-        print(f"kvfs csi mounter: --daemon-entry {args.daemon_entry}: {exc}", file=sys.stderr)
-        return 2
-    preload()
     socket_path = args.socket or os.path.join(args.state_dir, "mounter.sock")
-    return Mounter(socket_path, entry, entry_name=args.daemon_entry).serve()
+    return Mounter(socket_path, args.daemon_entry, log_level=args.log_level).serve()
+
+
+def _default_log_level() -> str:
+    level = os.environ.get("KVFS_LOG_LEVEL", "INFO").upper()
+    return level if level in LOG_LEVELS else "INFO"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default="/var/lib/kvfs/csi", help="plugin state (default %(default)s)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.upper,
+        default=argparse.SUPPRESS,  # unset here keeps `kvfs --log-level X csi ...` working
+        help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
+    )
     parser.add_argument(
         "--daemon-entry",
         default=DEFAULT_ENTRY,
@@ -93,13 +121,38 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     node.add_argument("--node-id", required=True, help="this node's name (NodeGetInfo)")
     node.add_argument("--driver-name", default="csi.kvfs.io", help="CSI driver name (default %(default)s)")
     node.add_argument("--kubeconfig", help="kubeconfig file; default: in-cluster configuration")
-    node.add_argument("--daemon-uid", type=int, default=65534, help="uid of volume daemons (default %(default)s)")
-    node.add_argument("--daemon-gid", type=int, default=65534, help="gid of volume daemons (default %(default)s)")
+    node.add_argument(
+        "--daemon-uid-range",
+        type=uid_range,
+        default="1900000000-1900999999",
+        metavar="START-END",
+        help="uids for volume daemons, one per volume, gid = uid (default %(default)s)",
+    )
+    for removed in ("--daemon-uid", "--daemon-gid"):
+        node.add_argument(removed, action=_Removed, help=argparse.SUPPRESS)
     node.add_argument("--mounter-socket", help="mounter socket (default STATE_DIR/mounter.sock)")
     node.add_argument(
         "--allow-node-identity",
         action="store_true",
         help="allow useVMManagedIdentity / usePodIdentity (every pod on the node could read those vaults)",
+    )
+    node.add_argument(
+        "--allow-inline-parameters",
+        action="store_true",
+        help="let volume attributes overlay the SecretProviderClass and volumes carry every parameter inline"
+        " (development clusters and tests: pod authors then bypass policies on SecretProviderClasses)",
+    )
+    node.add_argument(
+        "--cloud-env-dir",
+        default=DEFAULT_CLOUD_ENV_DIR,
+        metavar="DIR",
+        help="cloudEnvFileName may only name files inside DIR (default %(default)s)",
+    )
+    node.add_argument(
+        "--kubelet-dir",
+        default="/var/lib/kubelet",
+        metavar="DIR",
+        help="kubelet's folder: target paths must lie under DIR/pods/ (default %(default)s)",
     )
     node.add_argument(
         "--publish-timeout", type=float, default=60.0, help="seconds to wait for a daemon's ready (default %(default)s)"
@@ -112,7 +165,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     _common(node)
     node.set_defaults(func=_run_node)
 
-    mounter = subparsers.add_parser("mounter", help="run the mounter that forks one daemon per volume")
+    mounter = subparsers.add_parser("mounter", help="run the mounter that starts one daemon per volume")
     mounter.add_argument("--socket", help="listen here (default STATE_DIR/mounter.sock)")
     _common(mounter)
     mounter.set_defaults(func=_run_mounter)
@@ -120,6 +173,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvfs csi")
+    parser.set_defaults(log_level=_default_log_level())  # `kvfs` itself has a top-level --log-level
     add_arguments(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -1,8 +1,11 @@
-"""The per-volume daemon's entry point, as the mounter calls it in a freshly forked child.
+"""The per-volume daemon's entry point, as the zygote runs it in a freshly forked child.
 
-The mounter has already dropped privileges and closed every other fd; this turns the request
-(parameters, node-publish secrets, fds) into a MountConfig and serves it on the handed-over
-FUSE connection. Any entry with the same signature can stand in (tests, benchmarks).
+An entry is `MODULE:FUNCTION`; the function serves one volume. If MODULE also defines
+`prepare(spec)`, the child runs it first, still as root (reading root-only files the volume
+names), then drops to the volume's own uid and calls FUNCTION with every other fd closed. The
+default entry turns the request (parameters, node-publish secrets, fds) into a MountConfig and
+serves it on the handed-over FUSE connection. Any entry with the same signature can stand in
+(tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -30,13 +33,20 @@ class DaemonSpec:
     control_fd: int  # a listening unix socket (token / status / stop)
     ready_fd: int  # write b"ready\n" or b"error <message>\n", then close
     env: dict[str, str] | None = field(default=None, repr=False)  # the plugin's DAEMON_ENV values; None = keep the mounter's
+    cloud_env_dir: str = ""  # cloudEnvFileName must lie inside it (the plugin's --cloud-env-dir)
 
     @property
     def mountpoint(self) -> str:
         return f"/dev/fd/{self.fuse_fd}"
 
 
-DaemonEntry = Callable[[DaemonSpec], int]
+@dataclass(frozen=True)
+class DaemonEntry:
+    """A loaded `--daemon-entry`: `run` serves the volume, `prepare` runs before the privilege drop."""
+
+    name: str
+    run: Callable[[DaemonSpec], int]
+    prepare: Callable[[DaemonSpec], None] | None = None
 
 
 # Settings the daemon reads from its environment. The plugin sends its own values with every spawn
@@ -82,26 +92,33 @@ def report_error(ready_fd: int, message: str) -> None:
         pass
 
 
-_prepared: dict[str, object] = {}  # volume id → MountConfig or the KvfsError parsing raised
+_prepared: list[object] = []  # the MountConfig or the KvfsError parsing raised (one volume per process)
 
 
 def prepare(spec: DaemonSpec) -> None:
     """Runs in the forked child while it is still root: read what the volume names on disk.
 
     `cloudEnvFileName` and the CAs of SSL_CERT_FILE may be readable by root only; the daemon
-    keeps their content in memory after it drops to its unprivileged uid.
+    keeps their content in memory after it drops to its unprivileged uid. The cloud env file
+    is read only inside the plugin's --cloud-env-dir, as the plugin itself checked it.
     """
     from kvfs.config.parameters import parse_parameters
     from kvfs.errors import KvfsError
-    from kvfs.vault.transport import preload_ssl_context
+    from kvfs.net.http import preload_ssl_context
 
     try:
         preload_ssl_context()
-        _prepared[spec.volume_id] = parse_parameters(
-            spec.params, spec.secrets, context="csi", allow_node_identity=spec.allow_node_identity
-        )
+        _prepared[:] = [
+            parse_parameters(
+                spec.params,
+                spec.secrets,
+                context="csi",
+                allow_node_identity=spec.allow_node_identity,
+                cloud_env_dir=spec.cloud_env_dir or None,
+            )
+        ]
     except KvfsError as exc:
-        _prepared[spec.volume_id] = exc
+        _prepared[:] = [exc]
 
 
 def run_volume(spec: DaemonSpec) -> int:
@@ -110,30 +127,33 @@ def run_volume(spec: DaemonSpec) -> int:
     from kvfs.errors import KvfsError
     from kvfs.fs.mount import run_mount
 
-    if spec.volume_id not in _prepared:
+    if not _prepared:
         prepare(spec)
-    config = _prepared.pop(spec.volume_id)
+    config = _prepared.pop()
     if isinstance(config, KvfsError):
         report_error(spec.ready_fd, str(config))
         return 2
     assert isinstance(config, MountConfig)
-    return run_mount(config, spec.mountpoint, ready_fd=spec.ready_fd, control_fd=spec.control_fd)
+    # files belong to root, as upstream's tmpfs files do; the group is the pod's fsGroup if any
+    owner = (0, 0 if config.file_group is None else config.file_group)
+    return run_mount(config, spec.mountpoint, ready_fd=spec.ready_fd, control_fd=spec.control_fd, owner=owner)
 
 
 def load_entry(name: str) -> DaemonEntry:
-    """`module:function` → the callable; importing the module here is what pre-loads it."""
+    """`module:function` → the entry; importing the module here is what pre-loads it."""
     module_name, _, func_name = name.partition(":")
     if not module_name or not func_name:
         raise ValueError(f"--daemon-entry {name!r}: expected MODULE:FUNCTION")
     module = importlib.import_module(module_name)
-    entry = getattr(module, func_name)
-    if not callable(entry):
+    run = getattr(module, func_name)
+    if not callable(run):
         raise ValueError(f"--daemon-entry {name!r}: {func_name} is not callable")
-    return entry  # type: ignore[no-any-return]
+    prepare_step = getattr(module, "prepare", None)
+    return DaemonEntry(name, run, prepare_step if callable(prepare_step) else None)
 
 
 def preload() -> None:
-    """Import what every daemon needs once, in the mounter, so forks share those pages.
+    """Import what every daemon needs once, in the zygote, so forks share those pages.
 
     The list includes what httpx, the IDNA codec and the renderer import lazily on a daemon's
     first request: a daemon runs unprivileged and may be unable to read the Python library

@@ -91,11 +91,16 @@ class LineReader:
 
     def close_fds(self) -> None:
         for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            close_quietly(fd)
         self.fds.clear()
+
+
+def close_quietly(fd: int) -> None:
+    """Close an fd that may already be gone (handed over, or closed by the peer's failure)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def request(path: str, message: dict[str, Any], timeout: float, limit: int = 65536) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import yaml
@@ -148,7 +149,11 @@ class KubeClient:
         return body
 
     def get_secret_provider_class(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.get(f"/apis/{SPC_GROUP}/{SPC_VERSION}/namespaces/{namespace}/secretproviderclasses/{name}")
+        """GET one SecretProviderClass; every path segment percent-encoded (no `/`, `..` or `?`)."""
+        if {namespace, name} & {"", ".", ".."}:  # quote() keeps dots, and a client may resolve dot segments
+            raise KubeError(f"invalid SecretProviderClass reference {namespace!r}/{name!r}", status=400)
+        ns, obj = quote(namespace, safe=""), quote(name, safe="")
+        return self.get(f"/apis/{SPC_GROUP}/{SPC_VERSION}/namespaces/{ns}/secretproviderclasses/{obj}")
 
     def close(self) -> None:
         if self._http is not None:

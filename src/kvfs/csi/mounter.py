@@ -1,41 +1,92 @@
-"""The mounter: a long-lived process with kvfs imported that forks one daemon per volume.
+"""The mounter: a long-lived, single-threaded process that starts one daemon per volume.
 
-Single-threaded on purpose (a selector loop): forking a threaded process can leave a child with
-locks held by threads that no longer exist. The plugin connects to the mounter socket and sends
-one `spawn` request with two fds (the mounted FUSE connection and the daemon's listening control
-socket). The mounter forks, answers `{"event": "forked", "pid": N}` at once, then `{"ok": true}`
-when the daemon reported FUSE_INIT, or `{"ok": false, "error": ...}` (the daemon is killed then).
-Daemons get their own session, so they outlive both the plugin and the mounter.
+The plugin connects to the mounter socket and sends one `spawn` request with two fds (the
+mounted FUSE connection and the daemon's listening control socket) and the volume's
+configuration. The mounter never forks a daemon from itself (its memory holds earlier volumes'
+secrets): it asks its zygote (kvfs.csi.zygote, started by exec, so clean) to fork one, writes
+the configuration to the new daemon over a socket of its own, answers
+`{"event": "forked", "pid": N}` at once, then `{"ok": true}` when the daemon reported
+FUSE_INIT, or `{"ok": false, "error": ...}` (the daemon is killed then). Daemons get their own
+session, so they outlive both the plugin and the mounter; the mounter is a child subreaper, so
+daemons whose zygote died are still reaped. A zygote that dies is replaced by a new one for the
+next volume. Single-threaded on purpose (a selector loop): nothing here forks a threaded process.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import selectors
 import signal
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvfs.csi import jsonline
-from kvfs.csi.daemon import (
-    DaemonEntry,
-    DaemonSpec,
-    apply_environment,
-    daemon_environment,
-    prepare,
-    report_error,
-)
+from kvfs.csi import jsonline, syscalls
+from kvfs.csi.daemon import daemon_environment
+from kvfs.csi.zygote import FORK_FDS, reaped
 
 log = logging.getLogger(__name__)
 
-_PR_SET_DUMPABLE = 4
-_PR_SET_NO_NEW_PRIVS = 38
+class ZygoteError(Exception):
+    """The zygote could not be started or did not answer a fork command."""
+
+
+@dataclass
+class _Zygote:
+    pid: int
+    sock: socket.socket
+    reader: jsonline.LineReader
+
+    @classmethod
+    def start(cls, entry_name: str, log_level: str, timeout: float) -> _Zygote:
+        """exec a fresh interpreter (-P: not even the working folder on sys.path); wait for its hello."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            theirs.set_inheritable(True)
+            argv = [
+                sys.executable, "-P", "-m", "kvfs.csi.zygote", "--fd", str(theirs.fileno()),
+                "--daemon-entry", entry_name, "--log-level", log_level,
+            ]  # fmt: skip
+            stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+            pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=stdin)
+        finally:
+            theirs.close()
+        zygote = cls(pid, ours, jsonline.LineReader(ours))
+        try:
+            hello = zygote.reader.read(timeout)
+        except jsonline.ProtocolError as exc:
+            zygote.stop(kill=True)
+            raise ZygoteError(f"the zygote did not start: {exc}") from None
+        if not hello.get("ok"):
+            zygote.stop(kill=False)
+            raise ZygoteError(str(hello.get("error") or "the zygote did not start"))
+        log.info("zygote pid %d ready (daemon entry %s)", pid, entry_name)
+        return zygote
+
+    def fork(self, command: dict[str, Any], fds: list[int]) -> int:
+        """Send one fork command with its fds; the daemon's pid. ZygoteError: the zygote is unusable."""
+        try:
+            jsonline.send(self.sock, command, fds)
+            reply = self.reader.read(10.0)
+        except (OSError, jsonline.ProtocolError) as exc:
+            raise ZygoteError(f"the zygote (pid {self.pid}) did not answer: {exc}") from None
+        pid = int(reply.get("pid") or 0)
+        if not reply.get("ok") or pid <= 0:
+            raise ZygoteError(str(reply.get("error") or f"unexpected zygote answer {reply!r}"))
+        return pid
+
+    def stop(self, *, kill: bool) -> None:
+        """Close our end (the zygote exits on EOF); the reaper collects it."""
+        self.sock.close()
+        if kill:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @dataclass
@@ -61,18 +112,28 @@ class Mounter:
     """Serve spawn requests on `socket_path` until SIGTERM/SIGINT (daemons keep running)."""
 
     REQUEST_TIMEOUT = 5.0
+    ZYGOTE_TIMEOUT = 120.0  # imports on a loaded node
+    CONFIG_TIMEOUT = 10.0
 
-    def __init__(self, socket_path: str, entry: DaemonEntry, *, entry_name: str = "") -> None:
+    def __init__(self, socket_path: str, entry_name: str, *, log_level: str = "INFO") -> None:
         self.socket_path = socket_path
-        self.entry = entry
         self.entry_name = entry_name
+        self.log_level = log_level
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # ready_r fd -> pending
         self.clients: dict[int, _Client] = {}  # conn fd -> client still sending its request
         self.stopping = False
         self.listener: socket.socket | None = None
+        self.zygote: _Zygote | None = None
 
     def serve(self) -> int:
+        syscalls.set_dumpable(False)
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        try:
+            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.ZYGOTE_TIMEOUT)
+        except ZygoteError as exc:
+            log.error("%s", exc)
+            return 2
         self.listener = self._listen()
         self.sel.register(self.listener, selectors.EVENT_READ, "accept")
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -167,15 +228,16 @@ class Mounter:
         op = message.get("op")
         if op == "ping":
             reader.close_fds()
-            _reply(conn, {"ok": True, "pid": os.getpid(), "entry": self.entry_name})
+            zygote = self.zygote.pid if self.zygote else 0
+            _reply(conn, {"ok": True, "pid": os.getpid(), "entry": self.entry_name, "zygote": zygote})
             conn.close()
         elif op == "spawn":
             fds, reader.fds = reader.fds, []
             try:
                 self._spawn(conn, message, fds)
             finally:
-                for fd in fds:  # the child has its own copies now: keep none here
-                    _close(fd)
+                for fd in fds:  # the daemon has its own copies now: keep none here
+                    jsonline.close_quietly(fd)
         else:
             reader.close_fds()
             _reply(conn, {"ok": False, "error": f"unknown op {op!r}"})
@@ -186,9 +248,13 @@ class Mounter:
         try:
             uid, gid = int(req["uid"]), int(req["gid"])
             timeout = float(req.get("timeout", 30.0))
-            params = {str(k): str(v) for k, v in dict(req["params"]).items()}
-            secrets = {str(k): str(v) for k, v in dict(req.get("secrets") or {}).items()}
-            env = None if req.get("env") is None else {str(k): str(v) for k, v in dict(req["env"]).items()}
+            config = {
+                "params": {str(k): str(v) for k, v in dict(req["params"]).items()},
+                "secrets": {str(k): str(v) for k, v in dict(req.get("secrets") or {}).items()},
+                "env": None if req.get("env") is None else {str(k): str(v) for k, v in dict(req["env"]).items()},
+                "cloud_env_dir": str(req.get("cloud_env_dir") or ""),
+                "allow_node_identity": bool(req.get("allow_node_identity", False)),
+            }
         except (KeyError, TypeError, ValueError) as exc:
             _reply(conn, {"ok": False, "error": f"bad spawn request: {type(exc).__name__} {exc}"})
             conn.close()
@@ -198,45 +264,44 @@ class Mounter:
             conn.close()
             return
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        spec = DaemonSpec(
-            volume_id=volume_id,
-            params=params,
-            secrets=secrets,
-            allow_node_identity=bool(req.get("allow_node_identity", False)),
-            fuse_fd=fds[0],
-            control_fd=fds[1],
-            ready_fd=ready_w,
-            env=env,
-        )
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
+        config_ours, config_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = {"op": "fork", "volume_id": volume_id, "uid": uid, "gid": gid, "entry": self.entry_name}
+        try:
+            pid = self._fork(command, [fds[0], fds[1], ready_w, config_theirs.fileno()])
+        except ZygoteError as exc:
+            log.error("volume %s: %s", volume_id, exc)
             os.close(ready_r)
-            self._child(spec, uid, gid)
-        os.close(ready_w)
-        log.info("volume %s: forked daemon pid %d", volume_id, pid)
+            config_ours.close()
+            _reply(conn, {"ok": False, "error": str(exc)})
+            conn.close()
+            return
+        finally:
+            os.close(ready_w)
+            config_theirs.close()
+        log.info("volume %s: daemon pid %d forked by the zygote", volume_id, pid)
         _reply(conn, {"event": "forked", "pid": pid})
+        try:  # only now, in the daemon's own process, does the volume's configuration arrive
+            config_ours.settimeout(self.CONFIG_TIMEOUT)
+            jsonline.send(config_ours, config)
+        except OSError as exc:
+            log.warning("volume %s: daemon pid %d did not take its configuration: %s", volume_id, pid, exc)
+        finally:
+            config_ours.close()
         os.set_blocking(ready_r, False)
         self.pending[ready_r] = _Pending(pid, volume_id, conn, ready_r, time.monotonic() + timeout)
         self.sel.register(ready_r, selectors.EVENT_READ, "ready")
 
-    def _child(self, spec: DaemonSpec, uid: int, gid: int) -> None:  # pragma: no cover - child
-        code = 1
+    def _fork(self, command: dict[str, Any], fds: list[int]) -> int:
+        """Through the zygote, starting a new one if the last one died; a zygote that fails is replaced."""
+        assert len(fds) == FORK_FDS
+        if self.zygote is None:
+            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.ZYGOTE_TIMEOUT)
         try:
-            os.setsid()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            _close_all_but({0, 1, 2, spec.fuse_fd, spec.control_fd, spec.ready_fd})
-            _set_title(f"kvfs daemon volume={spec.volume_id}")
-            apply_environment(spec.env)
-            prepare(spec)  # read root-only files (CA bundle, cloud env file) before the drop
-            _drop_privileges(uid, gid)
-            code = self.entry(spec)
-        except BaseException as exc:  # noqa: BLE001 - report anything, then exit
-            report_error(spec.ready_fd, f"daemon start-up failed: {type(exc).__name__}: {exc}")
-            logging.getLogger(__name__).exception("volume %s: daemon failed", spec.volume_id)
-        finally:
-            logging.shutdown()
-            os._exit(code if isinstance(code, int) else 1)
+            return self.zygote.fork(command, fds)
+        except ZygoteError:
+            self.zygote.stop(kill=True)
+            self.zygote = None
+            raise
 
     def _read_ready(self, fd: int) -> None:
         pending = self.pending[fd]
@@ -278,20 +343,21 @@ class Mounter:
         pending.conn.close()
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
-            log.log(logging.INFO if code == 0 else logging.WARNING, "daemon pid %d exited (%d)", pid, code)
+        """The zygote, or daemons orphaned by a dead zygote (we are their subreaper)."""
+        for pid, code in reaped():
+            if self.zygote is not None and pid == self.zygote.pid:
+                log.warning("zygote pid %d exited (%d); a new one starts for the next volume", pid, code)
+                self.zygote.stop(kill=False)
+                self.zygote = None
+            else:
+                log.log(logging.INFO if code == 0 else logging.WARNING, "process %d exited (%d)", pid, code)
 
     def _shutdown(self) -> None:
         log.info("mounter stopping; %d daemon(s) keep serving", len(self.pending))
         for pending in list(self.pending.values()):
             self._fail(pending, "mounter is stopping")
+        if self.zygote is not None:
+            self.zygote.stop(kill=False)
         if self.listener is not None:
             self.listener.close()
             try:
@@ -305,42 +371,6 @@ def _reply(conn: socket.socket, message: dict[str, Any]) -> None:
         jsonline.send(conn, message)
     except OSError as exc:
         log.debug("client went away before the answer: %s", exc)
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _close_all_but(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            _close(fd)
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:
-        log.warning("setproctitle is not installed: daemon processes keep the mounter's title")
-
-
-def _drop_privileges(uid: int, gid: int) -> None:
-    """No supplementary groups, the daemon uid/gid, no way back, no ptrace by other daemons."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if os.getuid() == 0:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    elif (uid, gid) != (os.getuid(), os.getgid()):
-        raise PermissionError(errno.EPERM, f"a non-root mounter cannot run daemons as {uid}:{gid}")
-    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 class MounterClient:
@@ -365,6 +395,7 @@ class MounterClient:
         uid: int,
         gid: int,
         allow_node_identity: bool,
+        cloud_env_dir: str,
         fuse_fd: int,
         control_fd: int,
         timeout: float,
@@ -388,6 +419,7 @@ class MounterClient:
                     "uid": uid,
                     "gid": gid,
                     "allow_node_identity": allow_node_identity,
+                    "cloud_env_dir": cloud_env_dir,
                     "timeout": timeout,
                     "env": daemon_environment(),
                 }
@@ -396,8 +428,8 @@ class MounterClient:
                 raise jsonline.ProtocolError(f"cannot reach the mounter at {self.socket_path}: {exc}") from None
             finally:
                 # the fds are in flight (or the send failed): this process keeps no copy either way
-                _close(fuse_fd)
-                _close(control_fd)
+                jsonline.close_quietly(fuse_fd)
+                jsonline.close_quietly(control_fd)
             reader = jsonline.LineReader(sock)
             forked = reader.read(10.0)
             pid = int(forked.get("pid", 0))

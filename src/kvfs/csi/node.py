@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from kvfs.csi import syscalls
 from kvfs.csi.identity import IdentityServicer
 from kvfs.csi.proto import load
 from kvfs.csi.request import RequestError
@@ -107,6 +108,7 @@ def serve(volumes: Volumes, endpoint: str, *, workers: int = 16) -> grpc.Server:
 
 def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0, metrics_addr: str = "") -> int:
     """The `kvfs csi node` process: mounter up, state recovered, gRPC served until SIGTERM."""
+    syscalls.set_dumpable(False)  # it holds requests' secrets and tokens
     volumes = Volumes(config)
     try:
         volumes.ensure_mounter()

@@ -1,9 +1,10 @@
 """What the plugin must remember across its own restarts, on disk, per volume.
 
 One folder per target path under `<state-dir>/volumes/`, holding `state.json` and the daemon's
-control socket. It records only identifiers (volume id, target, daemon pid, uid/gid) — never a
-token, a secret or the volume parameters — so a crashed or upgraded plugin can republish and
-unpublish volumes it did not publish itself.
+control socket. It records only identifiers (volume id, target, daemon pid and start time, the
+daemon's own uid/gid) — never a token, a secret or the volume parameters — so a crashed or
+upgraded plugin can republish and unpublish volumes it did not publish itself, and the uids of
+living volumes stay taken.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class VolumeState:
     phase: Phase = "starting"
     pid: int = 0  # the daemon, in the mounter's pid namespace (0 = not forked yet)
     pid_start: int = 0  # /proc/PID/stat starttime: guards against pid reuse
-    uid: int = 65534
-    gid: int = 65534
+    uid: int = 0  # the daemon's own uid, from --daemon-uid-range (0 = none allocated)
+    gid: int = 0
     created: float = 0.0  # wall clock, for humans
 
 
@@ -82,16 +83,20 @@ class StateStore:
         shutil.rmtree(self.volume_dir(target_path), ignore_errors=True)
 
     def all(self) -> list[VolumeState]:
+        """Every readable state; read-only, so it never races a publish creating its folder."""
         states = []
         for folder in sorted(self.volumes.iterdir()):
             state = self._read(folder / "state.json")
-            if state is None:
-                if folder.is_dir() and not (folder / "state.json.tmp").exists():
-                    log.info("removing state folder %s without a state file", folder)
-                    shutil.rmtree(folder, ignore_errors=True)
-                continue
-            states.append(state)
+            if state is not None:
+                states.append(state)
         return states
+
+    def prune(self) -> None:
+        """Remove folders a crash left without a state file (call before serving)."""
+        for folder in sorted(self.volumes.iterdir()):
+            if folder.is_dir() and not (folder / "state.json").exists():
+                log.info("removing state folder %s without a state file", folder)
+                shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _read(path: Path) -> VolumeState | None:
@@ -131,5 +136,6 @@ def process_start_time(pid: int) -> int | None:
 
 
 def process_alive(pid: int, start: int) -> bool:
+    """`pid` is alive and still the process that started at `start` (0 never matches: no guessing)."""
     started = process_start_time(pid)
-    return started is not None and (start == 0 or started == start)
+    return started is not None and start > 0 and started == start

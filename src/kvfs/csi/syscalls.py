@@ -1,4 +1,4 @@
-"""The privileged part of a publish: open /dev/fuse and mount(2) it at the target; unmount.
+"""The privileged part of a publish: open /dev/fuse and mount(2) it at the target; unmount; prctl.
 
 Python has no os.mount, so libc is called through ctypes. The data string is what libfuse's own
 `fuse_mount_sys` passes (see csi-and-fuse.md §7.2), so the daemon can serve `/dev/fd/N` without
@@ -18,12 +18,16 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
 
 SOURCE = "kvfs"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
 def open_fuse_device() -> int:
@@ -52,3 +56,14 @@ def umount(target: str, *, detach: bool = False) -> bool:
     if err in (errno.EINVAL, errno.ENOENT):
         return False
     raise OSError(err, f"umount {target}: {os.strerror(err)}", target)
+
+
+def prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}, {value}): {os.strerror(err)}")
+
+
+def set_dumpable(on: bool) -> None:
+    """Off: other users' processes (and other daemons) can neither ptrace this one nor read its /proc files."""
+    prctl(PR_SET_DUMPABLE, int(on))

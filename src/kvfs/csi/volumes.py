@@ -16,13 +16,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from kvfs.csi import jsonline, syscalls
 from prometheus_client import Gauge
 
-from kvfs.config.parameters import VOLUME_MOUNT_GROUP_KEY, parse_parameters
+from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters
+from kvfs.csi import jsonline, syscalls
 from kvfs.csi.daemon import DEFAULT_ENTRY
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
@@ -31,6 +33,7 @@ from kvfs.csi.request import (
     RequestError,
     VolumeInputs,
     check_node_identity,
+    check_spc_reference,
     daemon_params,
     split_inputs,
     token_for_audience,
@@ -40,7 +43,9 @@ from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Validator = Callable[[dict[str, str], dict[str, str], bool], None]
+# Outside system (< 1000), user, nobody (65534), systemd-container (0x80000-0x6fffffff is
+# partly used by systemd-nspawn) and the usual subuid ranges (100000 + 65536 * n); below 2^31.
+DEFAULT_DAEMON_UID_RANGE = (1_900_000_000, 1_900_999_999)
 
 
 @dataclass
@@ -48,10 +53,12 @@ class NodeConfig:
     node_id: str
     state_dir: str = "/var/lib/kvfs/csi"
     driver_name: str = "csi.kvfs.io"
-    daemon_uid: int = 65534
-    daemon_gid: int = 65534
+    daemon_uid_range: tuple[int, int] = DEFAULT_DAEMON_UID_RANGE  # one uid (and gid) per volume's daemon
     mounter_socket: str = ""  # default: <state_dir>/mounter.sock
     allow_node_identity: bool = False
+    allow_inline_parameters: bool = False  # attributes overlay the class; volumes without a class
+    cloud_env_dir: str = DEFAULT_CLOUD_ENV_DIR  # the only folder cloudEnvFileName may name files in
+    kubelet_dir: str = "/var/lib/kubelet"  # target paths must lie under <kubelet_dir>/pods/
     kubeconfig: str = ""
     publish_timeout: float = 60.0
     probe_timeout: float = 1.0
@@ -78,39 +85,42 @@ class PublishRequest:
     volume_mount_group: str = ""  # the pod's fsGroup, when kubelet delegates it to us
 
 
-def default_validator(params: dict[str, str], secrets: dict[str, str], allow_node_identity: bool) -> None:
-    """kvfs.config.parameters.parse_parameters, so bad parameters fail the publish, not the daemon."""
-    try:
-        parse_parameters(params, secrets, context="csi", allow_node_identity=allow_node_identity)
-    except ConfigError as exc:
-        raise RequestError("INVALID_ARGUMENT", str(exc)) from None
+@dataclass
+class _TargetLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # holders and waiters: the entry goes when nobody needs it
 
 
 class Volumes:
-    def __init__(
-        self,
-        config: NodeConfig,
-        *,
-        validator: Validator = default_validator,
-        kube_factory: Callable[[], KubeClient] | None = None,
-    ) -> None:
+    def __init__(self, config: NodeConfig, *, kube_factory: Callable[[], KubeClient] | None = None) -> None:
         self.config = config
         self.store = StateStore(config.state_dir)
         self.mounter = MounterClient(config.mounter_socket)
-        self.validator = validator
         self._kube_factory = kube_factory or self._default_kube
         self._kube: KubeClient | None = None
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, _TargetLock] = {}
         self._locks_guard = threading.Lock()
         self._mounter_guard = threading.Lock()
+        self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
 
     # ---- plumbing ----
 
-    def _lock(self, target: str) -> threading.Lock:
+    @contextmanager
+    def _lock(self, target: str) -> Iterator[None]:
+        """Serialise every operation on one target; the table holds only targets in use."""
         with self._locks_guard:
-            return self._locks.setdefault(target, threading.Lock())
+            entry = self._locks.setdefault(target, _TargetLock())
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._locks_guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[target]
 
     def _default_kube(self) -> KubeClient:
         if self.config.kubeconfig:
@@ -131,7 +141,7 @@ class Volumes:
                 raise RequestError("UNAVAILABLE", f"no mounter answers on {self.config.mounter_socket}")
             log.info("no mounter on %s: starting one", self.config.mounter_socket)
             start_mounter_detached(self.config)
-            deadline = time.monotonic() + 15.0
+            deadline = time.monotonic() + 30.0
             while time.monotonic() < deadline:
                 if self.mounter.ping(timeout=1.0) is not None:
                     return
@@ -142,7 +152,7 @@ class Volumes:
 
     def publish(self, req: PublishRequest) -> None:
         _check_publish(req)
-        target = os.path.normpath(req.target_path)
+        target = self._target(req.target_path)
         inputs = split_inputs(req.volume_context, req.secrets)
         with self._lock(target):
             state = self.store.load(target)
@@ -163,26 +173,68 @@ class Volumes:
                 log.warning("target %s holds a kvfs mount without state: unmounting it first", target)
                 _umount_all(target, detach=True)
             params = self._params(inputs)
-            params.pop(VOLUME_MOUNT_GROUP_KEY, None)  # only kubelet decides the group, not the pod
-            if req.volume_mount_group:
+            if req.volume_mount_group:  # only kubelet decides the group, never a pod or a class
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
             check_node_identity(params, self.config.allow_node_identity)
-            self.validator(params, inputs.secrets, self.config.allow_node_identity)
+            self._validate(params, inputs.secrets)
             self._mount_and_spawn(req.volume_id, target, params, inputs.secrets)
+
+    def _target(self, path: str) -> str:
+        """The normalised target, if it lies in kubelet's pod folders, also after resolving symlinks.
+
+        Only the existing ancestors are resolved, never the target itself: it may be a mount
+        whose daemon hangs.
+        """
+        target = os.path.normpath(path)
+        pods = os.path.join(os.path.normpath(self.config.kubelet_dir), "pods")
+        parent = os.path.dirname(target)
+        while _beneath(parent, pods) and not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        real_pods = os.path.realpath(pods)
+        real_parent = os.path.realpath(parent)
+        if not _beneath(target, pods) or not (real_parent == real_pods or _beneath(real_parent, real_pods)):
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"target_path {path[:200]!r} is not inside {pods}/: kvfs mounts only into kubelet's pod"
+                " folders (a cluster admin sets kubelet's folder with `kvfs csi node --kubelet-dir DIR`)",
+            )
+        return target
+
+    def _validate(self, params: dict[str, str], secrets: dict[str, str]) -> None:
+        """kvfs.config.parameters.parse_parameters, so bad parameters fail the publish, not the daemon."""
+        cfg = self.config
+        try:
+            parse_parameters(
+                params,
+                secrets,
+                context="csi",
+                allow_node_identity=cfg.allow_node_identity,
+                cloud_env_dir=cfg.cloud_env_dir,
+            )
+        except ConfigError as exc:
+            raise RequestError("INVALID_ARGUMENT", str(exc)) from None
 
     def _params(self, inputs: VolumeInputs) -> dict[str, str]:
         spc: dict[str, str] = {}
         if inputs.spc_name:
             spc = self._lookup_spc(inputs.namespace, inputs.spc_name)
-        return daemon_params(spc, inputs)
+        elif not self.config.allow_inline_parameters:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                "the volume names no secretProviderClass: set volumeAttributes.secretProviderClass to a"
+                " SecretProviderClass in the pod's namespace (a cluster admin may allow parameters given"
+                " inline with `kvfs csi node --allow-inline-parameters`)",
+            )
+        return daemon_params(spc, inputs, allow_inline=self.config.allow_inline_parameters)
 
     def _lookup_spc(self, namespace: str, name: str) -> dict[str, str]:
         if not namespace:
             raise RequestError(
                 "INVALID_ARGUMENT",
-                f"secretProviderClass {name!r}: the pod namespace is missing from the volume context "
+                f"secretProviderClass {name[:200]!r}: the pod namespace is missing from the volume context "
                 "(the CSIDriver object must set podInfoOnMount: true)",
             )
+        check_spc_reference(namespace, name)
         try:
             obj = self.kube().get_secret_provider_class(namespace, name)
         except KubeConfigError as exc:
@@ -206,6 +258,15 @@ class Volumes:
             raise RequestError(
                 "UNAVAILABLE", f'reading SecretProviderClass "{name}" in namespace "{namespace}" failed: {exc}'
             ) from None
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        if (meta.get("namespace"), meta.get("name")) != (namespace, name):
+            raise RequestError(
+                "FAILED_PRECONDITION",
+                f'asked for SecretProviderClass "{name}" in namespace "{namespace}", the Kubernetes API answered'
+                f" with {str(meta.get('namespace'))[:80]!r}/{str(meta.get('name'))[:80]!r}: refusing it (check the"
+                " API server address in the plugin's configuration and any proxy in front of it)",
+            )
         try:
             return spc_parameters(obj)
         except ConfigError as exc:
@@ -216,17 +277,15 @@ class Volumes:
     def _mount_and_spawn(self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str]) -> None:
         cfg = self.config
         self.ensure_mounter()
-        try:
-            os.makedirs(target, mode=0o750, exist_ok=True)
-        except OSError as exc:
-            raise RequestError("INTERNAL", f"cannot create target {target}: {exc.strerror}") from None
-        state = new_state(volume_id, target, cfg.daemon_uid, cfg.daemon_gid)
-        self.store.save(state)
+        if os.path.islink(target):  # mount(2) would follow it out of kubelet's folder
+            raise RequestError("INVALID_ARGUMENT", f"target_path {target} is a symbolic link")
+        state = self._allocate(volume_id, target)
         control = fuse_fd = -1
         try:
-            control = self._bind_control(target)
+            os.makedirs(target, mode=0o750, exist_ok=True)
+            control = self._bind_control(target, state.uid, state.gid)
             fuse_fd = syscalls.open_fuse_device()
-            syscalls.mount_fuse(fuse_fd, target, cfg.daemon_uid, cfg.daemon_gid)
+            syscalls.mount_fuse(fuse_fd, target, state.uid, state.gid)
         except (OSError, ValueError) as exc:
             for fd in (fuse_fd, control):
                 if fd >= 0:
@@ -244,9 +303,10 @@ class Volumes:
                 volume_id=volume_id,
                 params=params,
                 secrets=secrets,
-                uid=cfg.daemon_uid,
-                gid=cfg.daemon_gid,
+                uid=state.uid,
+                gid=state.gid,
                 allow_node_identity=cfg.allow_node_identity,
+                cloud_env_dir=cfg.cloud_env_dir,
                 fuse_fd=fuse_fd,
                 control_fd=control,
                 timeout=cfg.publish_timeout,
@@ -263,7 +323,28 @@ class Volumes:
         self.health.pop(target, None)
         log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid)
 
-    def _bind_control(self, target: str) -> int:
+    def _allocate(self, volume_id: str, target: str) -> VolumeState:
+        """The volume's state with the lowest uid of the range no living volume uses, saved at once.
+
+        The uid doubles as the daemon's gid. It stays taken while the state file exists, across
+        plugin restarts: the state folder is the allocation table.
+        """
+        start, end = self.config.daemon_uid_range
+        with self._uid_guard:
+            used = {s.uid for s in self.store.all()}
+            uid = next((u for u in range(start, end + 1) if u not in used), None)
+            if uid is None:
+                raise RequestError(
+                    "RESOURCE_EXHAUSTED",
+                    f"volume {volume_id}: every daemon uid of {start}-{end} serves a volume on this node; widen"
+                    " the range with `kvfs csi node --daemon-uid-range START-END` or lower max_volumes_per_node"
+                    " (--max-volumes)",
+                )
+            state = new_state(volume_id, target, uid, uid)
+            self.store.save(state)
+        return state
+
+    def _bind_control(self, target: str, uid: int, gid: int) -> int:
         path = str(self.store.control_socket(target))
         try:
             os.unlink(path)
@@ -273,7 +354,7 @@ class Volumes:
         try:
             sock.bind(path)
             os.chmod(path, 0o600)
-            os.chown(path, self.config.daemon_uid, self.config.daemon_gid)
+            os.chown(path, uid, gid)
             sock.listen(16)
         except OSError:
             sock.close()
@@ -308,7 +389,7 @@ class Volumes:
             raise RequestError("INVALID_ARGUMENT", "volume_id is missing")
         if not target_path:
             raise RequestError("INVALID_ARGUMENT", "target_path is missing")
-        target = os.path.normpath(target_path)
+        target = self._target(target_path)
         with self._lock(target):
             state = self.store.load(target)
             if state is not None and state.volume_id != volume_id:
@@ -360,6 +441,7 @@ class Volumes:
         """Adopt the volumes of a previous plugin process; clean up half-done publishes."""
         entries = read_mountinfo()
         kept = []
+        self.store.prune()
         for state in self.store.all():
             with self._lock(state.target_path):
                 mounted = is_kvfs_mount(state.target_path, entries)
@@ -435,6 +517,11 @@ def _check_publish(req: PublishRequest) -> None:
         )
 
 
+def _beneath(path: str, folder: str) -> bool:
+    """`path` lies strictly inside `folder` (both normalised, absolute)."""
+    return path.startswith(folder.rstrip("/") + "/")
+
+
 def _umount_all(target: str, *, detach: bool) -> None:
     for _ in range(8):  # stacked mounts: peel them all
         if not is_kvfs_mount(target):
@@ -467,6 +554,7 @@ def start_mounter_detached(config: NodeConfig) -> None:
 
     cmd = [
         sys.executable,
+        "-P",  # not even the working folder on sys.path
         "-m",
         "kvfs.csi.cli",
         "mounter",

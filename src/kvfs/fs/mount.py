@@ -24,6 +24,7 @@ from kvfs.cache.resolver import Resolver
 from kvfs.config.model import MountConfig, ObjectSpec
 from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
 from kvfs.fs.core import FilesystemCore
+from kvfs.logsafe import register_secret
 from kvfs.net.http import make_http_client
 from kvfs.vault.client import VaultClient
 
@@ -37,14 +38,21 @@ def run_mount(
     ready_fd: int | None = None,
     control_fd: int | None = None,
     allow_other: bool = False,
+    owner: tuple[int, int] | None = None,
 ) -> int:
     """Serve `config` at `mountpoint` until SIGTERM/SIGINT or a control `stop`; the exit code.
 
     `ready_fd` (a pipe) receives ``ready\\n`` once the kernel's FUSE_INIT arrived, or
     ``error <message>\\n``. `control_fd` is a listening unix socket taking JSON lines
-    (``token``, ``status``, ``stop``) from the CSI plugin.
+    (``token``, ``status``, ``stop``) from the CSI plugin. `owner` is the uid and gid files
+    and folders show (CSI: root and the pod's fsGroup); None: this process's user, and
+    `config.file_group` or this process's group.
     """
-    daemon = _Daemon(config, mountpoint, ready_fd=ready_fd, control_fd=control_fd, allow_other=allow_other)
+    for value in (config.auth.client_secret, config.auth.sa_token):
+        register_secret(value)
+    daemon = _Daemon(
+        config, mountpoint, ready_fd=ready_fd, control_fd=control_fd, allow_other=allow_other, owner=owner
+    )
     return trio.run(daemon.run)
 
 
@@ -57,8 +65,10 @@ class _Daemon:
         ready_fd: int | None,
         control_fd: int | None,
         allow_other: bool,
+        owner: tuple[int, int] | None,
     ) -> None:
         self.config = config
+        self.owner = owner
         self.mountpoint = mountpoint
         self.handed_over = mountpoint.startswith("/dev/fd/")
         self.ready_fd = ready_fd
@@ -93,9 +103,8 @@ class _Daemon:
                 self.config.vault_url, credential, self.config.cloud.scope, http, tenant_id=self.config.auth.tenant_id
             )
             resolver = Resolver(client, self.config, on_change=self._on_change)
-            self.core = FilesystemCore(
-                self.config, resolver, invalidate_entry=invalidate_entry, gid=self.config.file_group
-            )
+            uid, gid = self.owner or (None, self.config.file_group)
+            self.core = FilesystemCore(self.config, resolver, invalidate_entry=invalidate_entry, uid=uid, gid=gid)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 try:
                     pyfuse3.init(
