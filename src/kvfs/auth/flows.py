@@ -38,8 +38,8 @@ from kvfs.auth.messages import (
 )
 from kvfs.errors import AuthError, ConfigError, is_tls_verification_error
 from kvfs.net.body import TOKEN_BODY_CAP, BodyError, send
-from kvfs.net.deadlines import HTTP_TIMEOUT, LOCAL_CONNECT_TIMEOUT
-from kvfs.net.http import ACCEPT_ENCODING
+from kvfs.net.circuit import HostUnreachable
+from kvfs.net.http import make_local_http_client
 from kvfs.net.retry import ENTRA_RETRY, IMDS_RETRY, DeadlineExceeded, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,9 @@ async def _fetch(
 
 def _reason(exc: Exception, retry: RetryPolicy) -> str:
     """Why a local token service did not answer, for the message."""
-    return f"no answer within {retry.deadline:g} s" if isinstance(exc, DeadlineExceeded) else type(exc).__name__
+    if isinstance(exc, DeadlineExceeded):
+        return f"no answer within {retry.deadline:g} s"
+    return str(exc) if isinstance(exc, HostUnreachable) else type(exc).__name__
 
 
 def _json(response: httpx.Response) -> object:
@@ -308,11 +310,7 @@ class _LocalCredential:
 
     def __init__(self, http: httpx.AsyncClient | None, owns_http: bool) -> None:
         if http is None:
-            http = httpx.AsyncClient(
-                trust_env=False,
-                timeout=httpx.Timeout(HTTP_TIMEOUT, connect=LOCAL_CONNECT_TIMEOUT),
-                headers={"Accept-Encoding": ACCEPT_ENCODING},  # what kvfs.net.body can decode
-            )
+            http = make_local_http_client()
             owns_http = True
         self._http = http
         self._owns_http = owns_http
