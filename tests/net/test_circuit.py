@@ -22,6 +22,8 @@ import trio.testing
 from kvfs.auth.base import AccessToken
 from kvfs.auth.cache import CachingCredential
 from kvfs.auth.flows import ClientSecretCredential, ImdsCredential
+from kvfs.cache.resolver import Resolver
+from kvfs.config.model import AuthConfig, CloudConfig, MountConfig, ObjectSpec
 from kvfs.emulator.server import Emulator
 from kvfs.errors import AuthError, VaultError
 from kvfs.net.circuit import CircuitTransport, HostCircuits, HostUnreachable, State, origin
@@ -65,6 +67,13 @@ def make(net: Host, **kw: float) -> tuple[httpx.AsyncClient, HostCircuits]:
 
 
 KV = origin(httpx.URL(VAULT))
+SPEC = ObjectSpec(name="a", type="secret")
+CONFIG = MountConfig(
+    vault_name="demo",
+    cloud=CloudConfig("AzurePublicCloud", "vault.azure.net", "https://vault.azure.net", AUTHORITY),
+    auth=AuthConfig(mode="service_principal"),
+    objects=(SPEC,),
+)
 HOST = "demo.vault.azure.net"
 
 
@@ -265,6 +274,28 @@ async def test_imds_refusing_connections_names_the_circuit(autojump_clock: trio.
         assert exc.value.code == "imds_unreachable"
     assert "http://169.254.169.254:80 unreachable (circuit open since" in str(exc.value)
     assert net.attempts == {"169.254.169.254": 1}
+
+
+async def test_after_recovery_the_next_read_is_the_probe_not_a_remembered_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Failures that cost no request skip the 5 s error cooldown: reads heal within one probe interval."""
+    net = Host()
+    http, circuits = make(net)
+    net.mode[HOST] = "refused"
+    net.mode["login.microsoftonline.com"] = "refused"
+    entra = CachingCredential(ClientSecretCredential(AUTHORITY, "t", "c", "s", http))
+    cache = Resolver(VaultClient(VAULT, entra, SCOPE, http), CONFIG)
+    with pytest.raises(AuthError):
+        await cache.current(SPEC)  # Entra ID down
+    net.mode["login.microsoftonline.com"] = "up"
+    await trio.sleep(1.0)
+    with pytest.raises(VaultError, match="unreachable"):
+        await cache.current(SPEC)  # Entra ID probed and back; Key Vault down
+    net.mode[HOST] = "up"
+    await trio.sleep(1.0)
+    assert (await cache.current(SPEC)).files[""] == b"v"  # the probe, 1 s after the last failure
+    assert circuits.state(KV) is State.CLOSED
 
 
 # -- real sockets: what opens a circuit in the wild --------------------------------------------------

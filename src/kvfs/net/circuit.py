@@ -25,9 +25,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import trio
+
+from kvfs.errors import KvfsError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,19 @@ def describe(error: BaseException) -> str:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return type(error).__name__
+
+
+E = TypeVar("E", bound=KvfsError)
+
+
+def no_cooldown_if_down(error: E, cause: BaseException) -> E:
+    """`error`, not to be remembered for the error cooldown if `cause` is a host known to be down.
+
+    Such a failure cost no request, and the next read may be the probe that finds the host back.
+    """
+    if isinstance(cause, HostUnreachable):
+        error.cooldown = False
+    return error
 
 
 def origin(url: httpx.URL) -> str:

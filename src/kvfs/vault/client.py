@@ -24,7 +24,7 @@ from kvfs.auth.base import Credential
 from kvfs.config.model import ObjectType
 from kvfs.errors import ConfigError, VaultError, is_tls_verification_error
 from kvfs.net import body
-from kvfs.net.circuit import HostUnreachable, origin
+from kvfs.net.circuit import HostUnreachable, no_cooldown_if_down, origin
 from kvfs.net.deadlines import VAULT_OP_DEADLINE
 from kvfs.net.retry import KEY_VAULT_RETRY, DeadlineExceeded, RetryPolicy
 from kvfs.vault.bundle import check_bundle, check_page
@@ -271,7 +271,7 @@ class VaultClient:
                 msg = f"{what}: vault {exc}"
             else:
                 msg = f"{what}: cannot reach vault {self.vault} ({code}: {exc})"
-            raise VaultError(msg, code=code) from None
+            raise no_cooldown_if_down(VaultError(msg, code=code), exc) from None
 
     def _error(self, response: httpx.Response, kind: str, what: str) -> VaultError:
         status = response.status_code
