@@ -12,7 +12,6 @@ import logging
 import random
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,7 +26,7 @@ from kvfs.config.model import AuthConfig, CloudConfig, MountConfig, ObjectSpec
 from kvfs.emulator.server import Emulator
 from kvfs.errors import AuthError, VaultError
 from kvfs.net.circuit import CircuitTransport, HostCircuits, HostUnreachable, State, origin
-from kvfs.net.http import make_http_client
+from kvfs.net.http import make_http_client, make_local_http_client
 from kvfs.vault.client import VaultClient
 
 VAULT = "https://demo.vault.azure.net"
@@ -317,9 +316,11 @@ async def _opens(http: httpx.AsyncClient, url: str) -> str:
     return str(first.value)
 
 
-async def test_real_refused_connection_opens() -> None:
-    async with make_http_client() as http:
-        message = await _opens(http, f"https://kv.localhost:{refused_port()}/secrets/a")
+@pytest.mark.parametrize("factory", [make_http_client, make_local_http_client])
+async def test_real_refused_connection_opens(factory: Callable[[], httpx.AsyncClient]) -> None:
+    scheme = "https" if factory is make_http_client else "http"  # IMDS and NMI are plain HTTP
+    async with factory() as http:
+        message = await _opens(http, f"{scheme}://127.0.0.1:{refused_port()}/metadata/identity/oauth2/token")
     assert "ConnectError" in message
 
 
