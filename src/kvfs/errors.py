@@ -15,6 +15,10 @@ class KvfsError(Exception):
     """Base class. `str(err)` must never contain a secret value or a token."""
 
     errno: int = _errno.EIO
+    # Whether the failure is answered from memory for the error cooldown (docs/SEMANTICS.md #11).
+    # Not when it cost no request: a host known to be down fails at once anyway, and the next read
+    # may be the probe that finds it back (kvfs.net.circuit).
+    cooldown: bool = True
 
 
 class ConfigError(KvfsError, ValueError):

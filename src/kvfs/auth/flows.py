@@ -38,8 +38,8 @@ from kvfs.auth.messages import (
 )
 from kvfs.errors import AuthError, ConfigError, is_tls_verification_error
 from kvfs.net.body import TOKEN_BODY_CAP, BodyError, send
-from kvfs.net.deadlines import HTTP_TIMEOUT, LOCAL_CONNECT_TIMEOUT
-from kvfs.net.http import ACCEPT_ENCODING
+from kvfs.net.circuit import HostUnreachable, no_cooldown_if_down
+from kvfs.net.http import make_local_http_client
 from kvfs.net.retry import ENTRA_RETRY, IMDS_RETRY, DeadlineExceeded, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,9 @@ async def _fetch(
 
 def _reason(exc: Exception, retry: RetryPolicy) -> str:
     """Why a local token service did not answer, for the message."""
-    return f"no answer within {retry.deadline:g} s" if isinstance(exc, DeadlineExceeded) else type(exc).__name__
+    if isinstance(exc, DeadlineExceeded):
+        return f"no answer within {retry.deadline:g} s"
+    return str(exc) if isinstance(exc, HostUnreachable) else type(exc).__name__
 
 
 def _json(response: httpx.Response) -> object:
@@ -187,19 +189,21 @@ class _EntraCredential:
             ) from None
         except httpx.TransportError as exc:
             if is_tls_verification_error(exc):
-                raise AuthError(
+                error = AuthError(
                     f"the TLS certificate of Entra ID at {self.authority_host} is not trusted"
                     " (add its CA to the file named by SSL_CERT_FILE)",
                     code="TLSVerifyFailed",
                     errno=_errno.EIO,
-                ) from None
-            raise AuthError(
-                f"cannot reach Entra ID at {self.authority_host} ({type(exc).__name__}:"
-                f" {safe_text(exc, secrets)}): check network egress and cloudName /"
-                " activeDirectoryEndpoint",
-                code="entra_unreachable",
-                errno=_errno.EIO,
-            ) from None
+                )
+            else:
+                error = AuthError(
+                    f"cannot reach Entra ID at {self.authority_host} ({type(exc).__name__}:"
+                    f" {safe_text(exc, secrets)}): check network egress and cloudName /"
+                    " activeDirectoryEndpoint",
+                    code="entra_unreachable",
+                    errno=_errno.EIO,
+                )
+            raise no_cooldown_if_down(error, exc) from None
         body = _json(response)
         if response.status_code != 200:
             err = entra_error(response.status_code, body, ctx, secrets)
@@ -308,11 +312,7 @@ class _LocalCredential:
 
     def __init__(self, http: httpx.AsyncClient | None, owns_http: bool) -> None:
         if http is None:
-            http = httpx.AsyncClient(
-                trust_env=False,
-                timeout=httpx.Timeout(HTTP_TIMEOUT, connect=LOCAL_CONNECT_TIMEOUT),
-                headers={"Accept-Encoding": ACCEPT_ENCODING},  # what kvfs.net.body can decode
-            )
+            http = make_local_http_client()
             owns_http = True
         self._http = http
         self._owns_http = owns_http
@@ -359,7 +359,7 @@ class ImdsCredential(_LocalCredential):
                 params=params, headers={"Metadata": "true"},
             )
         except (httpx.TransportError, DeadlineExceeded) as exc:
-            raise imds_unreachable(self.base_url, _reason(exc, self._retry)) from None
+            raise no_cooldown_if_down(imds_unreachable(self.base_url, _reason(exc, self._retry)), exc) from None
         body = _json(response)
         if response.status_code != 200:
             raise imds_error(response.status_code, body, base_url=self.base_url, client_id=self.client_id)
@@ -410,7 +410,7 @@ class NmiCredential(_LocalCredential):
                 headers={"podname": self.pod_name, "podns": self.pod_namespace},
             )
         except (httpx.TransportError, DeadlineExceeded) as exc:
-            raise nmi_unreachable(self.base_url, _reason(exc, _NMI_RETRY)) from None
+            raise no_cooldown_if_down(nmi_unreachable(self.base_url, _reason(exc, _NMI_RETRY)), exc) from None
         if response.status_code != 200:
             raise nmi_error(response.status_code, response.text, base_url=self.base_url, pod=pod)
         body = _json(response)

@@ -49,6 +49,11 @@ class RefreshScheduler(Generic[K]):
         self._failures.pop(key, None)
         self._wake.set()  # the loop may be sleeping past this new due time
 
+    def forget(self, key: K) -> None:
+        """Stop refreshing `key` (until it is `loaded` again)."""
+        self._due.pop(key, None)
+        self._failures.pop(key, None)
+
     def _backoff(self, failures: int, exc: BaseException) -> float:
         """Delay before retrying a failed refresh: Retry-After, else jittered exponential; ≤ interval."""
         asked = getattr(exc, "retry_after", None)

@@ -45,7 +45,7 @@ class Resolver:
 
             render = render_object
         self.statistics = CacheStats()
-        self._store = VersionStore(config, render)
+        self._store = VersionStore(config, render, on_evict=self._evicted)
         self._scheduler: RefreshScheduler[Target] = RefreshScheduler(
             config.refresh_interval, self._refresh, rng=rng
         )
@@ -79,6 +79,17 @@ class Resolver:
             self.statistics.hits += 1
             return cached
         return await self._loader.history(spec)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of rendered versions the cache holds (at most `MountConfig.cache_limit`, see store.py)."""
+        return self._store.kept_bytes
+
+    def _evicted(self, spec: ObjectSpec) -> None:
+        """An evicted object is no longer refreshed; its next read fetches (and re-arms) it."""
+        self.statistics.evictions += 1
+        self._scheduler.forget(Target(spec, history=False))
+        self._scheduler.forget(Target(spec, history=True))
 
     async def _refresh(self, target: Target) -> None:
         try:

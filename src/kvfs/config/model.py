@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DEFAULT_REFRESH_INTERVAL = 120.0  # seconds
+# Bytes of rendered versions one volume's cache keeps (kvfs.cache.store): far more than the
+# objects of a typical volume (a secret is at most 25 KiB), little next to a container's memory.
+DEFAULT_CACHE_LIMIT = 64 * 1024 * 1024
 ObjectType = Literal["secret", "key", "cert"]
 AuthMode = Literal[
     "workload_identity",  # clientID set: SA token exchanged at Entra ID
@@ -116,6 +119,7 @@ class MountConfig:
     construct_pem_chain: bool = True  # upstream --construct-pem-chain
     refresh_interval: float = DEFAULT_REFRESH_INTERVAL  # seconds; 0 disables background refresh
     max_staleness: float = 0.0  # seconds; 0 = serve last good bytes without bound
+    cache_limit: int = DEFAULT_CACHE_LIMIT  # bytes of rendered versions the cache keeps
     file_group: int | None = None  # gid of files and folders: the pod's fsGroup (CSI volume_mount_group)
     pod_name: str = ""
     pod_namespace: str = ""

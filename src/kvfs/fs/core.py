@@ -6,6 +6,10 @@ Semantics (docs/SEMANTICS.md states them for users; tests check each):
 - One inode per (name, version) holding immutable bytes. A name's lookup returns the inode of
   the version it shows now; rotation re-points the name and asks the kernel to drop the dentry.
 - `open()` pins the inode's bytes in the handle, so an open file keeps reading its version.
+- Memory: an inode holds its version weakly, with its size, mtime and xattrs. The cache decides
+  how long bytes stay (its byte limit); an open handle holds them. Opening an inode whose bytes
+  the cache let go fetches them again; if its name shows another version by then, the open
+  fails with ESTALE and the kernel looks the name up again.
 - Sizes are exact; mtime is the version's `updated` time.
 - Listing a folder never fetches: an unfetched file is listed with a placeholder inode that
   expires at once. Listing a history folder does fetch: its names depend on which versions exist.
@@ -27,6 +31,7 @@ import os
 import re
 import stat
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -74,15 +79,41 @@ class Attr:
 
 @dataclass(eq=False)
 class _VersionInode:
-    """An immutable file: one version of one node."""
+    """An immutable file: one version of one node, its bytes held only while someone needs them."""
 
     inode: int
-    data: bytes
-    version: Version
+    node: FileNode | HistoryNode
+    suffix: str  # which of the version's files: "" or a split ".crt" / ".key"
+    version_id: str
+    size: int
+    mtime_ns: int
     mode: int
+    xattrs: dict[str, str]
+    bytes_of: weakref.ref[Version]  # alive while the cache or an open handle holds the version
     lookups: int = 0
     opens: int = 0
     current: bool = True  # still what its name points to
+
+
+@dataclass(frozen=True)
+class _Handle:
+    vinode: _VersionInode
+    version: Version  # keeps the bytes alive while the file is open
+    data: bytes
+
+
+def _xattrs_of(version: Version) -> dict[str, str]:
+    """The `user.kvfs.*` attributes of a version's files (without the prefix)."""
+    attrs = {
+        "object": version.spec.object_id,
+        "id": version.kv_id,
+        "version": version.version,
+        "content_type": version.content_type,
+        "updated": str(version.updated),
+    }
+    if version.expires is not None:
+        attrs["expires"] = str(version.expires)
+    return attrs
 
 
 class FilesystemCore:
@@ -110,7 +141,7 @@ class FilesystemCore:
         self._current: dict[tuple[int, int], _VersionInode] = {}
         # History folder inode → how many of its indices the kernel was told about (0 … n-1).
         self._history_shown: dict[int, int] = {}
-        self._handles: dict[int, _VersionInode] = {}
+        self._handles: dict[int, _Handle] = {}
         self._placeholders: dict[int, FileNode] = {}
         self._placeholder_inodes: dict[int, int] = {}
         self._next_fh = 1
@@ -133,8 +164,8 @@ class FilesystemCore:
         return Attr(
             inode=vinode.inode,
             mode=stat.S_IFREG | vinode.mode,
-            size=len(vinode.data),
-            mtime_ns=vinode.version.updated * 1_000_000_000,
+            size=vinode.size,
+            mtime_ns=vinode.mtime_ns,
             uid=self._uid,
             gid=self._gid,
             entry_timeout=entry_timeout,
@@ -143,19 +174,32 @@ class FilesystemCore:
 
     # ----- resolving names ----------------------------------------------------------------
 
-    def _version_inode(self, node: Node, index: int, version: Version, data: bytes) -> _VersionInode:
+    def _version_inode(self, node: FileNode | HistoryNode, index: int, version: Version) -> _VersionInode:
         """The inode showing `version` at `node` (history `index`, -1 for plain files)."""
         key = (id(node), index)
         vinode = self._current.get(key)
-        if vinode is not None and vinode.version.version == version.version:
+        if vinode is not None and vinode.version_id == version.version:
+            if vinode.bytes_of() is None:
+                vinode.bytes_of = weakref.ref(version)
             return vinode
         if vinode is not None:
             # The name moves on; the old inode lives while the kernel or a handle knows it.
             vinode.current = False
             self._maybe_drop(vinode)
+        suffix = node.suffix if isinstance(node, FileNode) else ""
         if isinstance(node, HistoryNode):
             self._history_shown[node.inode] = max(self._history_shown.get(node.inode, 0), index + 1)
-        vinode = _VersionInode(self._next_inode, data, version, version.spec.file_mode)
+        vinode = _VersionInode(
+            inode=self._next_inode,
+            node=node,
+            suffix=suffix,
+            version_id=version.version,
+            size=len(version.files.get(suffix, b"")),
+            mtime_ns=version.updated * 1_000_000_000,
+            mode=version.spec.file_mode,
+            xattrs=_xattrs_of(version),
+            bytes_of=weakref.ref(version),
+        )
         self._next_inode += 1
         self._inodes[vinode.inode] = vinode
         self._current[key] = vinode
@@ -167,10 +211,9 @@ class FilesystemCore:
 
     async def _resolve_file(self, node: FileNode) -> _VersionInode:
         version = await self._fetch(node.spec, self.cache.current(node.spec))
-        data = version.files.get(node.suffix)
-        if data is None:  # a split companion of a secret that is not certificate-backed
+        if node.suffix not in version.files:  # a split companion of a secret that is not certificate-backed
             raise FsError(errno.ENOENT, f"{node.spec.file_name}{node.suffix}: not a certificate")
-        return self._version_inode(node, -1, version, data)
+        return self._version_inode(node, -1, version)
 
     async def _resolve_history(self, node: HistoryNode) -> list[Version]:
         return await self._fetch(node.spec, self.cache.history(node.spec))
@@ -210,8 +253,7 @@ class FilesystemCore:
         versions = await self._resolve_history(node)
         if index >= len(versions):
             raise FsError(errno.ENOENT)
-        version = versions[index]
-        return self._version_inode(node, index, version, version.files.get("", b""))
+        return self._version_inode(node, index, versions[index])
 
     def forget(self, inode: int, count: int) -> None:
         vinode = self._inodes.get(inode)
@@ -252,7 +294,7 @@ class FilesystemCore:
         versions = await self._resolve_history(node)
         entries = []
         for index, version in enumerate(versions[: node.spec.version_history]):
-            vinode = self._version_inode(node, index, version, version.files.get("", b""))
+            vinode = self._version_inode(node, index, version)
             vinode.lookups += 1
             entries.append((str(index), self._file_attr(vinode, NAME_TIMEOUT)))
         return entries
@@ -269,10 +311,9 @@ class FilesystemCore:
         version = self.cache.peek(child.spec)
         if version is None:
             return self._placeholder_attr(child)
-        data = version.files.get(child.suffix)
-        if data is None:
+        if child.suffix not in version.files:
             return None
-        vinode = self._version_inode(child, -1, version, data)
+        vinode = self._version_inode(child, -1, version)
         vinode.lookups += 1
         timeout = IMMUTABLE_TIMEOUT if child.spec.pinned else NAME_TIMEOUT
         return self._file_attr(vinode, timeout)
@@ -312,41 +353,44 @@ class FilesystemCore:
             vinode = await self._resolve_file(self._placeholders[inode])
         if vinode is None:
             raise FsError(errno.EISDIR if inode in self.tree.dirs else errno.ENOENT)
+        version = vinode.bytes_of() or await self._refetch(vinode)
         vinode.opens += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = vinode
+        self._handles[fh] = _Handle(vinode, version, version.files.get(vinode.suffix, b""))
         return fh
 
+    async def _refetch(self, vinode: _VersionInode) -> Version:
+        """The bytes of an inode the cache let go: its name's version now, if it is still this one."""
+        node = vinode.node
+        if isinstance(node, HistoryNode):
+            shown = await self._resolve_history(node)
+        else:
+            shown = [await self._fetch(node.spec, self.cache.current(node.spec))]
+        for version in shown:
+            if version.version == vinode.version_id and len(version.files.get(vinode.suffix, b"")) == vinode.size:
+                vinode.bytes_of = weakref.ref(version)
+                return version
+        # The name shows another version now: ESTALE makes the kernel look the name up again.
+        raise FsError(errno.ESTALE, f"{node.spec.file_name}: version {vinode.version_id} is no longer shown")
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        vinode = self._handles.get(fh)
-        if vinode is None:
+        handle = self._handles.get(fh)
+        if handle is None:
             raise FsError(errno.EBADF)
-        return vinode.data[offset : offset + size]
+        return handle.data[offset : offset + size]
 
     async def release(self, fh: int) -> None:
-        vinode = self._handles.pop(fh, None)
-        if vinode is not None:
-            vinode.opens -= 1
-            self._maybe_drop(vinode)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.vinode.opens -= 1
+            self._maybe_drop(handle.vinode)
 
     # ----- extended attributes ------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[str, str]:
         vinode = self._inodes.get(inode)
-        if vinode is None:
-            return {}
-        version = vinode.version
-        attrs = {
-            "object": version.spec.object_id,
-            "id": version.kv_id,
-            "version": version.version,
-            "content_type": version.content_type,
-            "updated": str(version.updated),
-        }
-        if version.expires is not None:
-            attrs["expires"] = str(version.expires)
-        return attrs
+        return vinode.xattrs if vinode is not None else {}
 
     async def listxattr(self, inode: int) -> list[str]:
         return [XATTR_PREFIX + name for name in self._xattrs(inode)]

@@ -3,8 +3,9 @@
 Why a factory: TLS trust (system CAs plus `SSL_CERT_FILE`), the User-Agent, pooling limits and
 the `*.localhost` → loopback rule (RFC 6761: such names always mean the local host, so the
 emulator needs no /etc/hosts entry) must be identical for the Key Vault client and the Entra ID
-flows. IMDS and NMI use a plain proxy-free client (auth/flows.py); azure-identity's default
-chain uses `requests` with `make_ssl_context()` (auth/default_chain.py).
+flows, which share one client per daemon and so one circuit per host (kvfs.net.circuit). IMDS and
+NMI use a plain proxy-free client (`make_local_http_client`), with host circuits too;
+azure-identity's default chain uses `requests` with `make_ssl_context()` (auth/default_chain.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import httpx
 
 import kvfs
 from kvfs.errors import ConfigError
-from kvfs.net.deadlines import HTTP_TIMEOUT
+from kvfs.net.circuit import CircuitTransport
+from kvfs.net.deadlines import HTTP_TIMEOUT, LOCAL_CONNECT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def make_http_client(
     trust_env: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """Build the shared client: HTTP/1.1, pooled, verified TLS, `*.localhost` on loopback.
+    """Build the shared client: HTTP/1.1, pooled, verified TLS, `*.localhost` on loopback, host circuits.
 
     `transport` replaces the network entirely (tests pass `httpx.MockTransport`); it is used as
     given. With `trust_env`, `SSL_CERT_FILE` adds CAs and `HTTPS_PROXY`/`NO_PROXY` are honoured
@@ -157,9 +159,14 @@ def make_http_client(
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=60.0)
     if transport is None:
         proxy = urllib.request.getproxies_environment().get("https") if trust_env else None
-        transport = LoopbackTransport(
-            ssl_context=(_preloaded_context if trust_env and _preloaded_context else make_ssl_context(trust_env=trust_env)),
-            limits=limits, proxy=proxy or None
+        transport = CircuitTransport(
+            LoopbackTransport(
+                ssl_context=(
+                    _preloaded_context if trust_env and _preloaded_context else make_ssl_context(trust_env=trust_env)
+                ),
+                limits=limits,
+                proxy=proxy or None,
+            )
         )
     return httpx.AsyncClient(
         transport=transport,
@@ -168,4 +175,17 @@ def make_http_client(
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
         follow_redirects=False,
         trust_env=False,  # env proxies / SSL_CERT_FILE are applied above, once, explicitly
+    )
+
+
+def make_local_http_client() -> httpx.AsyncClient:
+    """The client for IMDS and NMI: plain HTTP on the node, never through a proxy, host circuits.
+
+    A connection that does not open within `LOCAL_CONNECT_TIMEOUT` will not open.
+    """
+    return httpx.AsyncClient(
+        transport=CircuitTransport(httpx.AsyncHTTPTransport(trust_env=False)),
+        trust_env=False,
+        timeout=httpx.Timeout(HTTP_TIMEOUT, connect=LOCAL_CONNECT_TIMEOUT),
+        headers={"Accept-Encoding": ACCEPT_ENCODING},  # what kvfs.net.body can decode
     )

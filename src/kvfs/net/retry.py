@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from kvfs.errors import is_tls_verification_error
+from kvfs.net.circuit import HostUnreachable
 from kvfs.net.deadlines import TOKEN_DEADLINE, VAULT_OP_DEADLINE
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 # azure-core's retried statuses; Key Vault answers 429 when throttling.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
-# Network failures worth another try; TLS verification failures are not (they will not heal).
+# Network failures worth another try; TLS verification failures are not (they will not heal), nor
+# a host found down (its circuit decides when to try it again).
 _RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
     httpx.TimeoutException,  # connect / read / write / pool timeouts
     httpx.NetworkError,  # connect refused, connection reset, ...
@@ -109,6 +111,7 @@ class RetryPolicy:
         return (
             self.retry_network_errors
             and isinstance(exc, _RETRY_EXCEPTIONS)
+            and not isinstance(exc, HostUnreachable)
             and not is_tls_verification_error(exc)
         )
 

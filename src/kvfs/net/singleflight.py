@@ -48,7 +48,8 @@ class SingleFlight(Generic[K, V]):
     """One load per key at a time; a failed load is answered from memory for `cooldown` seconds.
 
     Only exceptions of the `remember` types start a cooldown (expected failures such as
-    `KvfsError`); others (bugs) reach the callers of that flight only. A cancelled leader
+    `KvfsError`), unless their `cooldown` attribute is false; others (bugs) reach the callers
+    of that flight only. A cancelled leader
     hands over: one of its waiters starts the load again.
     """
 
@@ -103,7 +104,12 @@ class SingleFlight(Generic[K, V]):
             flight.result = result
         except Exception as exc:
             flight.error = fresh_copy(exc)
-            if cooldown and self._failures is not None and isinstance(exc, self._remember):
+            if (
+                cooldown
+                and self._failures is not None
+                and isinstance(exc, self._remember)
+                and getattr(exc, "cooldown", True)
+            ):
                 self._failures[key] = flight.error
             raise
         except BaseException:  # trio.Cancelled, KeyboardInterrupt: not an answer to share

@@ -24,6 +24,7 @@ from kvfs.auth.base import Credential
 from kvfs.config.model import ObjectType
 from kvfs.errors import ConfigError, VaultError, is_tls_verification_error
 from kvfs.net import body
+from kvfs.net.circuit import HostUnreachable, no_cooldown_if_down, origin
 from kvfs.net.deadlines import VAULT_OP_DEADLINE
 from kvfs.net.retry import KEY_VAULT_RETRY, DeadlineExceeded, RetryPolicy
 from kvfs.vault.bundle import check_bundle, check_page
@@ -45,12 +46,6 @@ class InvalidatingCredential(Protocol):
     """Optional: a credential that can drop its cached token so the next get_token() is fresh."""
 
     def invalidate(self, scope: str) -> Any: ...
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
-    """(scheme, host, port) with the default port made explicit, so `host:443` ≡ `host`."""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return (url.scheme.lower(), url.host.lower().rstrip("."), port)
 
 
 def _segment(text: str) -> str:
@@ -139,7 +134,7 @@ class VaultClient:
                 "check keyvaultName and the cloud's keyVaultDNSSuffix",
             )
         self._base = str(url.copy_with(path="/", query=None, fragment=None)).rstrip("/")
-        self._origin = _origin(url)
+        self._origin = origin(url)
         self.vault = url.host
         self._credential = credential
         self._scope = scope
@@ -195,7 +190,7 @@ class VaultClient:
             url = httpx.URL(str(link))
         except (httpx.InvalidURL, ValueError):
             raise VaultError(f"{what}: Key Vault sent an invalid nextLink", code="BadNextLink") from None
-        if _origin(url) != self._origin:
+        if origin(url) != self._origin:
             # Never send the vault token to another host (private link / custom DNS rewrites).
             raise VaultError(
                 f"{what}: Key Vault's nextLink points to {url.scheme}://{url.host}, not to the vault"
@@ -272,9 +267,11 @@ class VaultClient:
                     f"{what}: the TLS certificate of {self.vault} is not trusted"
                     " (add its CA to the file named by SSL_CERT_FILE)"
                 )
+            elif isinstance(exc, HostUnreachable):
+                msg = f"{what}: vault {exc}"
             else:
                 msg = f"{what}: cannot reach vault {self.vault} ({code}: {exc})"
-            raise VaultError(msg, code=code) from None
+            raise no_cooldown_if_down(VaultError(msg, code=code), exc) from None
 
     def _error(self, response: httpx.Response, kind: str, what: str) -> VaultError:
         status = response.status_code
