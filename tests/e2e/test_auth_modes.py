@@ -24,6 +24,7 @@ import jwt
 import pytest
 import yaml
 
+from guards import LogCheck
 from e2e.conftest import (
     Mount,
     Mounter,
@@ -150,8 +151,8 @@ def short_emu(tmp_path: Path) -> Iterator[Emulator]:
 
 
 @pytest.fixture
-def short_mounter(short_emu: Emulator, tmp_path: Path) -> Iterator[Mounter]:
-    mounter = Mounter(short_emu, tmp_path / "short")
+def short_mounter(short_emu: Emulator, tmp_path: Path, checklogs: LogCheck) -> Iterator[Mounter]:
+    mounter = Mounter(short_emu, tmp_path / "short", checklogs)
     mounter.tmp.mkdir()
     try:
         yield mounter
