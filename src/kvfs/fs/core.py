@@ -7,8 +7,9 @@ Semantics (docs/SEMANTICS.md states them for users; tests check each):
   the version it shows now; rotation re-points the name and asks the kernel to drop the dentry.
 - `open()` pins the inode's bytes in the handle, so an open file keeps reading its version.
 - Sizes are exact; mtime is the version's `updated` time.
-- Listing a folder never fetches: an unfetched file is listed with a placeholder inode that
-  expires at once. Listing a history folder does fetch: its names depend on which versions exist.
+- Listing the root or an alias folder never fetches: an unfetched file is listed with a
+  placeholder inode that expires at once. Listing a history folder fetches its versions: its
+  names depend on which versions exist.
 
 Concurrency (trio, one thread): every method runs as its own task. State changes happen only
 between awaits: `_version_inode` and `_forget` contain no await, so the inode table is never
