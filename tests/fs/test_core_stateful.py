@@ -3,15 +3,16 @@
 `FilesystemCore` runs over the real `Resolver` (tests/cache/fakevault.py underneath) with its
 background refresh, in one trio run on a thread with a MockClock. The machine plays the kernel:
 lookups (root, `..data`, a sub-folder, a history folder), forgets, readdir (taking only some
-entries, as the adapter does), open, read and release; Key Vault changes under it (a new
-version, a disabled newest version) followed by one refresh interval. The model is what Key
-Vault holds plus what the kernel holds (lookup counts per inode, open handles).
+entries, as the adapter does), open, read and release. Key Vault changes under it (a new
+version, a disabled newest version), and a refresh interval passes now and then. The model is
+what Key Vault holds, what the cache loaded (an object's versions as of its last fetch), and
+what the kernel holds (lookup counts per inode, open handles).
 
 Invariants: a handle reads exactly the bytes of the version it opened, never a mix; an inode
 never changes its bytes; every inode the kernel still knows answers getattr with a size equal to
-its bytes and names the version its bytes are; a rotation invalidates every name of the object
-that was fetched; and once the kernel forgets everything, the core holds no inode but those the
-names show now (lookup counts balance, nothing superseded leaks).
+its bytes and names the version its bytes are; a refresh invalidates the names of exactly the
+objects whose version changed; and once the kernel forgets everything, the core holds no inode
+but those of versions a name shows or a handle reads (lookup counts balance, nothing leaks).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ NESTED = ObjectSpec(name="beta", type="secret", alias="sub/b")
 HISTORY = ObjectSpec(name="hist", type="secret", version_history=3)
 PINNED_NAME = "pinned"
 FOLDERS = ("root", "..data", "sub", "hist")
+SUFFIXES = ("", ".crt", ".key")  # split_cert_key: fake_render gives every secret all three
 
 
 class TrioThread:
@@ -112,15 +114,16 @@ class TreeAndCache(RuleBasedStateMachine):
         )
         self.trio = TrioThread(self.cache.run_refresh)
         self.folders = {"root": ROOT_INODE}
-        for name, parent in (("..data", "root"), ("sub", "root"), ("hist", "root")):
+        for name in ("..data", "sub", "hist"):
             self.folders[name] = self.run(lambda: self.core.lookup(ROOT_INODE, name)).inode
-        # The model of the kernel: lookup counts by inode, and what it learnt about each inode.
+        # The cache: object name → the version ids it shows (one, or a history folder's).
+        self.loaded: dict[str, list[str]] = {}
+        # The kernel: lookup counts by inode, and what it learnt about each inode.
         self.lookups: dict[int, int] = {}
         self.inode_bytes: dict[int, bytes] = {}
-        self.placeholders: dict[int, tuple[ObjectSpec, str]] = {}
+        self.placeholders: dict[int, tuple[ObjectSpec, str | int]] = {}
         # fh → (inode, the bytes it opened, (object name, version) of those bytes)
         self.handles: dict[int, tuple[int, bytes, tuple[str, str]]] = {}
-        self.fetched: set[tuple[str, bool]] = set()  # (object name, history?) the cache has loaded
         self.history_given: set[str] = set()  # history file names the kernel was given
 
     async def _on_change(self, spec: ObjectSpec, version: Version) -> None:
@@ -131,40 +134,42 @@ class TreeAndCache(RuleBasedStateMachine):
 
     # ----- the model ----------------------------------------------------------------------
 
-    def entries(self, folder: str) -> dict[str, tuple[ObjectSpec, str | int]]:
-        """The files `folder` shows: name → (object, suffix or history index)."""
-        if folder == "hist":
-            return {str(i): (HISTORY, i) for i in range(min(3, len(self.newest_first(HISTORY))))}
-        if folder == "sub":
-            specs = {"b": NESTED}
-        else:
-            specs = {"alpha": PLAIN, PINNED_NAME: self.pinned}
-        return {name + suffix: (spec, suffix) for name, spec in specs.items() for suffix in ("", ".crt", ".key")}
-
     def newest_first(self, spec: ObjectSpec) -> list[Stored]:
         enabled = [s for s in self.vault.objects[("secret", spec.name)] if s.enabled]
         return sorted(enabled, key=lambda s: s.created, reverse=True)
 
-    def shown(self, spec: ObjectSpec, where: str | int) -> Stored:
-        """The version a name shows now (a refresh follows every change in the vault)."""
-        if isinstance(where, int):
-            return self.newest_first(spec)[where]
+    def in_vault(self, spec: ObjectSpec) -> list[str]:
+        """The version ids a fetch of `spec` shows now."""
         if spec.pinned:
-            return next(s for s in self.vault.objects[("secret", spec.name)] if s.version == spec.version)
-        return self.newest_first(spec)[0]
+            return [spec.version]
+        return [s.version for s in self.newest_first(spec)[: max(1, spec.version_history)]]
 
-    @staticmethod
-    def content(stored: Stored, where: str | int) -> bytes:
-        return fake_render(HISTORY, {"value": stored.value}, split_cert_key=True)[where if isinstance(where, str) else ""]
+    def fetch(self, spec: ObjectSpec) -> None:
+        """The core asks the cache for `spec`: fetched now unless the cache holds it."""
+        self.loaded.setdefault(spec.name, self.in_vault(spec))
+
+    def stored(self, name: str, version: str) -> Stored:
+        return next(s for s in self.vault.objects[("secret", name)] if s.version == version)
+
+    def entries(self, folder: str) -> dict[str, tuple[ObjectSpec, str | int]]:
+        """The files `folder` shows: name → (object, suffix or history index)."""
+        if folder == "hist":
+            return {str(i): (HISTORY, i) for i in range(len(self.loaded[HISTORY.name]))}
+        specs = {"b": NESTED} if folder == "sub" else {"alpha": PLAIN, PINNED_NAME: self.pinned}
+        return {name + suffix: (spec, suffix) for name, spec in specs.items() for suffix in SUFFIXES}
+
+    def content(self, spec: ObjectSpec, where: str | int) -> tuple[Stored, bytes]:
+        """The version a (loaded) name shows, and its file's bytes."""
+        version = self.loaded[spec.name][where if isinstance(where, int) else 0]
+        stored = self.stored(spec.name, version)
+        suffix = where if isinstance(where, str) else ""
+        return stored, fake_render(spec, {"value": stored.value}, split_cert_key=True)[suffix]
 
     def learn(self, inode: int, data: bytes) -> None:
         """The kernel saw `inode` with `data`'s size: an inode never changes its bytes."""
         assert inode not in self.placeholders
         assert self.inode_bytes.setdefault(inode, data) == data, f"inode {inode} changed its bytes"
         self.lookups[inode] = self.lookups.get(inode, 0) + 1
-
-    def by_version(self, spec: ObjectSpec, version: str) -> Stored:
-        return next(s for s in self.vault.objects[("secret", spec.name)] if s.version == version)
 
     # ----- the kernel's requests ----------------------------------------------------------
 
@@ -174,18 +179,17 @@ class TreeAndCache(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(names))
         parent = self.folders[folder]
         if folder == "hist" and int(name) < HISTORY.version_history:
-            self.fetched.add((HISTORY.name, True))  # the folder's versions are fetched to answer
-        expected = self.entries(folder).get(name)
+            self.fetch(HISTORY)  # the folder's versions are fetched to answer
+        expected = self.entries(folder).get(name) if folder != "hist" or HISTORY.name in self.loaded else None
         if expected is None:
             with pytest.raises(FsError) as info:
                 self.run(lambda: self.core.lookup(parent, name))
             assert info.value.errno == errno.ENOENT
             return
         spec, where = expected
-        self.fetched.add((spec.name, isinstance(where, int)))
+        self.fetch(spec)
         attr = self.run(lambda: self.core.lookup(parent, name))
-        stored = self.shown(spec, where)
-        content = self.content(stored, where)
+        stored, content = self.content(spec, where)
         assert stat.S_ISREG(attr.mode)
         assert attr.size == len(content)
         assert attr.mtime_ns == stored.created * 10**9
@@ -198,7 +202,7 @@ class TreeAndCache(RuleBasedStateMachine):
         """One READDIRPLUS call from `start`, of which the kernel takes `taken` entries."""
         inode = self.folders[folder]
         if folder == "hist":
-            self.fetched.add((HISTORY.name, True))
+            self.fetch(HISTORY)
         listed = self.run(lambda: self.core.readdir(inode))
         expected = self.entries(folder)
         folders = {"root": {"sub", "hist", "..data"}, "..data": {"sub", "hist"}}.get(folder, set())
@@ -206,17 +210,19 @@ class TreeAndCache(RuleBasedStateMachine):
         start = data.draw(st.integers(0, len(listed)), label="start")
         taken = data.draw(st.integers(0, len(listed) - start), label="taken")
         for index, (name, attr) in enumerate(listed):
+            if name not in expected:
+                pass  # a folder
+            elif expected[name][0].name not in self.loaded:  # listing fetches nothing
+                assert (attr.entry_timeout, attr.attr_timeout) == (0, 0), "a placeholder expires at once"
+            else:
+                assert attr.size == len(self.content(*expected[name])[1])
             if not start <= index < start + taken:
                 self.core.unreaddir(attr)  # as kvfs.fs.adapter does for entries not sent
-            elif name in expected and attr.attr_timeout == 0:  # an unfetched file's placeholder
-                assert folder != "hist", "a history folder's entries are fetched when listed"
+            elif name in expected and attr.attr_timeout == 0:
                 assert self.placeholders.setdefault(attr.inode, expected[name]) == expected[name]
                 self.lookups[attr.inode] = self.lookups.get(attr.inode, 0) + 1
             elif name in expected:
-                spec, where = expected[name]
-                content = self.content(self.shown(spec, where), where)
-                assert attr.size == len(content)
-                self.learn(attr.inode, content)
+                self.learn(attr.inode, self.content(*expected[name])[1])
                 if folder == "hist":
                     self.history_given.add(name)
 
@@ -236,9 +242,9 @@ class TreeAndCache(RuleBasedStateMachine):
         inode = data.draw(st.sampled_from(sorted(self.lookups)))
         if inode in self.placeholders:  # a stale listing entry: opens what the name shows now
             spec, where = self.placeholders[inode]
-            self.fetched.add((spec.name, False))
-            stored = self.shown(spec, where)
-            content, version = self.content(stored, where), (spec.name, stored.version)
+            self.fetch(spec)
+            stored, content = self.content(spec, where)
+            version = (spec.name, stored.version)
         else:
             content = self.inode_bytes[inode]
             version = self.run(lambda: self.version_of(inode))
@@ -270,40 +276,42 @@ class TreeAndCache(RuleBasedStateMachine):
             self.core.forget(inode, self.lookups.pop(inode))
         self.check_nothing_leaks()
 
-    # ----- Key Vault changes, then one refresh interval -----------------------------------
+    # ----- Key Vault changes, and the refresh -----------------------------------------------
 
     @rule(spec_index=st.integers(0, 3))
     def rotate(self, spec_index: int) -> None:
         spec = self.specs[spec_index]
         self.vault.add("secret", spec.name, f"{spec.name} v{len(self.vault.objects[('secret', spec.name)])}")
-        self.refresh_and_check_invalidation(spec)
 
     @rule(spec_index=st.integers(0, 2))
     def disable_newest(self, spec_index: int) -> None:
-        spec = self.specs[spec_index]
-        enabled = self.newest_first(spec)
-        if len(enabled) < 2:
-            return
-        enabled[0].enabled = False
-        self.refresh_and_check_invalidation(spec)
+        enabled = self.newest_first(self.specs[spec_index])
+        if len(enabled) > 1:
+            enabled[0].enabled = False
 
-    def refresh_and_check_invalidation(self, spec: ObjectSpec) -> None:
+    @rule()
+    def refresh(self) -> None:
+        """One refresh interval: every loaded object is fetched again, and the kernel told."""
+
         async def one_interval() -> None:
             self.trio.clock.jump(INTERVAL)
             await trio.testing.wait_all_tasks_blocked()
 
+        changed = [s for s in self.specs if s.name in self.loaded and self.loaded[s.name] != self.in_vault(s)]
+        for spec in changed:
+            self.loaded[spec.name] = self.in_vault(spec)
         self.invalidated.clear()
         self.run(one_interval)
-        expected: set[tuple[int, str]] = set()
-        if spec.version_history and (spec.name, True) in self.fetched:
-            expected = {(self.folders["root"], "hist"), (self.folders["..data"], "hist")}
-            expected |= {(self.folders["hist"], name) for name in self.history_given}
-        elif not spec.pinned and (spec.name, False) in self.fetched:
-            folders = ("sub",) if spec is NESTED else ("root", "..data")
-            expected = {(self.folders[f], name) for f in folders for name, (s, _) in self.entries(f).items() if s is spec}
-        assert expected <= self.invalidated, f"{spec.name}: not invalidated: {expected - self.invalidated}"
-        if not expected:
-            assert self.invalidated == set()
+        told: set[tuple[int, str]] = set()
+        for spec in changed:
+            if spec is HISTORY:
+                told |= {(self.folders["root"], "hist"), (self.folders["..data"], "hist")}
+                told |= {(self.folders["hist"], name) for name in self.history_given}
+            else:
+                folders = ("sub",) if spec is NESTED else ("root", "..data")
+                told |= {(self.folders[f], n) for f in folders for n, (s, _) in self.entries(f).items() if s is spec}
+        may_tell = told | {(self.folders["hist"], str(i)) for i in range(3)} if HISTORY in changed else told
+        assert told <= self.invalidated <= may_tell
 
     # ----- invariants ---------------------------------------------------------------------
 
@@ -320,7 +328,9 @@ class TreeAndCache(RuleBasedStateMachine):
                     continue
                 assert inode in held
                 assert attr.size == len(self.inode_bytes[inode])
-                await self.check_version_xattr(inode, self.inode_bytes[inode])
+                name, version = await self.version_of(inode)
+                value = self.stored(name, version).value.encode()
+                assert self.inode_bytes[inode] in {value, b"crt:" + value, b"key:" + value}
 
         self.run(check)
 
@@ -329,19 +339,12 @@ class TreeAndCache(RuleBasedStateMachine):
         object_id = (await self.core.getxattr(inode, "user.kvfs.object")).decode()
         return object_id.split("/")[1], (await self.core.getxattr(inode, "user.kvfs.version")).decode()
 
-    async def check_version_xattr(self, inode: int, content: bytes) -> None:
-        """The bytes are exactly those of the version the inode names."""
-        name, version = await self.version_of(inode)
-        stored = self.by_version(ObjectSpec(name=name, type="secret"), version)
-        assert content in {self.content(stored, suffix) for suffix in ("", ".crt", ".key")}
-
     def check_nothing_leaks(self) -> None:
         """Inodes no kernel count holds show a version a name shows now or a handle reads."""
         unheld = set(self.core.known_inodes()) - set(self.lookups)
-        allowed = {(s.name, self.shown(s, "").version) for s in (PLAIN, NESTED, self.pinned)}
-        allowed |= {(HISTORY.name, v.version) for v in self.newest_first(HISTORY)[:3]}
+        allowed = {(name, version) for name, versions in self.loaded.items() for version in versions}
         allowed |= {version for _, _, version in self.handles.values()}
-        slots = 3 * 3 + HISTORY.version_history  # three files for each plain object, N history files
+        slots = 3 * len(SUFFIXES) + HISTORY.version_history  # the files of three objects, N history files
 
         async def versions() -> set[tuple[str, str]]:
             return {await self.version_of(inode) for inode in unheld}
