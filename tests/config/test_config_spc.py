@@ -169,6 +169,21 @@ def test_spc_parameters_from_api_json() -> None:
         spc_parameters({**obj, "kind": "Secret"}, source="ns/x")
 
 
+def test_secret_objects_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    obj = {
+        "apiVersion": "secrets-store.csi.x-k8s.io/v1",
+        "kind": "SecretProviderClass",
+        "spec": {
+            "provider": "azure",
+            "parameters": {"keyvaultName": "kv1"},
+            "secretObjects": [{"secretName": "synced", "type": "Opaque", "data": []}],
+        },
+    }
+    assert spc_parameters(obj, source="ns/x") == {"keyvaultName": "kv1"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["ns/x: spec.secretObjects is ignored: kvfs does not sync Kubernetes Secrets"]
+
+
 def test_overlay_wins_and_keeps_equals_in_values() -> None:
     base = {"keyvaultName": "a", "tenantID": "t"}
     out = overlay(base, ["keyvaultName=b", "objects=array:\n  - |\n    x: a=b", " clientID =c"])

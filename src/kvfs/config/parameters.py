@@ -8,9 +8,9 @@ objects → each object → vault name. Upstream's error texts stay as message p
 appends the fix. Where upstream is wrong, kvfs does better:
 
 - the tenant is required only where the flow needs it (workload identity, service principal),
-  not for VM managed identity or pod identity (upstream fault #9);
+  not for VM managed identity or pod identity, where upstream demands one it never uses;
 - the vault name follows Key Vault's rules (3-24 of 0-9a-zA-Z-, starts with a letter, no "--",
-  no trailing "-") instead of length + charset only (#18);
+  no trailing "-") instead of upstream's length + charset check only;
 - VM managed identity is a node-wide identity: in the CSI plugin it is refused unless the
   cluster admin started the plugin with --allow-node-identity;
 - error messages never echo a client secret or a service account token (upstream prints the

@@ -11,8 +11,9 @@ Semantics (docs/SEMANTICS.md states them for users; tests check each):
   the cache let go fetches them again; if its name shows another version by then, the open
   fails with ESTALE and the kernel looks the name up again.
 - Sizes are exact; mtime is the version's `updated` time.
-- Listing a folder never fetches: an unfetched file is listed with a placeholder inode that
-  expires at once. Listing a history folder does fetch: its names depend on which versions exist.
+- Listing the root or an alias folder never fetches: an unfetched file is listed with a
+  placeholder inode that expires at once. Listing a history folder fetches its versions: its
+  names depend on which versions exist.
 
 Concurrency (trio, one thread): every method runs as its own task. State changes happen only
 between awaits: `_version_inode` and `_forget` contain no await, so the inode table is never
@@ -182,10 +183,7 @@ class FilesystemCore:
             if vinode.bytes_of() is None:
                 vinode.bytes_of = weakref.ref(version)
             return vinode
-        if vinode is not None:
-            # The name moves on; the old inode lives while the kernel or a handle knows it.
-            vinode.current = False
-            self._maybe_drop(vinode)
+        self._retire(key)
         suffix = node.suffix if isinstance(node, FileNode) else ""
         if isinstance(node, HistoryNode):
             self._history_shown[node.inode] = max(self._history_shown.get(node.inode, 0), index + 1)
@@ -204,6 +202,13 @@ class FilesystemCore:
         self._inodes[vinode.inode] = vinode
         self._current[key] = vinode
         return vinode
+
+    def _retire(self, key: tuple[int, int]) -> None:
+        """The name at `key` moves on; its old inode lives while the kernel or a handle knows it."""
+        vinode = self._current.pop(key, None)
+        if vinode is not None:
+            vinode.current = False
+            self._maybe_drop(vinode)
 
     def _maybe_drop(self, vinode: _VersionInode) -> None:
         if not vinode.current and vinode.lookups <= 0 and vinode.opens <= 0:
@@ -413,6 +418,12 @@ class FilesystemCore:
         """
         folders: set[int] = set()  # a history folder is listed at the root and in ..data
         for parent_inode, name, node in self.tree.locations.get(spec, []):
+            # Retire the inodes the names showed, so the old bytes go once nothing holds them
+            # (not only at the next lookup, which may never come). Every history index moves.
+            for index in range(node.spec.version_history) if isinstance(node, HistoryNode) else (-1,):
+                shown = self._current.get((id(node), index))
+                if shown is not None and (index >= 0 or shown.version.version != version.version):
+                    self._retire((id(node), index))
             if isinstance(node, HistoryNode) and node.inode not in folders:
                 folders.add(node.inode)
                 # Only names the kernel was given can be in its cache (no negative entries).
