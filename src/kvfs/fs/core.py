@@ -422,7 +422,7 @@ class FilesystemCore:
             # (not only at the next lookup, which may never come). Every history index moves.
             for index in range(node.spec.version_history) if isinstance(node, HistoryNode) else (-1,):
                 shown = self._current.get((id(node), index))
-                if shown is not None and (index >= 0 or shown.version.version != version.version):
+                if shown is not None and (index >= 0 or shown.version_id != version.version):
                     self._retire((id(node), index))
             if isinstance(node, HistoryNode) and node.inode not in folders:
                 folders.add(node.inode)
