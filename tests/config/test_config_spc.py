@@ -192,6 +192,29 @@ def test_overlay_wins_and_keeps_equals_in_values() -> None:
     assert base["keyvaultName"] == "a"  # input untouched
 
 
+@pytest.mark.parametrize(
+    ("manifest", "pair", "meant"),
+    [
+        ({"keyvaultName": "a"}, "keyVaultName=b", "keyvaultName"),  # wrong case of the manifest's key
+        ({}, "clientId=x", "clientID"),  # wrong case of a parameter kvfs reads
+        ({}, "TENANTID=x", "tenantID or tenantId"),
+        ({"customKey": "a"}, "CustomKey=b", "customKey"),  # a key only the manifest knows
+    ],
+)
+def test_overlay_refuses_a_name_that_differs_only_in_case(manifest: dict[str, str], pair: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        overlay(manifest, [pair])
+    key = pair.split("=")[0]
+    assert info.value.field == "--param" and info.value.value == f"{key}=..."
+    assert f"did you mean {meant}?" in str(info.value)
+
+
+def test_overlay_takes_exact_names_and_new_unknown_ones() -> None:
+    manifest = {"tenantId": "t", "keyVaultName": "miscased-in-the-manifest"}
+    out = overlay(manifest, ["tenantID=u", "keyVaultName=v", "somethingNew=w"])
+    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "somethingNew": "w"}
+
+
 @pytest.mark.parametrize("pair", ["novalue", "=hidden-value", " =hidden-value", ""])
 def test_overlay_bad_pair(pair: str) -> None:
     with pytest.raises(ConfigError) as info:

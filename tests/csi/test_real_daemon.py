@@ -222,6 +222,7 @@ def fleet(world: World) -> Iterator[Fleet]:
             "--metrics-addr", f"127.0.0.1:{port}",
             "--health-interval", "0",
             "--log-level", "DEBUG",
+            "--log-format", "json",  # passed on to the mounter, its zygote and every daemon
             "--cloud-env-dir", str(world.emu.cloud_env_file.parent),
         ),
         kubelet_dir=str(world.base / "kubelet"),
@@ -544,7 +545,37 @@ def test_state_folder_and_logs_never_hold_a_token_or_a_secret(fleet: Fleet) -> N
     assert files >= len(fleet.pods) + 2  # state.json per volume, plugin.log, mounter.log
     mounter_log = Path(fleet.plugin.mounter_log).read_text()
     assert mounter_log.count("mount config: vault=") >= len(fleet.pods)  # every daemon logged there
-    assert " DEBUG kvfs." in mounter_log  # at DEBUG, through kvfs's one logging setup
+    assert '"level": "DEBUG", "logger": "kvfs.' in mounter_log  # at DEBUG, through kvfs's one logging setup
+
+
+def json_records(path: str) -> list[dict[str, Any]]:
+    """Every line of a log as JSON; a line that is not (a stray print, a raw traceback) fails."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"{path} line {number} is not JSON: {line!r}") from None
+        assert list(entries[-1])[:5] == ["time", "level", "logger", "message", "pid"], line
+    return entries
+
+
+def test_every_log_line_of_the_plugin_and_its_mounter_is_json_naming_volume_and_pod(fleet: Fleet) -> None:
+    """`--log-format json` reached the mounter, the zygote and every daemon; daemons' lines carry
+    their volume and pod, and a refused read names the object and the code."""
+    with pytest.raises(PermissionError):
+        read_secret(fleet.intruder)
+    plugin, mounter = json_records(fleet.plugin.log_path), json_records(fleet.plugin.mounter_log)
+    published = {e["volume"]: e["pod"] for e in plugin if e["message"].startswith(f"volume {e.get('volume')}: published")}
+    for pod in [*fleet.pods, fleet.intruder]:
+        assert published.get(pod.volume_id) == f"{pod.namespace}/{pod.name}"
+    pids = {e["pid"] for e in mounter}
+    assert len(pids) >= len(fleet.pods) + 2  # the mounter, its zygote, one daemon per volume
+    daemons = [e for e in mounter if e["message"].startswith("mount config:")]
+    assert {(e["volume"], e["pod"]) for e in daemons} >= {(p.volume_id, f"{p.namespace}/{p.name}") for p in fleet.pods}
+    refused = [e for e in mounter if e.get("object") == "secret/app-secret" and e["level"] == "WARNING"]
+    assert any(e["volume"] == fleet.intruder.volume_id and e["code"] for e in refused), refused
+    assert any(e["logger"] == "kvfs.vault.client" and e.get("status") == 403 for e in mounter)
 
 
 def test_killed_plugin_keeps_every_volume_serving_and_unpublish_works_after(fleet: Fleet) -> None:

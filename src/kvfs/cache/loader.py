@@ -99,7 +99,7 @@ class Loader:
             self._failed(spec, exc)
             raise
         if self._logged.pop(spec, None) is not None:
-            log.info("object=%s fetched again after failures", spec.object_id)
+            log.info("object=%s fetched again after failures", spec.object_id, extra={"object": spec.object_id})
         return result
 
     def _failed(self, spec: ObjectSpec, exc: KvfsError) -> None:
@@ -108,7 +108,8 @@ class Loader:
         if self._logged.get(spec) != code:
             self._logged[spec] = code
             # The message is safe by contract (KvfsError); it names the object and the code.
-            log.warning("object=%s code=%s: %s", spec.object_id, code, exc)
+            fields = {"object": spec.object_id, "code": code}
+            log.warning("object=%s code=%s: %s", spec.object_id, code, exc, extra=fields)
 
     async def _get(self, spec: ObjectSpec, version: str) -> dict[str, Any]:
         async with self._limiter:
@@ -120,7 +121,7 @@ class Loader:
         if not spec.pinned:
             self._on_loaded(Target(spec, history=False))
         if old is not None and old.version != new.version:
-            log.info("object=%s new version %s", spec.object_id, new.version)
+            log.info("object=%s new version %s", spec.object_id, new.version, extra={"object": spec.object_id})
             await self._notify(spec, new)
         return new
 

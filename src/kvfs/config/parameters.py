@@ -70,6 +70,16 @@ _TENANT_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Every parameter name kvfs reads, as written (names are case-sensitive, as upstream's are).
+KNOWN_PARAMETERS = frozenset(
+    {
+        "keyvaultName", "tenantID", "tenantId", "clientID", "cloudName", "cloudEnvFileName", "objects",
+        "usePodIdentity", "useVMManagedIdentity", "useAzureTokenProxy", "userAssignedIdentityID",
+        "writeCertAndKeyInSeparateFiles", "constructPEMChain", "refreshInterval", "maxStaleness",
+        "secretProviderClass", POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY, SERVICE_ACCOUNT_NAME_KEY,
+        SA_TOKENS_KEY, VOLUME_MOUNT_GROUP_KEY,
+    }
+)  # fmt: skip
 _TOKEN_REQUESTS_FIX = (
     "the CSIDriver object must request service account tokens: set spec.tokenRequests with"
     f" audience {WORKLOAD_IDENTITY_AUDIENCE} (and requiresRepublish: true)"
@@ -93,6 +103,7 @@ class _Params:
         self._params = params
 
     def get(self, key: str) -> str:
+        assert key in KNOWN_PARAMETERS, key  # --param checks names against that list
         value = self._params.get(key, "")
         if value is None:
             return ""

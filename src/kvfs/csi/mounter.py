@@ -42,14 +42,14 @@ class _Zygote:
     reader: jsonline.LineReader
 
     @classmethod
-    def start(cls, entry_name: str, log_level: str, timeout: float) -> _Zygote:
+    def start(cls, entry_name: str, log_level: str, log_format: str, timeout: float) -> _Zygote:
         """exec a fresh interpreter (-P: not even the working folder on sys.path); wait for its hello."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             theirs.set_inheritable(True)
             argv = [
                 sys.executable, "-P", "-m", "kvfs.csi.zygote", "--fd", str(theirs.fileno()),
-                "--daemon-entry", entry_name, "--log-level", log_level,
+                "--daemon-entry", entry_name, "--log-level", log_level, "--log-format", log_format,
             ]  # fmt: skip
             stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
             pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=stdin)
@@ -115,10 +115,11 @@ class Mounter:
     ZYGOTE_TIMEOUT = 120.0  # imports on a loaded node
     CONFIG_TIMEOUT = 10.0
 
-    def __init__(self, socket_path: str, entry_name: str, *, log_level: str = "INFO") -> None:
+    def __init__(self, socket_path: str, entry_name: str, *, log_level: str = "INFO", log_format: str = "text") -> None:
         self.socket_path = socket_path
         self.entry_name = entry_name
         self.log_level = log_level
+        self.log_format = log_format
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # ready_r fd -> pending
         self.clients: dict[int, _Client] = {}  # conn fd -> client still sending its request
@@ -130,7 +131,7 @@ class Mounter:
         syscalls.set_dumpable(False)
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         try:
-            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.ZYGOTE_TIMEOUT)
+            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.log_format, self.ZYGOTE_TIMEOUT)
         except ZygoteError as exc:
             log.error("%s", exc)
             return 2
@@ -278,7 +279,7 @@ class Mounter:
         finally:
             os.close(ready_w)
             config_theirs.close()
-        log.info("volume %s: daemon pid %d forked by the zygote", volume_id, pid)
+        log.info("volume %s: daemon pid %d forked by the zygote", volume_id, pid, extra={"volume": volume_id})
         _reply(conn, {"event": "forked", "pid": pid})
         try:  # only now, in the daemon's own process, does the volume's configuration arrive
             config_ours.settimeout(self.CONFIG_TIMEOUT)
@@ -295,7 +296,7 @@ class Mounter:
         """Through the zygote, starting a new one if the last one died; a zygote that fails is replaced."""
         assert len(fds) == FORK_FDS
         if self.zygote is None:
-            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.ZYGOTE_TIMEOUT)
+            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.log_format, self.ZYGOTE_TIMEOUT)
         try:
             return self.zygote.fork(command, fds)
         except ZygoteError:

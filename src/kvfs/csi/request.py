@@ -77,6 +77,11 @@ def split_inputs(volume_context: dict[str, str], secrets: dict[str, str]) -> Vol
     return VolumeInputs(attributes, rest, tokens)
 
 
+def pod_of(params: dict[str, str]) -> str:
+    """`namespace/name` of the pod a volume's parameters are for (logs name it; "" if unknown)."""
+    return "/".join(filter(None, (params.get(POD_NAMESPACE_KEY, ""), params.get(POD_NAME_KEY, ""))))
+
+
 def token_for_audience(tokens_json: str, audience: str = AUDIENCE) -> str:
     """The JWT kubelet minted for `audience`, or "" (malformed input is the daemon's to report)."""
     if not tokens_json:

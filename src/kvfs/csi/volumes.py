@@ -35,6 +35,7 @@ from kvfs.csi.request import (
     check_node_identity,
     check_spc_reference,
     daemon_params,
+    pod_of,
     split_inputs,
     token_for_audience,
 )
@@ -66,6 +67,7 @@ class NodeConfig:
     start_mounter: bool = True
     mounter_log: str = ""  # default: inherit the plugin's stderr
     log_level: str = "INFO"
+    log_format: str = "text"  # passed on to a mounter this plugin starts (and so to its zygote and daemons)
     max_volumes: int = 0
 
     def __post_init__(self) -> None:
@@ -321,7 +323,8 @@ class Volumes:
         state = replace(state, phase="ready")
         self.store.save(state)
         self.health.pop(target, None)
-        log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid)
+        fields = {"volume": volume_id, "pod": pod_of(params), "daemon_pid": state.pid}
+        log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid, extra=fields)
 
     def _allocate(self, volume_id: str, target: str) -> VolumeState:
         """The volume's state with the lowest uid of the range no living volume uses, saved at once.
@@ -406,7 +409,7 @@ class Volumes:
                 _umount_all(target, detach=True)
             _remove_dir(target)
             self.health.pop(target, None)
-            log.info("volume %s: unpublished from %s", volume_id, target)
+            log.info("volume %s: unpublished from %s", volume_id, target, extra={"volume": volume_id})
 
     def _teardown(self, state: VolumeState, mounted: bool) -> None:
         """Unmount (detached when the daemon is dead), stop the daemon, forget the state."""
@@ -564,6 +567,8 @@ def start_mounter_detached(config: NodeConfig) -> None:
         config.daemon_entry,
         "--log-level",
         config.log_level,
+        "--log-format",
+        config.log_format,
     ]
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(os.path.abspath(kvfs.__file__)))

@@ -33,8 +33,8 @@ import setproctitle
 
 from kvfs.csi import jsonline, syscalls
 from kvfs.csi.daemon import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
-from kvfs.csi.request import TOKENS_KEY, token_for_audience
-from kvfs.logsafe import LOG_LEVELS, redact, register_secret, setup_logging
+from kvfs.csi.request import TOKENS_KEY, pod_of, token_for_audience
+from kvfs.logsafe import LOG_FORMATS, LOG_LEVELS, redact, register_secret, set_log_context, setup_logging
 
 log = logging.getLogger("kvfs.csi.zygote")  # not __main__: it runs as `python -m`
 
@@ -119,7 +119,9 @@ def _child(  # pragma: no cover - runs in the forked child
             signal.signal(sig, signal.SIG_DFL)
         _close_all_but({0, 1, 2, fuse_fd, control_fd, ready_fd, config_fd})
         setproctitle.setproctitle(f"kvfs daemon volume={volume_id}")
+        set_log_context(volume=volume_id)  # these two go on every JSON line this daemon logs
         spec = _read_spec(volume_id, fuse_fd, control_fd, ready_fd, config_fd)
+        set_log_context(pod=pod_of(spec.params))
         apply_environment(spec.env)
         if entry.prepare is not None:
             entry.prepare(spec)  # read root-only files (CA bundle, cloud env file) before the drop
@@ -183,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the socket inherited from the mounter")
     parser.add_argument("--daemon-entry", required=True)
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default="INFO")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")  # forks inherit both
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, pid=True)
+    setup_logging(args.log_level, pid=True, fmt=args.log_format)
     syscalls.set_dumpable(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the mounter decides when we stop (it closes our socket)
     setproctitle.setproctitle("kvfs zygote")
