@@ -1,5 +1,5 @@
 """Issue 6 end to end: kubelet calls over the unix socket, the REAL per-volume daemon
-(kvfs.csi.daemon:run_volume → kvfs.fs.mount.run_mount) and the emulator over HTTPS.
+(kvfs.daemon.entry:run_volume → kvfs.daemon.volume.serve_volume) and the emulator over HTTPS.
 
 One plugin process serves a fleet of 20 pod volumes for the whole module (each pod with its own
 namespace, service account, FIC'd app or managed identity, vault and secret value; half name a
@@ -44,7 +44,7 @@ from kvfs.emulator.server import Emulator, EmulatorThread
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")]
 
-REAL_DAEMON = "kvfs.csi.daemon:run_volume"
+REAL_DAEMON = "kvfs.daemon.entry:run_volume"
 PODS = 20
 NOBODY = 65534
 JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
@@ -426,7 +426,7 @@ def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(f
         # nor the plugin's side: b's control socket (token, stop) or the mounter's socket
         for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(kubelet.state_dir, "mounter.sock")):
             assert as_user(a.uid, lambda path=path: connect(path)) == errno.EACCES
-        assert kubelet.control(pods[1].target, {"op": "status"})["ok"] is True  # root's plugin can
+        assert kubelet.control(pods[1].target).status()["ok"] is True  # root's plugin can
         assert process_alive(a.pid, a.pid_start) and process_alive(b.pid, b.pid_start)
         assert Path(pods[1].target, "app-secret").read_text() == pods[1].value
     finally:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR
-from kvfs.csi.daemon import DEFAULT_ENTRY
+from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.logsafe import LOG_LEVELS, setup_logging
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--daemon-entry",
         default=DEFAULT_ENTRY,
-        help="MODULE:FUNCTION serving one volume (default %(default)s; kvfs.csi.standin:run for smoke tests)",
+        help="MODULE:FUNCTION serving one volume (default %(default)s; kvfs.daemon.standin:run for smoke tests)",
     )
 
 
