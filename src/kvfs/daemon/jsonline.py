@@ -33,9 +33,11 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode(line: bytes, what: str = "answer") -> dict[str, Any]:
     """One line (without its newline) as a JSON object; ProtocolError for anything else."""
     try:
-        message = json.loads(line)
-    except (ValueError, RecursionError):
-        raise ProtocolError(f"{what} is not JSON") from None
+        # decoded here: json.loads would guess UTF-16/32 from the bytes and import that codec, which
+        # an unprivileged daemon may be unable to read from disk
+        message = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not UTF-8 JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"{what} is not a JSON object")
     return message
@@ -159,7 +161,8 @@ def listen(path: str, backlog: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o077)
     try:
-        sock.bind(path)
+        sock.bind(path)  # the umask keeps others out from the start
+        os.chmod(path, 0o600)
         sock.listen(backlog)
     except OSError:
         sock.close()
