@@ -51,3 +51,26 @@ def test_tokens_are_masked_without_registration(log_text: io.StringIO) -> None:
 def test_pid_in_every_line_when_asked(log_text: io.StringIO) -> None:
     logging.getLogger("kvfs.test").info("hello")
     assert f" {os.getpid()} INFO kvfs.test: hello" in log_text.getvalue()
+
+
+def test_no_module_sets_up_logging_but_logsafe_and_every_process_entry_calls_it() -> None:
+    """One logging setup (issue 13): `kvfs` (mount, emulator), `kvfs csi node|mounter`, the zygote
+    (whose forks are the daemons) all call setup_logging; nothing calls basicConfig or adds handlers."""
+    import ast
+    from pathlib import Path
+
+    src = Path(logsafe.__file__).parent
+    starters = []
+    for path in sorted(src.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = {
+            node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+        }
+        if path.name != "logsafe.py":
+            assert not calls & {"basicConfig", "addHandler", "StreamHandler", "FileHandler"}, path
+        if "__main__" in path.read_text() or path.relative_to(src).as_posix() in ("cli.py", "emulator/cli.py"):
+            starters.append(path.relative_to(src).as_posix())
+            assert "setup_logging" in calls, f"{path} starts a process without kvfs.logsafe.setup_logging"
+    assert {"cli.py", "csi/cli.py", "csi/zygote.py", "emulator/cli.py"} <= set(starters)
