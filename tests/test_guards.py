@@ -67,7 +67,7 @@ def test_planted_problems_fail_and_skipped_mounts_are_announced(
 
 
 MOUNT_OUTPUT = """\
-2026-01-02 03:04:05,678 INFO kvfs.fs.mount: mount config: vault=https://demo.vault.localhost/
+2026-01-02 03:04:05,678 INFO kvfs.daemon.volume: mount config: vault=https://demo.vault.localhost/
 2026-01-02 03:04:06,001 ERROR kvfs.fs.adapter: internal error in lookup; answering EIO
 Traceback (most recent call last):
   File "core.py", line 1, in lookup

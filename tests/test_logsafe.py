@@ -100,7 +100,7 @@ def test_json_lines_carry_the_schema_and_structured_fields(json_lines: Callable[
     log.warning("object=%s code=%s:\nsecond line", "secret/db", "SecretNotFound",
                 extra={"object": "secret/db", "code": "SecretNotFound", "status": 404})
     logsafe.set_log_context(volume="csi-0123", pod="team-a/web-0")
-    logging.getLogger("kvfs.fs.mount").info("mounted", extra={"volume": "given-wins"})
+    logging.getLogger("kvfs.daemon.volume").info("mounted", extra={"volume": "given-wins"})
     first, second = json_lines()
     assert list(first)[:5] == ["time", "level", "logger", "message", "pid"]
     assert RFC3339_MS_UTC.match(first["time"]), first["time"]
@@ -155,3 +155,26 @@ def test_setup_logging_takes_the_format(fmt: str) -> None:
         root.setLevel(level)
     line = stream.getvalue().strip()
     assert (json.loads(line)["message"] == "hello") if fmt == "json" else line.endswith("INFO kvfs.test: hello")
+
+
+def test_no_module_sets_up_logging_but_logsafe_and_every_process_entry_calls_it() -> None:
+    """One logging setup (issue 13): `kvfs` (mount, emulator), `kvfs csi node|mounter`, the zygote
+    (whose forks are the daemons) all call setup_logging; nothing calls basicConfig or adds handlers."""
+    import ast
+    from pathlib import Path
+
+    src = Path(logsafe.__file__).parent
+    starters = []
+    for path in sorted(src.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = {
+            node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+        }
+        if path.name != "logsafe.py":
+            assert not calls & {"basicConfig", "addHandler", "StreamHandler", "FileHandler"}, path
+        if "__main__" in path.read_text() or path.relative_to(src).as_posix() in ("cli.py", "emulator/cli.py"):
+            starters.append(path.relative_to(src).as_posix())
+            assert "setup_logging" in calls, f"{path} starts a process without kvfs.logsafe.setup_logging"
+    assert {"cli.py", "csi/cli.py", "csi/zygote.py", "emulator/cli.py"} <= set(starters)

@@ -164,7 +164,7 @@ def _check_mountpoint(given: str) -> str:
 def _run_mount(args: argparse.Namespace) -> int:
     config = _mount_config(args)
     mountpoint = _check_mountpoint(args.mountpoint)
-    from kvfs.fs.mount import run_mount
+    from kvfs.daemon.volume import run_mount
 
     return run_mount(config, mountpoint, allow_other=args.allow_other)
 

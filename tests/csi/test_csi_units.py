@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakekube import FakeKube
+from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE, token_for_audience
 from kvfs.csi import request
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError
 from kvfs.csi.mountinfo import Health, find_mount, is_kvfs_mount, parse_mountinfo, probe_mount
@@ -88,17 +89,17 @@ def test_process_identity() -> None:
 
 
 def test_tokens_read_from_secrets_first() -> None:
-    tok = lambda t: json.dumps({request.AUDIENCE: {"token": t}})  # noqa: E731
+    tok = lambda t: json.dumps({WORKLOAD_IDENTITY_AUDIENCE: {"token": t}})  # noqa: E731
     inputs = request.split_inputs(
         {request.TOKENS_KEY: tok("from-context"), "keyvaultName": "kv"}, {request.TOKENS_KEY: tok("from-secrets"), "clientid": "c"}
     )
-    assert request.token_for_audience(inputs.tokens_json) == "from-secrets"
+    assert token_for_audience(inputs.tokens_json) == "from-secrets"
     assert request.TOKENS_KEY not in inputs.secrets and request.TOKENS_KEY not in inputs.attributes
     assert "from-" not in repr(inputs) and "'c'" not in repr(inputs)
     inputs = request.split_inputs({request.TOKENS_KEY: tok("from-context")}, {})
-    assert request.token_for_audience(inputs.tokens_json) == "from-context"
-    assert request.token_for_audience("not json") == ""
-    assert request.token_for_audience(json.dumps({"other": {"token": "x"}})) == ""
+    assert token_for_audience(inputs.tokens_json) == "from-context"
+    assert token_for_audience("not json") == ""
+    assert token_for_audience(json.dumps({"other": {"token": "x"}})) == ""
 
 
 POD_INFO = {
@@ -230,17 +231,9 @@ def test_daemon_uid_range_flag() -> None:
             uid_range(bad)
 
 
-def test_an_entry_brings_its_own_root_step() -> None:
-    from kvfs.csi import daemon
-
-    default = daemon.load_entry(daemon.DEFAULT_ENTRY)
-    assert (default.run, default.prepare) == (daemon.run_volume, daemon.prepare)
-    assert daemon.load_entry("kvfs.csi.standin:run").prepare is None  # no other entry's prepare runs
-
-
 def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon re-parses its parameters: a file outside the folder it was sent is refused there too."""
-    from kvfs.csi import daemon
+    from kvfs.daemon import entry
     from kvfs.net import http as transport
 
     monkeypatch.setattr(transport, "_preloaded_context", None)  # prepare() sets it process-wide
@@ -256,12 +249,12 @@ def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, 
         "cloudName": "AzureStackCloud",
         "cloudEnvFileName": str(env),
         "objects": "array:\n  - |\n    objectName: s\n    objectType: secret\n",
-        request.TOKENS_KEY: json.dumps({request.AUDIENCE: {"token": "x.y.z"}}),
+        request.TOKENS_KEY: json.dumps({WORKLOAD_IDENTITY_AUDIENCE: {"token": "x.y.z"}}),
     }
     ready_r, ready_w = os.pipe()
-    spec = daemon.DaemonSpec("vol-1", params, {}, False, -1, -1, ready_w, cloud_env_dir=str(tmp_path / "admin"))
-    daemon.prepare(spec)
-    assert daemon.run_volume(spec) == 2
+    spec = entry.DaemonSpec("vol-1", params, {}, False, -1, -1, ready_w, cloud_env_dir=str(tmp_path / "admin"))
+    entry.prepare(spec)
+    assert entry.run_volume(spec) == 2
     assert os.read(ready_r, 4096).startswith(b"error cloudName AzureStackCloud is not valid, error: cloudEnvFileName")
     os.close(ready_r)
     os.close(ready_w)

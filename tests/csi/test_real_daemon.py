@@ -1,5 +1,5 @@
 """Issue 6 end to end: kubelet calls over the unix socket, the REAL per-volume daemon
-(kvfs.csi.daemon:run_volume → kvfs.fs.mount.run_mount) and the emulator over HTTPS.
+(kvfs.daemon.entry:run_volume → kvfs.daemon.volume.serve_volume) and the emulator over HTTPS.
 
 One plugin process serves a fleet of 20 pod volumes for the whole module (each pod with its own
 namespace, service account, FIC'd app or managed identity, vault and secret value; half name a
@@ -34,6 +34,7 @@ import jwt
 import pytest
 import yaml
 
+from control_fuzz import answers_status, attack
 from csi_harness import AUDIENCE, FUSE_OK, TOKENS_KEY, Kubelet, PluginProcess, wait_for
 from fakekube import FakeKube
 from kvfs.csi.mountinfo import is_kvfs_mount, read_mountinfo
@@ -44,7 +45,7 @@ from kvfs.emulator.server import Emulator, EmulatorThread
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")]
 
-REAL_DAEMON = "kvfs.csi.daemon:run_volume"
+REAL_DAEMON = "kvfs.daemon.entry:run_volume"
 PODS = 20
 NOBODY = 65534
 JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
@@ -427,7 +428,7 @@ def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(f
         # nor the plugin's side: b's control socket (token, stop) or the mounter's socket
         for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(kubelet.state_dir, "mounter.sock")):
             assert as_user(a.uid, lambda path=path: connect(path)) == errno.EACCES
-        assert kubelet.control(pods[1].target, {"op": "status"})["ok"] is True  # root's plugin can
+        assert kubelet.control(pods[1].target).status()["ok"] is True  # root's plugin can
         assert process_alive(a.pid, a.pid_start) and process_alive(b.pid, b.pid_start)
         assert Path(pods[1].target, "app-secret").read_text() == pods[1].value
     finally:
@@ -473,6 +474,33 @@ def test_republish_pushes_the_new_token_without_a_key_vault_call(
     assert [s for s in seen if s[0] == pod.client_id] == [(pod.client_id, pod.subject(), fresh_jti)]
     kubelet.unpublish(pod.volume_id, pod.target)
     assert_gone(kubelet, pod, daemon)
+
+
+def test_no_control_client_can_stop_a_volume(fleet: Fleet) -> None:
+    """Issue 10: garbage, half requests, early hang-ups and slow readers at a real daemon's control
+    socket leave it serving, answering status from its live state, and taking the next token."""
+    world, kubelet = fleet.world, fleet.kubelet
+    pod = fleet.pods[2]
+    daemon = fleet.daemon(pod)
+    assert read_secret(pod) == pod.value
+    path = str(StateStore(kubelet.state_dir).control_socket(pod.target))
+    attack(path)
+    assert process_alive(daemon.pid, daemon.pid_start) and is_kvfs_mount(pod.target)
+    assert read_secret(pod) == pod.value
+    status = answers_status(path)
+    assert (status["pid"], status["volume_id"], status["mountpoint"]) == (daemon.pid, pod.volume_id, None)
+    assert status["pod"] == {"namespace": pod.namespace, "name": pod.name}
+    assert status["identity"]["client_id"] == pod.client_id and status["identity"]["token_expires_at"]
+    [app] = status["objects"]
+    assert (app["file"], app["object"], app["error"]) == ("app-secret", "secret/app-secret", None)
+    assert app["version"] and app["refreshed_at"]
+    assert [e["kind"] for e in kubelet.control(pod.target).events()["events"]] == ["served"]
+    fresh = world.emu.identity.mint_sa_token(pod.namespace, pod.service_account, pod=pod.name)
+    publish(kubelet, world, pod, token=fresh)  # kubelet's next republish still reaches it
+    assert fleet.daemon(pod) == daemon and read_secret(pod) == pod.value
+    complaints = [line for line in fleet.plugin.log().splitlines() if pod.volume_id in line and " ERROR " in line]
+    assert complaints == []  # the plugin never found the volume broken
+    assert "internal error" not in Path(fleet.plugin.mounter_log).read_text()  # every bad request was expected
 
 
 def test_publish_and_unpublish_are_idempotent_and_leave_nothing(fleet: Fleet) -> None:

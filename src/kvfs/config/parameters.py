@@ -541,6 +541,18 @@ def _workload_identity_token(p: _Params, secrets: Mapping[str, str] | None) -> s
     return token.strip()
 
 
+def token_for_audience(tokens_json: str, audience: str = WORKLOAD_IDENTITY_AUDIENCE) -> str:
+    """The JWT kubelet minted for `audience`, or "" (malformed input is parse_parameters' to report)."""
+    if not tokens_json:
+        return ""
+    try:
+        entry = json.loads(tokens_json).get(audience)
+    except (ValueError, AttributeError):
+        return ""
+    token = entry.get("token") if isinstance(entry, dict) else None
+    return token if isinstance(token, str) else ""
+
+
 def _safe_audience(audience: str) -> str:
     """Audience names are not secret, but never let a misplaced JWT through."""
     if audience.startswith("eyJ") or len(audience) > 100:
@@ -558,5 +570,6 @@ __all__ = [
     "parse_bool",
     "parse_duration",
     "parse_parameters",
+    "token_for_audience",
     "validate_vault_name",
 ]

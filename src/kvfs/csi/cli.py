@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR
-from kvfs.csi.daemon import DEFAULT_ENTRY
+from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--daemon-entry",
         default=DEFAULT_ENTRY,
         metavar="MODULE:FUNCTION",
-        help="what serves one volume (default %(default)s; kvfs.csi.standin:run for smoke tests)",
+        help="what serves one volume (default %(default)s; kvfs.daemon.standin:run for smoke tests)",
     )
 
 

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvfs.csi import jsonline, syscalls
-from kvfs.csi.daemon import daemon_environment
+from kvfs.csi import syscalls
+from kvfs.daemon import jsonline
+from kvfs.daemon.entry import daemon_environment
 from kvfs.csi.zygote import FORK_FDS, reaped
 
 log = logging.getLogger(__name__)
@@ -158,25 +159,10 @@ class Mounter:
 
     def _listen(self) -> socket.socket:
         os.makedirs(os.path.dirname(self.socket_path) or ".", mode=0o700, exist_ok=True)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(self.socket_path)
-            raise SystemExit(f"another mounter already listens on {self.socket_path}")
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
-        finally:
-            probe.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old)
-        sock.listen(64)
+            sock = jsonline.listen(self.socket_path, backlog=64)
+        except jsonline.AddressInUse:
+            raise SystemExit(f"another mounter already listens on {self.socket_path}") from None
         sock.setblocking(False)
         return sock
 

@@ -23,9 +23,8 @@ from typing import Callable
 
 from prometheus_client import Gauge
 
-from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters
-from kvfs.csi import jsonline, syscalls
-from kvfs.csi.daemon import DEFAULT_ENTRY
+from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
+from kvfs.csi import syscalls
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
@@ -37,9 +36,11 @@ from kvfs.csi.request import (
     daemon_params,
     pod_of,
     split_inputs,
-    token_for_audience,
 )
 from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+from kvfs.daemon import jsonline
+from kvfs.daemon.control import ControlClient
+from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -370,11 +371,8 @@ class Volumes:
         if not token:
             log.debug("volume %s: republish without a service account token", state.volume_id)
             return
-        path = str(self.store.control_socket(state.target_path))
         try:
-            reply = jsonline.request(path, {"op": "token", "token": token}, timeout=2.0)
-            if not reply.get("ok"):
-                raise jsonline.ProtocolError(str(reply.get("error", "refused")))
+            self._control(state, timeout=2.0).push_token(token)
         except jsonline.ProtocolError as exc:
             log.error(
                 "volume %s at %s: could not pass the fresh service account token to its daemon (%s); "
@@ -384,6 +382,10 @@ class Volumes:
                 exc,
             )
             self._report(state, Probe(Health.DEAD, f"control socket: {exc}"))
+
+    def _control(self, state: VolumeState, *, timeout: float) -> ControlClient:
+        """The client of the volume's daemon (kvfs.daemon.control), on the socket in the state folder."""
+        return ControlClient(str(self.store.control_socket(state.target_path)), timeout=timeout)
 
     # ---- unpublish ----
 
@@ -422,7 +424,7 @@ class Volumes:
 
     def _stop_daemon(self, state: VolumeState) -> None:
         try:
-            jsonline.request(str(self.store.control_socket(state.target_path)), {"op": "stop"}, timeout=1.0)
+            self._control(state, timeout=1.0).stop()
         except (jsonline.ProtocolError, ValueError):
             pass  # unmounting usually ends it already
         for sig, wait in ((None, 2.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):

@@ -31,9 +31,11 @@ from typing import Any
 
 import setproctitle
 
-from kvfs.csi import jsonline, syscalls
-from kvfs.csi.daemon import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
-from kvfs.csi.request import TOKENS_KEY, pod_of, token_for_audience
+from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
+from kvfs.csi import syscalls
+from kvfs.csi.request import pod_of
+from kvfs.daemon import jsonline
+from kvfs.daemon.entry import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
 from kvfs.logsafe import LOG_FORMATS, LOG_LEVELS, redact, register_secret, set_log_context, setup_logging
 
 log = logging.getLogger("kvfs.csi.zygote")  # not __main__: it runs as `python -m`
@@ -145,7 +147,7 @@ def _read_spec(volume_id: str, fuse_fd: int, control_fd: int, ready_fd: int, con
     for key, value in secrets.items():
         if key.lower() != "clientid":  # an id, shown in error messages; the rest may be secret
             register_secret(value)
-    register_secret(token_for_audience(params.get(TOKENS_KEY, "")))
+    register_secret(token_for_audience(params.get(SA_TOKENS_KEY, "")))
     return DaemonSpec(
         volume_id=volume_id,
         params=params,

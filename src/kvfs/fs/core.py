@@ -33,14 +33,14 @@ import re
 import stat
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from kvfs.cache.base import ObjectCache, Version
 from kvfs.config.model import MountConfig, ObjectSpec
 from kvfs.errors import KvfsError, error_code
-from kvfs.fs.tree import DirNode, FileNode, HistoryNode, Node, Tree, build_tree
+from kvfs.fs.tree import ROOT_INODE, DirNode, FileNode, HistoryNode, Node, Tree, build_tree
 
 T = TypeVar("T")
 
@@ -128,11 +128,14 @@ class FilesystemCore:
         invalidate_entry: Callable[[int, str], None] | None = None,
         uid: int | None = None,
         gid: int | None = None,
+        root_xattrs: Mapping[str, str] | None = None,
     ) -> None:
+        """`root_xattrs`: `user.kvfs.<name>` attributes of the mount's root (the daemon's control socket)."""
         self.config = config
         self.cache = cache
         self.tree: Tree = build_tree(config)
         self._invalidate_entry = invalidate_entry or (lambda parent, name: None)
+        self._root_xattrs = dict(root_xattrs or {})
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._next_inode = max(self.tree.dirs) + 1
@@ -394,6 +397,8 @@ class FilesystemCore:
     # ----- extended attributes ------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[str, str]:
+        if inode == ROOT_INODE:
+            return self._root_xattrs
         vinode = self._inodes.get(inode)
         return vinode.xattrs if vinode is not None else {}
 
