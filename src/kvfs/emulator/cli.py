@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .seed import SeedError, load_seed
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, fmt=getattr(args, "log_format", "text"))
     if args.dir.exists() and not args.dir.is_dir():
         print(f"kvfs emulator: --dir {args.dir}: is not a directory (name a folder for emulator.json)",
               file=sys.stderr)
