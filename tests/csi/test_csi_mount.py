@@ -61,6 +61,7 @@ def test_publish_serves_files_at_once_and_unpublish_removes_everything(csi_plugi
     assert is_kvfs_mount(target)
     state = csi_plugin.state(target)
     assert state.phase == "ready" and state.pid > 0
+    assert (state.pod, state.pod_uid) == ("default/demo", "7c1d2f7e-0000-4000-8000-000000000001")  # whose volume
     pid = state.pid
     assert "vol-a" in _cmdline(pid)
     assert _uid(pid) == state.uid == DEFAULT_DAEMON_UID_RANGE[0]  # the lowest free uid of the range

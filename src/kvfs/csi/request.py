@@ -75,6 +75,16 @@ def split_inputs(volume_context: dict[str, str], secrets: dict[str, str]) -> Vol
     return VolumeInputs(attributes, rest, tokens)
 
 
+def pod_fields(params: dict[str, str], spc: str) -> dict[str, str]:
+    """The pod info a volume's state keeps (kvfs.csi.state.VolumeState's pod_* fields)."""
+    return {
+        "pod_namespace": params.get(POD_NAMESPACE_KEY, ""),
+        "pod_name": params.get(POD_NAME_KEY, ""),
+        "pod_uid": params.get(POD_UID_KEY, ""),
+        "secret_provider_class": spc,
+    }
+
+
 def pod_of(params: dict[str, str]) -> str:
     """`namespace/name` of the pod a volume's parameters are for (logs name it; "" if unknown)."""
     return "/".join(filter(None, (params.get(POD_NAMESPACE_KEY, ""), params.get(POD_NAME_KEY, ""))))

@@ -34,10 +34,13 @@ from kvfs.csi.request import (
     check_node_identity,
     check_spc_reference,
     daemon_params,
+    pod_fields,
     pod_of,
     split_inputs,
 )
 from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+from kvfs.csi.watch import DEFAULT_INTERVAL as DEFAULT_WATCH_INTERVAL
+from kvfs.csi.watch import VolumeWatcher
 from kvfs.daemon import jsonline
 from kvfs.daemon.control import ControlClient
 from kvfs.daemon.entry import DEFAULT_ENTRY
@@ -70,6 +73,7 @@ class NodeConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # passed on to a mounter this plugin starts (and so to its zygote and daemons)
     max_volumes: int = 0
+    watch_interval: float = DEFAULT_WATCH_INTERVAL  # seconds between polls of the daemons' events
 
     def __post_init__(self) -> None:
         if not self.mounter_socket:
@@ -107,6 +111,8 @@ class Volumes:
         self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
+        # features that act on what daemons report (pod events, status objects) subscribe here
+        self.watcher = VolumeWatcher(self.store)
 
     # ---- plumbing ----
 
@@ -180,7 +186,7 @@ class Volumes:
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
             check_node_identity(params, self.config.allow_node_identity)
             self._validate(params, inputs.secrets)
-            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets)
+            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
 
     def _target(self, path: str) -> str:
         """The normalised target, if it lies in kubelet's pod folders, also after resolving symlinks.
@@ -277,12 +283,14 @@ class Volumes:
                 "FAILED_PRECONDITION", f'SecretProviderClass "{name}" in namespace "{namespace}" is unusable: {exc}'
             ) from None
 
-    def _mount_and_spawn(self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str]) -> None:
+    def _mount_and_spawn(
+        self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str], *, spc: str
+    ) -> None:
         cfg = self.config
         self.ensure_mounter()
         if os.path.islink(target):  # mount(2) would follow it out of kubelet's folder
             raise RequestError("INVALID_ARGUMENT", f"target_path {target} is a symbolic link")
-        state = self._allocate(volume_id, target)
+        state = self._allocate(volume_id, target, pod_fields(params, spc))
         control = fuse_fd = -1
         try:
             os.makedirs(target, mode=0o750, exist_ok=True)
@@ -327,7 +335,7 @@ class Volumes:
         fields = {"volume": volume_id, "pod": pod_of(params), "daemon_pid": state.pid}
         log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid, extra=fields)
 
-    def _allocate(self, volume_id: str, target: str) -> VolumeState:
+    def _allocate(self, volume_id: str, target: str, pod: dict[str, str]) -> VolumeState:
         """The volume's state with the lowest uid of the range no living volume uses, saved at once.
 
         The uid doubles as the daemon's gid. It stays taken while the state file exists, across
@@ -344,7 +352,7 @@ class Volumes:
                     " the range with `kvfs csi node --daemon-uid-range START-END` or lower max_volumes_per_node"
                     " (--max-volumes)",
                 )
-            state = new_state(volume_id, target, uid, uid)
+            state = new_state(volume_id, target, uid, uid, **pod)
             self.store.save(state)
         return state
 
