@@ -295,18 +295,21 @@ class FakeKube:
                 except ApiError as exc:
                     code, answer = exc.code, exc.body
                 data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (OSError, ssl.SSLError):  # the client gave up (a timeout test): nobody to answer
+                    self.close_connection = True
 
             do_POST = do_PUT = do_PATCH = do_DELETE = do_GET  # noqa: N815
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def _identity(self, handler: BaseHTTPRequestHandler) -> str:
@@ -527,7 +530,9 @@ class FakeKube:
     def collect_garbage(self) -> list[tuple[str, str, str]]:
         """What Kubernetes' garbage collector controller does, at once: delete every object whose
         owners are all gone (repeatedly, for chains), and drop the references to gone owners from
-        objects that still have a live one. Returns the keys deleted."""
+        objects that still have a live one. Owners of kinds the fake does not hold (ReplicaSets, ...)
+        count as alive. Returns the keys deleted."""
+        held = {kind for _, kind in RESOURCES.values()}
         deleted = []
         with self.lock:
             changed = True
@@ -536,7 +541,7 @@ class FakeKube:
                 live = {obj["metadata"].get("uid") for obj in self.objects.values()}
                 for key, obj in list(self.objects.items()):
                     refs = obj["metadata"].get("ownerReferences") or []
-                    solid = [ref for ref in refs if ref.get("uid") in live]
+                    solid = [ref for ref in refs if ref.get("kind") not in held or ref.get("uid") in live]
                     if not refs or len(solid) == len(refs):
                         continue
                     if solid:

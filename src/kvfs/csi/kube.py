@@ -76,10 +76,11 @@ class Resource:
     plural: str
     kind: str
 
-    def path(self, namespace: str, name: str = "") -> str:
+    def path(self, namespace: str, name: str | None = None) -> str:
+        """The collection's path, or with `name` one object's."""
         root = "/api/v1" if self.group_version == "v1" else f"/apis/{self.group_version}"
         collection = f"{root}/namespaces/{_segment(namespace, 'namespace')}/{self.plural}"
-        return f"{collection}/{_segment(name, self.kind + ' name')}" if name else collection
+        return collection if name is None else f"{collection}/{_segment(name, self.kind + ' name')}"
 
 
 PODS = Resource("v1", "pods", "Pod")
