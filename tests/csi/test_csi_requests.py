@@ -152,13 +152,6 @@ def test_tokens_and_secrets_never_reach_logs_or_state(
 # ---- SecretProviderClass lookups through the (fake) Kubernetes API ----
 
 
-@pytest.fixture
-def fake_kube(tmp_path: Path) -> Any:
-    kube = FakeKube(tmp_path / "kube")
-    yield kube
-    kube.close()
-
-
 def _spc_plugin(csi_plugin: Kubelet, fake_kube: FakeKube, tmp_path: Path, **kw: Any) -> Kubelet:
     path = fake_kube.kubeconfig(tmp_path / "kubeconfig", **kw)
     return csi_plugin.make(kube_factory=lambda: KubeClient.from_kubeconfig(str(path)))  # type: ignore[attr-defined]

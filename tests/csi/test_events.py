@@ -27,10 +27,8 @@ class Clock:
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeKube]:
-    kube = FakeKube(tmp_path / "kube")
-    yield kube
-    kube.close()
+def fake(fake_kube: FakeKube) -> FakeKube:
+    return fake_kube
 
 
 @pytest.fixture
@@ -104,7 +102,7 @@ def test_a_failing_api_never_raises_and_is_logged_once_per_reason(
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
 
 
-def test_no_api_configuration_only_logs(fake: FakeKube, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_api_configuration_only_logs(caplog: pytest.LogCaptureFixture) -> None:
     def no_kube() -> KubeClient:
         raise KubeConfigError("no Kubernetes API configuration")
 

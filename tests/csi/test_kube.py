@@ -32,10 +32,8 @@ NODE = "node-a"
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeKube]:
-    kube = FakeKube(tmp_path / "kube")
-    yield kube
-    kube.close()
+def fake(fake_kube: FakeKube) -> FakeKube:
+    return fake_kube
 
 
 @pytest.fixture
