@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -66,7 +66,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert(
@@ -207,34 +209,55 @@ def _invalid_fields(plural: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
     name = str(meta.get("name", ""))
     problems = []
     if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
-        problems.append(("metadata.name", f'Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist of lower '
-                         "case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"))  # fmt: skip
+        problems.append(
+            (
+                "metadata.name",
+                f'Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist of lower '
+                "case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+            )
+        )
     for key, value in (meta.get("labels") or {}).items():
         if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
-            problems.append((f"metadata.labels[{key}]", f'Invalid value: "{value}": a valid label must be an empty string '
-                             "or at most 63 alphanumeric characters, '-', '_' or '.', starting and ending with one"))  # fmt: skip
+            problems.append(
+                (
+                    f"metadata.labels[{key}]",
+                    f'Invalid value: "{value}": a valid label must be an empty string '
+                    "or at most 63 alphanumeric characters, '-', '_' or '.', starting and ending with one",
+                )
+            )
     owners = meta.get("ownerReferences") or []
     for i, ref in enumerate(owners):
         for key in ("apiVersion", "kind", "name", "uid"):
             if not (isinstance(ref, dict) and ref.get(key)):
                 problems.append((f"metadata.ownerReferences[{i}].{key}", f'Invalid value: "": {key} must not be empty'))
     if sum(1 for ref in owners if isinstance(ref, dict) and ref.get("controller")) > 1:
-        problems.append(("metadata.ownerReferences", "Invalid value: only one reference can have Controller set to true"))
+        problems.append(
+            ("metadata.ownerReferences", "Invalid value: only one reference can have Controller set to true")
+        )
     if plural == "secrets":
         data = obj.get("data") or {}
         for key in data:
             if len(key) > 253 or not _CONFIG_KEY.match(key):
-                problems.append((f"data[{key}]", f'Invalid value: "{key}": a valid config key must consist of alphanumeric '
-                                 "characters, '-', '_' or '.'"))  # fmt: skip
+                problems.append(
+                    (
+                        f"data[{key}]",
+                        f'Invalid value: "{key}": a valid config key must consist of alphanumeric '
+                        "characters, '-', '_' or '.'",
+                    )
+                )
         if sum(len(base64.b64decode(value)) for value in data.values()) > 1024 * 1024:
             problems.append(("data", "Too long: must have at most 1048576 bytes"))
     if plural == "events":
         involved = obj.get("involvedObject") or {}
         if involved.get("namespace") != meta.get("namespace"):
-            problems.append(("involvedObject.namespace", f'Invalid value: "{involved.get("namespace")}": does not match '
-                             "event.namespace"))  # fmt: skip
+            problems.append(
+                (
+                    "involvedObject.namespace",
+                    f'Invalid value: "{involved.get("namespace")}": does not match event.namespace',
+                )
+            )
         if obj.get("eventTime") and len(str(obj.get("message", "")).encode()) > 1024:
-            problems.append(("message", "Invalid value: \"\": can have at most 1024 characters"))
+            problems.append(("message", 'Invalid value: "": can have at most 1024 characters'))
     return problems
 
 
@@ -336,8 +359,13 @@ class FakeKube:
             raise ApiError(401, "Unauthorized", "Unauthorized")
         if route is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        verb = {"GET": "get" if route.name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
-                "DELETE": "delete"}.get(method, method.lower())  # fmt: skip
+        verb = {
+            "GET": "get" if route.name else "list",
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete",
+        }.get(method, method.lower())
         self._authorize(identity, verb, route)
         body = _json_body(raw) if raw else {}
         with self.lock:
@@ -349,8 +377,12 @@ class FakeKube:
                 return 200, self._update(route, body)
             if (verb, bool(route.name)) == ("delete", True):
                 return 200, self._delete(route, body)
-        raise ApiError(405, "MethodNotAllowed", f"the fake API server does not serve {method} {path.split('?')[0]} "
-                       "(add it to tests/csi/fakekube.py when a caller needs it)")  # fmt: skip
+        raise ApiError(
+            405,
+            "MethodNotAllowed",
+            f"the fake API server does not serve {method} {path.split('?')[0]} "
+            "(add it to tests/csi/fakekube.py when a caller needs it)",
+        )
 
     def _take_canned(self, method: str, plural: str) -> Canned | None:
         with self.lock:
@@ -380,14 +412,22 @@ class FakeKube:
         """The body as an object of the route's resource, with its namespace; 400 as the real server."""
         api_version, kind = RESOURCES[route.plural]
         if body.get("apiVersion", api_version) != api_version or body.get("kind", kind) != kind:
-            raise ApiError(400, "BadRequest", f"the object ({body.get('apiVersion')}, {body.get('kind')}) is not a "
-                           f"{api_version} {kind}, which {route.qualified} holds")  # fmt: skip
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the object ({body.get('apiVersion')}, {body.get('kind')}) is not a "
+                f"{api_version} {kind}, which {route.qualified} holds",
+            )
         obj = {**copy.deepcopy(body), "apiVersion": api_version, "kind": kind}
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise ApiError(400, "BadRequest", "metadata must be an object")
         if meta.setdefault("namespace", route.namespace) != route.namespace:
-            raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request")
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
         if route.plural == "secrets":  # stringData is write-only: the server folds it into data
             for key, value in (obj.pop("stringData", None) or {}).items():
                 obj.setdefault("data", {})[key] = base64.b64encode(str(value).encode()).decode()
@@ -395,8 +435,11 @@ class FakeKube:
                 try:
                     base64.b64decode(str(value), validate=True)
                 except binascii.Error:
-                    raise ApiError(400, "BadRequest", f"Secret in version \"v1\" cannot be handled as a Secret: data[{key}]: "
-                                   "illegal base64 data") from None  # fmt: skip
+                    raise ApiError(
+                        400,
+                        "BadRequest",
+                        f'Secret in version "v1" cannot be handled as a Secret: data[{key}]: illegal base64 data',
+                    ) from None
         return obj
 
     def _validate(self, route: _Route, obj: dict[str, Any]) -> None:
@@ -407,9 +450,15 @@ class FakeKube:
                 422,
                 "Invalid",
                 f'{route.kind} "{name}" is invalid: ' + "; ".join(f"{where}: {what}" for where, what in problems),
-                {"name": name, "group": route.group, "kind": route.kind,
-                 "causes": [{"reason": "FieldValueInvalid", "message": what, "field": where} for where, what in problems]},
-            )  # fmt: skip
+                {
+                    "name": name,
+                    "group": route.group,
+                    "kind": route.kind,
+                    "causes": [
+                        {"reason": "FieldValueInvalid", "message": what, "field": where} for where, what in problems
+                    ],
+                },
+            )
 
     def _bump(self) -> str:
         self._revision += 1
@@ -425,11 +474,16 @@ class FakeKube:
                 meta["name"] = str(meta["generateName"])[:58] + "".join(random.choices(_GENERATED, k=5))
         name = str(meta.get("name", ""))
         if not name:
-            raise ApiError(422, "Invalid", f"{route.kind} \"\" is invalid: metadata.name: Required value: name or "
-                           "generateName is required")  # fmt: skip
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{route.kind} "" is invalid: metadata.name: Required value: name or generateName is required',
+            )
         key = (route.plural, route.namespace, name)
         if key in self.objects:
-            raise ApiError(409, "AlreadyExists", f'{route.qualified} "{name}" already exists', route._replace(name=name).details())
+            raise ApiError(
+                409, "AlreadyExists", f'{route.qualified} "{name}" already exists', route._replace(name=name).details()
+            )
         self._validate(route, obj)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=self._bump())
         self.objects[key] = obj
@@ -439,23 +493,36 @@ class FakeKube:
         obj = self._checked(route, body)
         meta = obj["metadata"]
         if meta.get("name") != route.name:
-            raise ApiError(400, "BadRequest", f"the name of the object ({meta.get('name')}) does not match the name on "
-                           f"the URL ({route.name})")  # fmt: skip
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({route.name})",
+            )
         current = self._stored(route)
         stored_meta = current["metadata"]
         if meta.get("resourceVersion") and meta["resourceVersion"] != stored_meta["resourceVersion"]:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {route.qualified} "{route.name}": the object '
-                           "has been modified; please apply your changes to the latest version and try again",
-                           route.details())  # fmt: skip
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {route.qualified} "{route.name}": the object '
+                "has been modified; please apply your changes to the latest version and try again",
+                route.details(),
+            )
         immutable = [("metadata.uid", meta.get("uid"), stored_meta["uid"])]
         if route.plural == "secrets":
             immutable.append(("type", obj.get("type", "Opaque"), current.get("type", "Opaque")))
         for where, new, old in immutable:
             if new and new != old:
-                raise ApiError(422, "Invalid", f'{route.kind} "{route.name}" is invalid: {where}: Invalid value: '
-                               f'"{new}": field is immutable', route.details())  # fmt: skip
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'{route.kind} "{route.name}" is invalid: {where}: Invalid value: "{new}": field is immutable',
+                    route.details(),
+                )
         self._validate(route, obj)
-        meta.update(uid=stored_meta["uid"], creationTimestamp=stored_meta["creationTimestamp"], resourceVersion=self._bump())
+        meta.update(
+            uid=stored_meta["uid"], creationTimestamp=stored_meta["creationTimestamp"], resourceVersion=self._bump()
+        )
         self.objects[(route.plural, route.namespace, route.name)] = obj
         return copy.deepcopy(obj)
 
@@ -464,9 +531,14 @@ class FakeKube:
         for key, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
             wanted = (options.get("preconditions") or {}).get(key)
             if wanted and wanted != current["metadata"][key]:
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {route.qualified} "{route.name}": '
-                               f"Precondition failed: {label} in precondition: {wanted}, {label} in object meta: "
-                               f"{current['metadata'][key]}", route.details())  # fmt: skip
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {route.qualified} "{route.name}": '
+                    f"Precondition failed: {label} in precondition: {wanted}, {label} in object meta: "
+                    f"{current['metadata'][key]}",
+                    route.details(),
+                )
         del self.objects[(route.plural, route.namespace, route.name)]
         if route.plural == "pods":  # the pod as it was; the real server's has a deletionTimestamp until kubelet is done
             return copy.deepcopy(current)
@@ -500,12 +572,22 @@ class FakeKube:
         }
         self.add("secretproviderclasses", obj, at=(namespace, name))
 
-    def add_pod(self, namespace: str, name: str, *, controller: str | None = "ReplicaSet", uid: str = "") -> dict[str, Any]:
+    def add_pod(
+        self, namespace: str, name: str, *, controller: str | None = "ReplicaSet", uid: str = ""
+    ) -> dict[str, Any]:
         """A running pod; `controller` is the kind of its controlling owner (None: a bare pod)."""
         meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4())}
         if controller:
-            meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": controller, "name": f"{name}-owner",
-                                        "uid": str(uuid.uuid4()), "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
+            meta["ownerReferences"] = [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": controller,
+                    "name": f"{name}-owner",
+                    "uid": str(uuid.uuid4()),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
         return self.add("pods", {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": {"phase": "Running"}})
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -514,8 +596,11 @@ class FakeKube:
 
     def items(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
-            return [copy.deepcopy(obj) for (kind, ns, _), obj in self.objects.items()
-                    if kind == plural and namespace in (None, ns)]  # fmt: skip
+            return [
+                copy.deepcopy(obj)
+                for (kind, ns, _), obj in self.objects.items()
+                if kind == plural and namespace in (None, ns)
+            ]
 
     def events_for(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         """The events posted on a pod, oldest first."""
@@ -577,7 +662,10 @@ class FakeKube:
             "clusters": [
                 {
                     "name": "fake",
-                    "cluster": {"server": self.url, "certificate-authority-data": base64.b64encode(self.ca_pem).decode()},
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
+                    },
                 }
             ],
             "users": [{"name": "u", "user": user}],

@@ -54,7 +54,9 @@ def posted(fake: FakeKube, recorder: EventRecorder, name: str = "web") -> list[t
     return [(e["reason"], e["message"]) for e in fake.events_for("shop", name)]
 
 
-def test_one_event_per_pod_object_and_reason_per_ten_minutes(fake: FakeKube, recorder: EventRecorder, clock: Clock) -> None:
+def test_one_event_per_pod_object_and_reason_per_ten_minutes(
+    fake: FakeKube, recorder: EventRecorder, clock: Clock
+) -> None:
     web = pod(fake)
     for i in range(100):
         recorder.record(web, Reason.OBJECT_NOT_FOUND, f"secret db: not found ({i})", object_key="secret/db")
@@ -68,8 +70,12 @@ def test_one_event_per_pod_object_and_reason_per_ten_minutes(fake: FakeKube, rec
 
 def test_pods_objects_and_reasons_are_counted_apart(fake: FakeKube, recorder: EventRecorder) -> None:
     web, api = pod(fake), pod(fake, "api")
-    keys = [(web, Reason.OBJECT_NOT_FOUND, "secret/a"), (web, Reason.OBJECT_NOT_FOUND, "secret/b"),
-            (web, Reason.FORBIDDEN, "secret/a"), (api, Reason.OBJECT_NOT_FOUND, "secret/a")]  # fmt: skip
+    keys = [
+        (web, Reason.OBJECT_NOT_FOUND, "secret/a"),
+        (web, Reason.OBJECT_NOT_FOUND, "secret/b"),
+        (web, Reason.FORBIDDEN, "secret/a"),
+        (api, Reason.OBJECT_NOT_FOUND, "secret/a"),
+    ]
     for _ in range(3):
         for who, reason, key in keys:
             recorder.record(who, reason, f"{key}: {reason}", object_key=key)
@@ -120,14 +126,20 @@ def test_a_planted_token_never_reaches_the_event(fake: FakeKube, recorder: Event
     web = pod(fake)
     jwt = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJhcGk6Ly9BenVyZUFEVG9rZW5FeGNoYW5nZSJ9.c2lnbmF0dXJl"
     register_secret("client-secret-planted-in-a-message")
-    recorder.record(web, Reason.TOKEN_EXCHANGE_FAILED,
-                    f"AADSTS700213 for assertion {jwt} with client-secret-planted-in-a-message", object_key="identity")  # fmt: skip
+    recorder.record(
+        web,
+        Reason.TOKEN_EXCHANGE_FAILED,
+        f"AADSTS700213 for assertion {jwt} with client-secret-planted-in-a-message",
+        object_key="identity",
+    )
     ((reason, message),) = posted(fake, recorder)
     assert reason == "IdentityTokenExchangeFailed" and message.startswith("AADSTS700213 for assertion")
     assert jwt not in message and "client-secret-planted-in-a-message" not in message
 
 
-def test_a_hanging_api_never_blocks_the_caller_and_memory_stays_bounded(fake: FakeKube, clock: Clock, tmp_path: Path) -> None:
+def test_a_hanging_api_never_blocks_the_caller_and_memory_stays_bounded(
+    fake: FakeKube, clock: Clock, tmp_path: Path
+) -> None:
     config = str(fake.kubeconfig(tmp_path / "kubeconfig"))
 
     def slow_kube() -> KubeClient:
@@ -140,14 +152,18 @@ def test_a_hanging_api_never_blocks_the_caller_and_memory_stays_bounded(fake: Fa
     web = PodRef("shop", "web", "u-1")
     accepted: list[bool] = []
     caller = threading.Thread(
-        target=lambda: accepted.extend(recorder.record(web, Reason.UNREACHABLE, "m", object_key=str(i)) for i in range(10))
+        target=lambda: accepted.extend(
+            recorder.record(web, Reason.UNREACHABLE, "m", object_key=str(i)) for i in range(10)
+        )
     )
     caller.start()
     caller.join(DEADLINE)  # the API hangs for 60 s per event; the caller must be long done
     assert not caller.is_alive() and len(accepted) == 10
     assert 2 <= sum(accepted) <= 3  # the worker holds at most one, the queue two
     assert recorder.flush(DEADLINE)  # each stuck post ends with the client's timeout
-    assert sum(recorder.record(web, Reason.UNREACHABLE, "m", object_key=f"more-{i}") for i in range(6)) == 4 - sum(accepted)
+    assert sum(recorder.record(web, Reason.UNREACHABLE, "m", object_key=f"more-{i}") for i in range(6)) == 4 - sum(
+        accepted
+    )
     clock.now += INTERVAL + 1  # the table empties itself
     fake.canned.clear()
     assert recorder.record(web, Reason.UNREACHABLE, "back", object_key="0")

@@ -81,7 +81,8 @@ def test_rbac_refusals_carry_the_servers_message(fake: FakeKube, client: KubeCli
     err = refused(client.delete_pod, "shop", "web", uid="x")
     assert (err.status, err.reason) == (403, "Forbidden")
     assert err.message == (
-        f'pods "web" is forbidden: User "{SA_IDENTITY}" cannot delete resource "pods" in API group "" in the namespace "shop"'
+        f'pods "web" is forbidden: User "{SA_IDENTITY}" cannot delete resource "pods" in API group "" '
+        'in the namespace "shop"'
     )
     assert client.get_pod("shop", "web")  # other verbs stay allowed
     fake.forbidden.add("shop")
@@ -100,7 +101,13 @@ def test_an_event_names_its_pod_and_its_source(fake: FakeKube, client: KubeClien
     assert first["metadata"]["name"] != second["metadata"]["name"]
     assert first["metadata"]["name"].startswith("web.")  # generateName, as kubelet's recorder names them
     event = events[0]
-    assert event["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "name": "web", "namespace": "shop", "uid": pod.uid}
+    assert event["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": "web",
+        "namespace": "shop",
+        "uid": pod.uid,
+    }
     assert (event["type"], event["reason"], event["count"]) == ("Warning", "KeyVaultObjectNotFound", 1)
     assert event["source"] == {"component": "kvfs-csi", "host": NODE}
     assert (event["reportingComponent"], event["reportingInstance"]) == ("kvfs-csi", NODE)
@@ -119,8 +126,12 @@ def test_an_event_message_carries_no_token_and_fits_the_api_limit(fake: FakeKube
     assert jwt not in stored and "abcdefghijklmnop" not in stored and "planted-client-secret-value" not in stored
     assert len(stored.encode()) <= EVENT_MESSAGE_LIMIT and stored.endswith(" ...")
     # the limit is real: the API server enforces it on events that set eventTime
-    body = {**event, "metadata": {"name": "x", "namespace": "shop"}, "eventTime": "2024-01-01T00:00:00.000000Z",
-            "message": "x" * (EVENT_MESSAGE_LIMIT + 1)}  # fmt: skip
+    body = {
+        **event,
+        "metadata": {"name": "x", "namespace": "shop"},
+        "eventTime": "2024-01-01T00:00:00.000000Z",
+        "message": "x" * (EVENT_MESSAGE_LIMIT + 1),
+    }
     err = refused(client.create_object, EVENTS, "shop", body)
     assert (err.status, err.reason) == (422, "Invalid") and "at most 1024" in err.message
 
@@ -130,10 +141,14 @@ def test_an_event_refused_by_rbac_or_namespace(fake: FakeKube, client: KubeClien
     fake.denied.add(("create", "events"))
     err = refused(client.create_event, pod, "VolumeFailed", "m", node_id=NODE)
     assert (err.status, err.reason) == (403, "Forbidden")
-    assert 'events is forbidden: User' in err.message and 'cannot create resource "events"' in err.message
+    assert "events is forbidden: User" in err.message and 'cannot create resource "events"' in err.message
     fake.denied.clear()
-    body = {"metadata": {"generateName": "web.", "namespace": "shop"}, "reason": "R", "message": "m",
-            "involvedObject": {"kind": "Pod", "name": "web", "namespace": "other"}}  # fmt: skip
+    body = {
+        "metadata": {"generateName": "web.", "namespace": "shop"},
+        "reason": "R",
+        "message": "m",
+        "involvedObject": {"kind": "Pod", "name": "web", "namespace": "other"},
+    }
     err = refused(client.create_object, EVENTS, "shop", body)
     assert err.status == 422 and "involvedObject.namespace" in err.message
     assert fake.events_for("shop", "web") == []
@@ -150,17 +165,28 @@ def test_spc_pod_status_lifecycle(fake: FakeKube, client: KubeClient) -> None:
     name = spc_pod_status_name(pod, "demo")
     assert name == "web-shop-demo" and created["metadata"]["name"] == name
     assert created["metadata"]["labels"] == {NODE_LABEL: NODE}
-    assert created["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "web", "uid": pod.uid}]
-    assert created["status"] == {"podName": "web", "secretProviderClassName": "demo", "mounted": True,
-                                 "targetPath": target, "objects": []}  # fmt: skip
+    assert created["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "web", "uid": pod.uid}
+    ]
+    assert created["status"] == {
+        "podName": "web",
+        "secretProviderClassName": "demo",
+        "mounted": True,
+        "targetPath": target,
+        "objects": [],
+    }
     assert "spec" not in created
     err = refused(client.create_object, SPC_POD_STATUSES, "shop", body)
     assert (err.status, err.reason) == (409, "AlreadyExists")
     assert err.message == f'secretproviderclasspodstatuses.secrets-store.csi.x-k8s.io "{name}" already exists'
 
     served = {"secret/db": "v2", "cert/tls": "v1"}
-    updated = client.replace_object(SPC_POD_STATUSES, "shop", spc_pod_status_body(
-        pod, "demo", node_id=NODE, target_path=target, objects=served) | {"metadata": created["metadata"]})  # fmt: skip
+    updated = client.replace_object(
+        SPC_POD_STATUSES,
+        "shop",
+        spc_pod_status_body(pod, "demo", node_id=NODE, target_path=target, objects=served)
+        | {"metadata": created["metadata"]},
+    )
     assert updated["status"]["objects"] == [{"id": "cert/tls", "version": "v1"}, {"id": "secret/db", "version": "v2"}]
     assert int(updated["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
     assert updated["metadata"]["uid"] == created["metadata"]["uid"]
@@ -190,7 +216,11 @@ def test_secret_create_read_replace_delete(fake: FakeKube, client: KubeClient) -
     created = client.create_object(SECRETS, "shop", body)
     got = client.get_object(SECRETS, "shop", "db")
     assert {k: base64.b64decode(v) for k, v in got["data"].items()} == data
-    assert (got["type"], got["metadata"]["labels"], got["metadata"]["annotations"]) == ("Opaque", {"app": "web"}, {"note": "synced"})
+    assert (got["type"], got["metadata"]["labels"], got["metadata"]["annotations"]) == (
+        "Opaque",
+        {"app": "web"},
+        {"note": "synced"},
+    )
     assert got["metadata"]["ownerReferences"] == [pod.owner_reference()]
 
     got["data"]["password"] = base64.b64encode(b"new").decode()
@@ -207,18 +237,22 @@ def test_secret_create_read_replace_delete(fake: FakeKube, client: KubeClient) -
 def test_secret_validation_and_immutable_type(fake: FakeKube, client: KubeClient) -> None:
     err = refused(client.create_object, SECRETS, "shop", secret_body("shop", "db", {"a/b": b"x"}))
     assert (err.status, err.reason) == (422, "Invalid") and "data[a/b]" in err.message
-    tls = client.create_object(SECRETS, "shop", secret_body("shop", "tls", {"tls.crt": b"c", "tls.key": b"k"},
-                                                            secret_type="kubernetes.io/tls"))  # fmt: skip
+    tls = client.create_object(
+        SECRETS, "shop", secret_body("shop", "tls", {"tls.crt": b"c", "tls.key": b"k"}, secret_type="kubernetes.io/tls")
+    )
     err = refused(client.replace_object, SECRETS, "shop", {**tls, "type": "Opaque"})
     assert err.status == 422 and "field is immutable" in err.message
-    assert client.replace_object(SECRETS, "shop", {**tls, "metadata": {"name": "tls"}})  # no resourceVersion: unconditional
+    assert client.replace_object(
+        SECRETS, "shop", {**tls, "metadata": {"name": "tls"}}
+    )  # no resourceVersion: unconditional
 
 
 def test_a_secret_with_two_owner_pods_goes_with_the_last(fake: FakeKube, client: KubeClient) -> None:
     pods = [pod_of(fake.add_pod("shop", name)) for name in ("web-1", "web-2")]
     client.create_object(SECRETS, "shop", secret_body("shop", "db", {"k": b"v"}, owners=pods))
     fake.delete_pod("shop", "web-1")
-    assert fake.get("secrets", "shop", "db")["metadata"]["ownerReferences"] == [pods[1].owner_reference()]  # type: ignore[index]
+    secret = fake.get("secrets", "shop", "db")
+    assert secret is not None and secret["metadata"]["ownerReferences"] == [pods[1].owner_reference()]
     fake.delete_pod("shop", "web-2")
     assert fake.get("secrets", "shop", "db") is None
 
@@ -255,8 +289,14 @@ def test_read_modify_write_creates_then_retries_a_lost_race(fake: FakeKube, clie
 
 def test_read_modify_write_gives_up_with_the_conflict(fake: FakeKube, client: KubeClient) -> None:
     client.create_object(SECRETS, "shop", secret_body("shop", "db", {"k": b"v"}))
-    conflict = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
-                "message": 'Operation cannot be fulfilled on secrets "db": the object has been modified'}  # fmt: skip
+    conflict = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": "Conflict",
+        "code": 409,
+        "message": 'Operation cannot be fulfilled on secrets "db": the object has been modified',
+    }
     fake.inject("PUT", "secrets", 409, conflict, times=10)
     err = refused(client.read_modify_write, SECRETS, "shop", "db", lambda current: current, attempts=3)
     assert (err.status, err.reason) == (409, "Conflict")
@@ -274,11 +314,17 @@ def test_read_modify_write_gives_up_with_the_conflict(fake: FakeKube, client: Ku
         (200, b'{"kind": "Secret", "metadata": {}}', 0, "answered with kind 'Secret', not a Pod"),
         (200, b'{"kind": "Pod", "metadata": "x"}', 0, "not a Pod"),
         (502, b"Bad Gateway", 502, "GET /api/v1/namespaces/shop/pods/web: HTTP 502"),
-        (503, b'{"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": "etcd is down"}', 503,
-         "etcd is down"),
+        (
+            503,
+            b'{"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": "etcd is down"}',
+            503,
+            "etcd is down",
+        ),
     ],
-)  # fmt: skip
-def test_a_bad_answer_is_a_clear_error(fake: FakeKube, client: KubeClient, code: int, body: bytes, status: int, says: str) -> None:
+)
+def test_a_bad_answer_is_a_clear_error(
+    fake: FakeKube, client: KubeClient, code: int, body: bytes, status: int, says: str
+) -> None:
     fake.inject("GET", "pods", code, body)
     err = refused(client.get_pod, "shop", "web")
     assert err.status == status and says in err.message
@@ -313,12 +359,19 @@ def test_the_fake_refuses_what_the_api_server_refuses(fake: FakeKube, client: Ku
     assert refused(client.create_object, SECRETS, "shop", secret_body("shop", "Not_A_Name", {})).status == 422
     assert refused(client.create_object, SECRETS, "other", secret_body("shop", "x", {})).status == 400
     assert refused(client.replace_object, SECRETS, "shop", secret_body("shop", "missing", {})).status == 404
-    assert refused(client.replace_object, SECRETS, "shop", {**created, "metadata": {**created["metadata"], "uid": "u"}}).status == 422
+    assert (
+        refused(
+            client.replace_object, SECRETS, "shop", {**created, "metadata": {**created["metadata"], "uid": "u"}}
+        ).status
+        == 422
+    )
     owned = secret_body("shop", "x", {}, owners=[PodRef("shop", "web", "")])
     assert "ownerReferences[0].uid" in refused(client.create_object, SECRETS, "shop", owned).message
     labelled = secret_body("shop", "x", {}, labels={NODE_LABEL: "n" * 64})
     assert refused(client.create_object, SECRETS, "shop", labelled).status == 422
-    assert refused(client.create_object, PODS, "shop", {"metadata": {}}).message.endswith("name or generateName is required")
+    assert refused(client.create_object, PODS, "shop", {"metadata": {}}).message.endswith(
+        "name or generateName is required"
+    )
 
 
 def test_one_client_serves_many_threads(fake: FakeKube, client: KubeClient) -> None:

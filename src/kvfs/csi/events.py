@@ -92,8 +92,12 @@ class EventRecorder:
                 return False
             self._sent.expire()
             if len(self._sent) >= self._sent.maxsize:
-                self._warn_once("full", "more than %d pod events within %.0f s: dropping new ones until older ones expire",
-                                self._sent.maxsize, self._sent.ttl)  # fmt: skip
+                self._warn_once(
+                    "full",
+                    "more than %d pod events within %.0f s: dropping new ones until older ones expire",
+                    self._sent.maxsize,
+                    self._sent.ttl,
+                )
                 return False
             try:
                 self._queue.put_nowait(_Event(pod, reason, message))
@@ -149,8 +153,15 @@ class EventRecorder:
                 first = event.reason not in self._failing
                 self._failing.add(event.reason)
             summary = str(exc) if isinstance(exc, KubeError) else f"{type(exc).__name__}: {exc}"
-            log.log(logging.WARNING if first else logging.DEBUG, "cannot post a %s event on pod %s/%s: %s%s",
-                    event.reason, pod.namespace, pod.name, summary, hint)  # fmt: skip
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "cannot post a %s event on pod %s/%s: %s%s",
+                event.reason,
+                pod.namespace,
+                pod.name,
+                summary,
+                hint,
+            )
         else:
             with self._cond:
                 self._failing.discard(event.reason)

@@ -46,8 +46,8 @@ SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 COMPONENT = "kvfs-csi"  # events' source.component and reportingComponent
 # upstream's label on a SecretProviderClassPodStatus: the node whose driver wrote it
 NODE_LABEL = "internal.secrets-store.csi.k8s.io/node-name"
-# The API server rejects longer messages on events that set eventTime (pkg/apis/core/validation,
-# NoteLengthLimit); ours do not, but kube-scheduler and kubectl readers assume the limit too.
+# The API server refuses longer messages on events that set eventTime (pkg/apis/core/validation,
+# NoteLengthLimit). Ours do not set it, but keep to the limit as kube-scheduler does.
 EVENT_MESSAGE_LIMIT = 1024
 _RETRY_ATTEMPTS = 5
 
@@ -87,7 +87,9 @@ PODS = Resource("v1", "pods", "Pod")
 EVENTS = Resource("v1", "events", "Event")
 SECRETS = Resource("v1", "secrets", "Secret")
 SPCS = Resource(f"{SPC_GROUP}/{SPC_VERSION}", "secretproviderclasses", "SecretProviderClass")
-SPC_POD_STATUSES = Resource(f"{SPC_GROUP}/{SPC_VERSION}", "secretproviderclasspodstatuses", "SecretProviderClassPodStatus")
+SPC_POD_STATUSES = Resource(
+    f"{SPC_GROUP}/{SPC_VERSION}", "secretproviderclasspodstatuses", "SecretProviderClassPodStatus"
+)
 
 
 class PodRef(NamedTuple):
@@ -209,10 +211,14 @@ class KubeClient:
                 reason=str(fields.get("reason", "")),
             )
         if not isinstance(answer, dict):
-            raise KubeError(f"Kubernetes API {self.server}: {method} {path} answered with something that is not a JSON object")
+            raise KubeError(
+                f"Kubernetes API {self.server}: {method} {path} answered with something that is not a JSON object"
+            )
         return answer
 
-    def _object(self, resource: Resource, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def _object(
+        self, resource: Resource, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """A call whose answer must be an object of `resource`'s kind (a proxy or a wrong server may say otherwise)."""
         answer = self.request(method, path, body)
         if answer.get("kind") != resource.kind or not isinstance(answer.get("metadata"), dict):
@@ -243,7 +249,9 @@ class KubeClient:
         The answer is the deleted object or a `Status` of kind Success, depending on the resource.
         """
         preconditions = {key: value for key, value in (("uid", uid), ("resourceVersion", resource_version)) if value}
-        options = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions} if preconditions else None
+        options = (
+            {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions} if preconditions else None
+        )
         return self.request("DELETE", resource.path(namespace, name), options)
 
     def read_modify_write(
@@ -303,7 +311,9 @@ class KubeClient:
         self, pod: PodRef, reason: str, message: str, *, node_id: str, event_type: str = "Warning"
     ) -> dict[str, Any]:
         """Post one event on `pod` (see event_body). Each call makes a new Event object."""
-        return self.create_object(EVENTS, pod.namespace, event_body(pod, reason, message, node_id=node_id, event_type=event_type))
+        return self.create_object(
+            EVENTS, pod.namespace, event_body(pod, reason, message, node_id=node_id, event_type=event_type)
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -336,9 +346,7 @@ def _truncated(text: str, limit: int) -> str:
     return data[: limit - 4].decode(errors="ignore") + " ..."
 
 
-def event_body(
-    pod: PodRef, reason: str, message: str, *, node_id: str, event_type: str = "Warning"
-) -> dict[str, Any]:
+def event_body(pod: PodRef, reason: str, message: str, *, node_id: str, event_type: str = "Warning") -> dict[str, Any]:
     """A core/v1 Event on `pod`, as kubelet's recorder writes them: server-generated name, source
     and reporting fields naming kvfs-csi on this node, count 1 (we rate-limit before posting, so an
     event is never patched to count up). The message is redacted (no token or registered secret) and
@@ -394,7 +402,13 @@ def spc_pod_status_name(pod: PodRef, spc: str) -> str:
 
 
 def spc_pod_status_body(
-    pod: PodRef, spc: str, *, node_id: str, target_path: str, mounted: bool = True, objects: Mapping[str, str] | None = None
+    pod: PodRef,
+    spc: str,
+    *,
+    node_id: str,
+    target_path: str,
+    mounted: bool = True,
+    objects: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A SecretProviderClassPodStatus as upstream's driver writes it: every field under `status`
     (the CRD has no spec and no status subresource), the node label, the pod as its only owner,
