@@ -22,7 +22,7 @@ from kvfs.auth.tokensource import PushedTokenSource
 from kvfs.cache.base import Version
 from kvfs.cache.resolver import Resolver
 from kvfs.config.model import MountConfig, ObjectSpec
-from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
+from kvfs.fs.adapter import FuseAdapter, KernelNotifier, fuse_options
 from kvfs.fs.core import FilesystemCore
 from kvfs.logsafe import register_secret
 from kvfs.net.http import make_http_client
@@ -104,7 +104,7 @@ class _Daemon:
             )
             resolver = Resolver(client, self.config, on_change=self._on_change)
             uid, gid = self.owner or (None, self.config.file_group)
-            self.core = FilesystemCore(self.config, resolver, invalidate_entry=invalidate_entry, uid=uid, gid=gid)
+            self.core = FilesystemCore(self.config, resolver, kernel=KernelNotifier(), uid=uid, gid=gid)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 try:
                     pyfuse3.init(
