@@ -7,6 +7,8 @@ name: the next open reads the new version, with the new size.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from inotify_simple import INotify, flags
 
 from e2e.conftest import (
     Mounter,
@@ -60,7 +63,8 @@ def test_a_bind_mounted_file_shows_the_new_version_on_the_next_open(
         observed.append(read_with_size(path))
         return observed[-1][0] == expected
 
-    with bind_mounted(mount.path / "app-config", tmp_path / "subpath-file") as target:
+    with bind_mounted(mount.path / "app-config", tmp_path / "subpath-file") as target, INotify() as inotify:
+        inotify.add_watch(target, flags.DELETE_SELF)
         held = open(target, "rb")
         assert held.read(7) == b"version"
         emu.set_secret("demo", "app-config", "version two, longer")
@@ -79,6 +83,14 @@ def test_a_bind_mounted_file_shows_the_new_version_on_the_next_open(
             emu.set_secret("demo", "app-config", "version five")
             wait_until(lambda: shows(target, b"version five"))
             assert pinned.read() == b"version four, the longest of them all"  # open files keep theirs
+        with open(target, "rb") as f:  # such opens bypass the page cache: no shared mapping
+            with pytest.raises(OSError) as info:
+                mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            assert info.value.errno == errno.ENODEV
+            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as private:
+                assert private[:] == b"version five"
+        # The bind holds the old entry, so a watch on it never hears of a deletion.
+        assert inotify.read(timeout=0) == []
     versions = {b"version one", b"version two, longer", b"v3", b"version four, the longest of them all", b"version five"}
     assert {data for data, _ in observed} <= versions
     assert [(data, size) for data, size in observed if size != len(data)] == []
