@@ -185,8 +185,9 @@ class FuseAdapter(pyfuse3.Operations):
 class KernelNotifier:
     """`kvfs.fs.core.KernelCache` on a mounted session: the kernel calls, off the trio thread.
 
-    They block (docs: pyfuse3 notes §7): a deletion waits for operations in the folder, so it
-    goes through pyfuse3's own queue thread; attribute drops run on trio's worker threads.
+    The calls block: a deletion waits until operations in its folder finish, and one made from
+    the trio thread while a handler of that folder is pending would deadlock. Deletions go
+    through pyfuse3's own queue thread, attribute drops through trio's worker threads.
     "The kernel does not know it" (ENOENT) means nothing is cached: done.
     """
 
