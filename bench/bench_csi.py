@@ -3,7 +3,7 @@
 Acts as kubelet against a real `kvfs csi node` process (which starts its mounter), publishing N
 inline volumes one after the other, then reads /proc/PID/smaps_rollup of every daemon.
 Needs root and /dev/fuse. Default daemon: the stand-in (no Key Vault); with
-`--daemon-entry kvfs.csi.daemon:run_volume` pass real parameters with `--param KEY=VALUE`.
+`--daemon-entry kvfs.daemon.entry:run_volume` pass real parameters with `--param KEY=VALUE`.
 `--real` runs the real daemon against an emulator started in this process: every volume gets
 its own service account, federated app and token, and the first read of every volume (token
 exchange + Key Vault GET through FUSE) and a cached re-read are timed too.
@@ -65,7 +65,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-REAL_DAEMON = "kvfs.csi.daemon:run_volume"
+REAL_DAEMON = "kvfs.daemon.entry:run_volume"
 SECRET_NAME = "demo-secret"
 
 
@@ -123,7 +123,7 @@ def timed_read(path: str) -> tuple[float, bytes]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=50)
-    parser.add_argument("--daemon-entry", default="kvfs.csi.standin:run")
+    parser.add_argument("--daemon-entry", default="kvfs.daemon.standin:run")
     parser.add_argument("--param", action="append", default=[], help="KEY=VALUE overriding a volume attribute")
     parser.add_argument(
         "--real", action="store_true", help=f"the real daemon ({REAL_DAEMON}) against an in-process emulator"

@@ -1,8 +1,9 @@
 """Test fixtures: keys, certificates, chains, PFX and PEM bundles, JWKs and Key Vault JSON.
 
 Everything is generated with `cryptography` at test time (no captured blobs). The bundle
-builders return dicts shaped like Key Vault's REST JSON (keyvault-wire.md §3), so they can be
-served by the emulator, fed to `kvfs.vault.render.render_object`, or compared with files.
+builders return dicts shaped like Key Vault's REST JSON (secret, key and certificate bundles),
+so they can be served by the emulator, fed to `kvfs.vault.render.render_object`, or compared
+with files.
 
 Typical use::
 

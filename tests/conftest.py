@@ -1,4 +1,5 @@
-"""Shared fixtures: `*.localhost` resolves to loopback, and a running emulator (async or threaded)."""
+"""Shared fixtures: `*.localhost` resolves to loopback, a running emulator (async or threaded),
+and the guards of tests/guards.py (checklogs; a loud line when real-mount tests were skipped)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from guards import checklogs, expect_logs, pytest_terminal_summary  # noqa: F401 - for every test
 from kvfs.emulator.server import Emulator, EmulatorThread, open_emulator
 
 _real_getaddrinfo = socket.getaddrinfo
@@ -42,3 +44,4 @@ def emulator_thread(tmp_path: Path) -> Iterator[Emulator]:
     """The emulator on a background thread, for tests doing blocking I/O (real FUSE mounts, the SDK)."""
     with EmulatorThread(tmp_path / "emulator") as emu:
         yield emu
+

@@ -7,17 +7,21 @@ emulator is needed; the mount tests use VM managed identity, which needs no netw
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from guards import LogCheck
 import kvfs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +108,73 @@ def test_non_empty_mountpoint_is_refused(spc: Path, mnt: Path) -> None:
 def test_param_without_equals(spc: Path, mnt: Path) -> None:
     refused(kvfs_run("mount", "--spc", str(spc), "--param", "keyvaultName", str(mnt)),
             "--param", "'keyvaultName'", "KEY=VALUE")
+
+
+@pytest.mark.parametrize(
+    ("key", "meant", "where"),
+    [
+        ("keyVaultName", "keyvaultName", "the manifest sets"),  # the manifest's own key, wrong case
+        ("TenantID", "tenantID or tenantId", "kvfs reads"),  # a parameter the manifest leaves out
+    ],
+)
+def test_param_in_the_wrong_case_is_refused_not_ignored(spc: Path, mnt: Path, key: str, meant: str, where: str) -> None:
+    line = refused(kvfs_run("mount", "--spc", str(spc), "--param", f"{key}=other-vault", str(mnt)),
+                   "--param", f"'{key}=...'", "case-sensitive", where, f"did you mean {meant}?")
+    assert "other-vault" not in line  # the key is named, not the value
+
+
+def test_param_in_the_right_case_overlays_the_manifest(spc: Path, mnt: Path) -> None:
+    # the overlaid name reaches validation (and the manifest's valid "demo" is not used)
+    refused(kvfs_run("mount", "--spc", str(spc), "--param", "keyvaultName=not.a.vault", str(mnt)),
+            'Invalid vault name: "not.a.vault"')
+
+
+def test_object_key_in_the_wrong_case_is_named(tmp_path: Path, mnt: Path) -> None:
+    manifest = tmp_path / "typo.yaml"
+    manifest.write_text(SPC.replace("objectName: demo-secret", "objectname: demo-secret"))
+    line = refused(kvfs_run("mount", "--spc", str(manifest), str(mnt)),
+                   "index 0", "unknown field objectname", "did you mean objectName?")
+    assert "must not be empty" not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--refresh-interval", "5", "minutes", "MNT"],  # "minutes" is taken for MOUNTPOINT, MNT left over
+        ["MNT", "--refresh-interval", "5", "minutes"],
+        ["--max-staleness=2", "h", "MNT"],
+        ["--max-staleness", "500", "ms", "MNT"],
+    ],
+)
+def test_duration_written_as_two_words_shows_the_mount_usage_and_the_fix(spc: Path, mnt: Path, args: list[str]) -> None:
+    args = [str(mnt) if arg == "MNT" else arg for arg in args]
+    result = kvfs_run("mount", "--spc", str(spc), *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: kvfs mount "), result.stderr
+    unit = {"minutes": "m", "h": "h", "ms": "ms"}[next(arg for arg in args if arg in ("minutes", "h", "ms"))]
+    assert re.search(rf"kvfs mount: error: --\S+ \d+ \w+: a duration is one word: --\S+ \d+{unit} ", result.stderr)
+    assert not mounted(mnt)
+
+
+def test_leftover_arguments_show_the_command_usage(spc: Path, mnt: Path) -> None:
+    result = kvfs_run("mount", "--spc", str(spc), str(mnt), "extra")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: kvfs mount ")
+    assert "kvfs mount: error: unrecognized arguments: extra" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "fragment"),
+    [
+        ({"KVFS_LOG_FORMAT": "xml"}, [], "'xml' (from $KVFS_LOG_FORMAT) is not a log format: use one of text, json"),
+        ({}, ["--log-format", "yaml"], "'yaml' is not a log format"),
+        ({"KVFS_LOG_LEVEL": "loud"}, [], "'loud' (from $KVFS_LOG_LEVEL) is not a log level"),
+    ],
+)
+def test_bad_log_settings_are_named(spc: Path, mnt: Path, env: dict[str, str], args: list[str], fragment: str) -> None:
+    result = kvfs_run("mount", *args, "--spc", str(spc), str(mnt), env=env)
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -204,7 +275,9 @@ def start_mount(spc: Path, mnt: Path, tmp_path: Path) -> subprocess.Popen[bytes]
 
 @needs_fuse
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_unmounts_cleanly(spc: Path, mnt: Path, tmp_path: Path, signum: signal.Signals) -> None:
+def test_signal_unmounts_cleanly(
+    spc: Path, mnt: Path, tmp_path: Path, signum: signal.Signals, checklogs: LogCheck
+) -> None:
     process = start_mount(spc, mnt, tmp_path)
     try:
         with open("/proc/self/mountinfo") as mounts:
@@ -213,7 +286,7 @@ def test_signal_unmounts_cleanly(spc: Path, mnt: Path, tmp_path: Path, signum: s
         process.send_signal(signum)
         assert process.wait(timeout=20) == 0
         assert not mounted(mnt)
-        assert "Traceback" not in (tmp_path / "mount.log").read_text()
+        checklogs.check_output((tmp_path / "mount.log").read_text(), "kvfs mount")
     finally:
         if process.poll() is None:
             process.kill()
@@ -242,10 +315,30 @@ def test_dead_mount_left_by_a_killed_process_is_named(spc: Path, mnt: Path, tmp_
 # ---- version, help and docs ------------------------------------------------------------------
 
 
-def test_version() -> None:
+def test_version_names_python_pyfuse3_and_libfuse() -> None:
     result = kvfs_run("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"kvfs {kvfs.__version__}"
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [f"kvfs {kvfs.__version__}", f"Python {platform.python_version()}",
+                         f"pyfuse3 {metadata.version('pyfuse3')}"]
+    assert re.fullmatch(r"libfuse 3\.\d+(\.\d+)?", lines[3]), lines
+    if shutil.which("pkg-config"):  # the headers pyfuse3 was built against name the same release
+        built = subprocess.run(["pkg-config", "--modversion", "fuse3"], capture_output=True, text=True)
+        if built.returncode == 0:
+            assert lines[3] == f"libfuse {built.stdout.strip()}"
+
+
+def test_commands_start_without_importing_pyfuse3(spc: Path, mnt: Path) -> None:
+    """Only a mount needs pyfuse3; `--version`, help and refusals stay quick."""
+    probe = (
+        "import sys\nfrom kvfs.cli import main\n"
+        "for argv in (['--version'], ['csi', 'node', '--help'], ['mount', '--spc', sys.argv[1], '--param', 'x=1',"
+        " '--param', 'keyvaultName=a.b', sys.argv[2]]):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('pyfuse3' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(spc), str(mnt)], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stdout + result.stderr
 
 
 def options_of(*command: str) -> set[str]:
@@ -275,3 +368,56 @@ def test_readme_mount_options_exist() -> None:
     for line in re.findall(r"^kvfs mount .*(?:\n  .*)*", readme, flags=re.MULTILINE):
         used |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", line))
     assert used and used <= options_of("mount")
+
+
+def help_of(*command: str) -> str:
+    result = kvfs_run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [["csi"], ["csi", "node"], ["csi", "mounter"]])
+def test_csi_help_has_a_description_readable_metavars_and_log_choices(command: list[str]) -> None:
+    text = help_of(*command)
+    description = text.split("\n\n")[1]
+    assert not description.startswith(("options:", "positional arguments:")) and len(description) > 60, text
+    if command == ["csi"]:
+        assert "node" in text and "mounter" in text
+        return
+    # argparse's raw metavars are the option's name upper-cased: STATE_DIR, NODE_ID, ...
+    metavars = re.findall(r"(?m)^  (--[a-z-]+) ([^\s,]+)", text)
+    assert metavars, text
+    raw = [(option, metavar) for option, metavar in metavars if metavar == option[2:].upper().replace("-", "_")]
+    assert not raw, raw
+    assert "--state-dir DIR" in text and "--daemon-entry MODULE:FUNCTION" in text
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text and "--log-format {text,json}" in text
+    if command == ["csi", "node"]:
+        for shown in ("--metrics-addr HOST:PORT", "--daemon-uid-range START-END", "--publish-timeout SECONDS",
+                      "--kubeconfig FILE", "--node-id NAME"):
+            assert shown in text
+
+
+def test_fusermount_for_a_killed_mount_is_in_mount_help_and_readme() -> None:
+    assert "fusermount3 -u MOUNTPOINT" in help_of("mount")
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"fusermount3 -u \S+", readme) and "killed" in readme
+
+
+def test_emulator_logs_json_lines_too(tmp_path: Path) -> None:
+    folder = tmp_path / "emu"
+    with open(tmp_path / "emu.log", "wb") as log:  # stdout holds the human banner, stderr the log
+        process = subprocess.Popen([sys.executable, "-m", "kvfs", "emulator", "--dir", str(folder), "--log-format", "json"],
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "emulator.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "emu.log").read_text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    entries = [json.loads(line) for line in (tmp_path / "emu.log").read_text().splitlines()]
+    assert any(e["logger"].startswith("kvfs.emulator") and "serving" in e["message"] for e in entries), entries

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import errno
 import logging
 import os
+import platform
+import re
 import sys
 from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
 
 from kvfs import __version__
 from kvfs.config.model import MountConfig
 from kvfs.errors import ConfigError, KvfsError
-from kvfs.logsafe import LOG_LEVELS, setup_logging
+from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger("kvfs")
 
@@ -34,8 +39,12 @@ identity (chosen like the Azure provider does):
 environment:
   SSL_CERT_FILE             extra trusted CA certificates (private clouds, `kvfs emulator`)
   KVFS_LOG_LEVEL            default for --log-level
+  KVFS_LOG_FORMAT           default for --log-format (text or json)
 
 exit status: 0 after a clean unmount, 2 for bad input (nothing mounted), 1 when mounting failed
+
+a mount whose process was killed (files answer "Transport endpoint is not connected"):
+  fusermount3 -u MOUNTPOINT   (as root also: umount MOUNTPOINT), then mount again
 """
 
 
@@ -84,14 +93,8 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         action="store_true",
         help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)",
     )
-    parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        type=str.upper,
-        default=argparse.SUPPRESS,  # unset here keeps `kvfs --log-level X mount` working
-        help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
-    )
-    parser.set_defaults(func=_run_mount)
+    add_log_options(parser)
+    parser.set_defaults(func=_run_mount, command_parser=parser)
 
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:
@@ -161,7 +164,7 @@ def _check_mountpoint(given: str) -> str:
 def _run_mount(args: argparse.Namespace) -> int:
     config = _mount_config(args)
     mountpoint = _check_mountpoint(args.mountpoint)
-    from kvfs.fs.mount import run_mount
+    from kvfs.daemon.volume import run_mount
 
     return run_mount(config, mountpoint, allow_other=args.allow_other)
 
@@ -171,14 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvfs",
         description="Azure Key Vault secrets, keys and certificates as a lazy, cached, read-only filesystem.",
     )
-    parser.add_argument("--version", action="version", version=f"kvfs {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("KVFS_LOG_LEVEL", "INFO"),
-        choices=LOG_LEVELS,
-        type=str.upper,
-        help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
-    )
+    parser.add_argument("--version", action=_Version, help="show the versions of kvfs, Python, pyfuse3 and libfuse")
+    add_log_options(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_mount(subparsers)
 
@@ -191,13 +188,49 @@ def build_parser() -> argparse.ArgumentParser:
         "IMDS and NMI over HTTPS on loopback, until SIGTERM.",
     )
     emulator_cli.add_arguments(emulator)
-    emulator.set_defaults(func=emulator_cli.run)
+    add_log_options(emulator, level=False)  # the emulator has a --log-level of its own
+    emulator.set_defaults(func=emulator_cli.run, command_parser=emulator)
 
     from kvfs.csi import cli as csi_cli
 
-    csi = subparsers.add_parser("csi", help="the Kubernetes CSI node plugin and its mounter")
+    csi = subparsers.add_parser("csi", help=csi_cli.HELP, description=csi_cli.DESCRIPTION)
     csi_cli.add_arguments(csi.add_subparsers(dest="csi_command", metavar="COMMAND", required=True))
     return parser
+
+
+def libfuse_version() -> str:
+    """The libfuse 3 that pyfuse3 loads, asked directly (importing pyfuse3 would slow every command)."""
+    try:
+        lib = ctypes.CDLL("libfuse3.so.3")
+    except OSError:
+        return "not found (install fuse3)"
+    try:
+        lib.fuse_pkgversion.restype = ctypes.c_char_p
+        return str(lib.fuse_pkgversion().decode())
+    except AttributeError:  # only fuse_version(): 314 means 3.14
+        number = int(lib.fuse_version())
+        return f"{number // 100}.{number % 100}"
+
+
+def version_text() -> str:
+    try:
+        pyfuse3 = metadata.version("pyfuse3")
+    except metadata.PackageNotFoundError:
+        pyfuse3 = "not installed"
+    return "\n".join(
+        (f"kvfs {__version__}", f"Python {platform.python_version()}", f"pyfuse3 {pyfuse3}", f"libfuse {libfuse_version()}")
+    )
+
+
+class _Version(argparse.Action):
+    """`--version`: print what a bug report needs, then exit (looked up only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
 
 
 _DURATION_OPTIONS = ("--refresh-interval", "--max-staleness")
@@ -225,10 +258,46 @@ def _attach_dash_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+# a unit written as a word of its own after a number: `--refresh-interval 5 minutes`
+_UNIT_WORDS = {"ms": "ms", "millisecond": "ms", "s": "s", "sec": "s", "second": "s",
+               "m": "m", "min": "m", "minute": "m", "h": "h", "hr": "h", "hour": "h"}  # fmt: skip
+
+
+def _split_duration(argv: Sequence[str]) -> tuple[str, str]:
+    """(the error, the unit word) when a duration option's number is followed by a unit word."""
+    for i, item in enumerate(argv):
+        option, attached, value = item.partition("=")
+        if option not in _DURATION_OPTIONS:
+            continue
+        rest = list(argv[i + 1 :]) if attached else list(argv[i + 2 :])
+        value = value if attached else (argv[i + 1] if i + 1 < len(argv) else "")
+        word = rest[0].lower() if rest else ""
+        unit = _UNIT_WORDS.get(word) or _UNIT_WORDS.get(word.removesuffix("s"))
+        if unit and re.fullmatch(r"\d+(?:\.\d+)?", value):
+            return (
+                f"{option} {value} {rest[0]}: a duration is one word: {option} {value}{unit}"
+                " (e.g. 30s, 2m, 1h, 1m30s)",
+                rest[0],
+            )
+    return "", ""
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse, reporting leftovers with the command's own usage (not the top-level one)."""
+    args, extra = parser.parse_known_args(_attach_dash_values(argv))
+    command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+    split, word = _split_duration(argv)
+    # the unit word may have been taken for MOUNTPOINT: fine only if that folder exists
+    if split and (extra or not os.path.isdir(word)):
+        command_parser.error(split)
+    if extra:
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
-    setup_logging(args.log_level)
+    args = _parse(build_parser(), sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_level, fmt=args.log_format)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -64,5 +64,5 @@ def sa_token() -> Callable[..., str]:
 
 @pytest.fixture
 def entra_body() -> Callable[[int, str, str], dict[str, Any]]:
-    """Factory: an Entra ID error body shaped as in wire §9.4."""
+    """Factory: an Entra ID error body as Entra sends it (error, error_description, error_codes, ...)."""
     return _entra_body

@@ -341,7 +341,7 @@ async def test_history_exactly_n_newest_first_skipping_disabled(
     spec = ObjectSpec(name="db", type="secret", version_history=3)
     resolver = make(vault, config(spec))
     versions = await resolver.history(spec)
-    assert [v.files[""] for v in versions] == [b"v6", b"v4", b"v2"]  # N, not N+1 (upstream fault #1)
+    assert [v.files[""] for v in versions] == [b"v6", b"v4", b"v2"]  # N, not N+1 as upstream writes
     assert [v.version for v in versions] == [ids[5], ids[3], ids[1]]
     assert vault.calls["list"] == 1 and vault.calls["get"] == 3
     assert await resolver.history(spec) == versions  # cached

@@ -1,4 +1,5 @@
-"""Cloud table and Azure Stack env files (reference §3, §10 "Cloud parsing", fault #13)."""
+"""Cloud table and Azure Stack env files: upstream's cloud names (case-insensitive, "" = public) and
+suffixes, and a per-mount cloud env file (upstream sets a process-wide environment variable)."""
 
 from __future__ import annotations
 

@@ -70,6 +70,22 @@ def test_basic_parse_trims_and_ignores_unknown_keys() -> None:
     assert (b.format, b.version, b.pinned, b.object_id) == ("pfx", HEX, True, "secret/tls")
 
 
+@pytest.mark.parametrize(
+    "field",
+    ["objectName", "objectAlias", "objectType", "objectVersion", "objectFormat", "objectEncoding",
+     "filePermission", "objectVersionHistory"],
+)  # fmt: skip
+def test_a_field_in_the_wrong_case_is_named_with_the_fix(field: str) -> None:
+    """yaml.v2 would ignore `objectname:` (then "file name must not be empty") or `objectalias:`
+    (then a file under the wrong name, silently): the typo is named instead."""
+    typo = field.lower() if field != field.lower() else field.upper()
+    fields = {"objectName": "db", "objectType": "secret", typo: "2" if field == "objectVersionHistory" else "x"}
+    msg = error_of(objects_yaml(one(objectName="ok", objectType="secret"), one(**fields)))
+    assert msg.startswith("unmarshal failed for keyVaultObjects at index 1, error: yaml: unmarshal errors: line 3:")
+    assert f"unknown field {typo} (field names are case-sensitive)" in msg
+    assert f"did you mean {field}? write {field}: instead of {typo}:" in msg
+
+
 def test_empty_array_is_a_valid_empty_mount() -> None:
     assert parse_objects("array:\n") == ()
     assert parse_objects("array: []") == ()

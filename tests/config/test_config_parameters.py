@@ -1,4 +1,5 @@
-"""parse_parameters: upstream order and error texts (§2, §8, §10), kvfs fixes, CSI vs CLI."""
+"""parse_parameters: upstream's order of checks and error texts (those of its parameters and
+authentication code and unit tests), kvfs fixes, CSI vs CLI."""
 
 from __future__ import annotations
 
@@ -365,7 +366,7 @@ def test_cli_with_secrets_file_is_service_principal() -> None:
         parse_parameters({"keyvaultName": "testkv", "objects": OBJECTS}, SP, context="cli")
 
 
-# --- vault name (fault #18, TestGetVaultURL) -------------------------------------------------
+# --- vault name: Key Vault's rules (upstream checks only length and charset; its TestGetVaultURL)
 
 
 @pytest.mark.parametrize(

@@ -169,12 +169,50 @@ def test_spc_parameters_from_api_json() -> None:
         spc_parameters({**obj, "kind": "Secret"}, source="ns/x")
 
 
+def test_secret_objects_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    obj = {
+        "apiVersion": "secrets-store.csi.x-k8s.io/v1",
+        "kind": "SecretProviderClass",
+        "spec": {
+            "provider": "azure",
+            "parameters": {"keyvaultName": "kv1"},
+            "secretObjects": [{"secretName": "synced", "type": "Opaque", "data": []}],
+        },
+    }
+    assert spc_parameters(obj, source="ns/x") == {"keyvaultName": "kv1"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["ns/x: spec.secretObjects is ignored: kvfs does not sync Kubernetes Secrets"]
+
+
 def test_overlay_wins_and_keeps_equals_in_values() -> None:
     base = {"keyvaultName": "a", "tenantID": "t"}
     out = overlay(base, ["keyvaultName=b", "objects=array:\n  - |\n    x: a=b", " clientID =c"])
     assert out["keyvaultName"] == "b" and out["tenantID"] == "t" and out["clientID"] == "c"
     assert out["objects"].endswith("x: a=b")
     assert base["keyvaultName"] == "a"  # input untouched
+
+
+@pytest.mark.parametrize(
+    ("manifest", "pair", "meant"),
+    [
+        ({"keyvaultName": "a"}, "keyVaultName=b", "keyvaultName"),  # wrong case of the manifest's key
+        ({}, "clientId=x", "clientID"),  # wrong case of a parameter kvfs reads
+        ({}, "TENANTID=x", "tenantID or tenantId"),
+        ({"customKey": "a"}, "CustomKey=b", "customKey"),  # a key only the manifest knows
+    ],
+)
+def test_overlay_refuses_a_name_that_differs_only_in_case(manifest: dict[str, str], pair: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        overlay(manifest, [pair])
+    key = pair.split("=")[0]
+    assert info.value.field == "--param" and info.value.value == f"{key}=..."
+    assert f"did you mean {meant}?" in str(info.value)
+
+
+def test_overlay_takes_exact_names_and_new_unknown_ones() -> None:
+    manifest = {"tenantId": "t", "keyVaultName": "miscased-in-the-manifest"}
+    out = overlay(manifest, ["tenantID=u", "keyVaultName=v", "somethingNew=w"])
+    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "somethingNew": "w"}
 
 
 @pytest.mark.parametrize("pair", ["novalue", "=hidden-value", " =hidden-value", ""])

@@ -2,7 +2,7 @@
 
 Reusable by end-to-end tests: `csi_plugin` runs the plugin in-process (fast, injectable);
 `csi_process` runs `python -m kvfs.csi.cli node` as a real process that can be killed and
-restarted. Both default to the stand-in daemon; pass `daemon_entry="kvfs.csi.daemon:run_volume"`
+restarted. Both default to the stand-in daemon; pass `daemon_entry="kvfs.daemon.entry:run_volume"`
 (and emulator parameters) for the real one. Helpers live in csi_harness.py.
 """
 

@@ -2,7 +2,7 @@
 
 Reusable by end-to-end tests: `csi_plugin` runs the plugin in-process (fast, injectable);
 `csi_process` runs `python -m kvfs.csi.cli node` as a real process that can be killed and
-restarted. Both default to the stand-in daemon; pass `daemon_entry="kvfs.csi.daemon:run_volume"`
+restarted. Both default to the stand-in daemon; pass `daemon_entry="kvfs.daemon.entry:run_volume"`
 (and emulator parameters) for the real one.
 """
 
@@ -22,14 +22,14 @@ from typing import Any
 
 import grpc
 
-from kvfs.csi import jsonline
 from kvfs.csi.mounter import MounterClient
 from kvfs.csi.proto import load
 from kvfs.csi.state import StateStore, process_alive
+from kvfs.daemon.control import ControlClient
 
 pb2, pb2_grpc = load()
 
-STANDIN = "kvfs.csi.standin:run"
+STANDIN = "kvfs.daemon.standin:run"
 TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
 AUDIENCE = "api://AzureADTokenExchange"
 FUSE_OK = os.path.exists("/dev/fuse") and os.geteuid() == 0
@@ -126,10 +126,9 @@ class Kubelet:
     def probe(self) -> bool:
         return bool(self.identity.Probe(pb2.ProbeRequest(), timeout=10).ready.value)
 
-    def control(self, target: str, message: dict[str, Any]) -> dict[str, Any]:
-        """Talk to a volume's daemon directly, as the plugin does."""
-        path = str(StateStore(self.state_dir).control_socket(target))
-        return jsonline.request(path, message, timeout=5.0)
+    def control(self, target: str) -> ControlClient:
+        """The client of a volume's daemon, on the socket the plugin uses."""
+        return ControlClient(str(StateStore(self.state_dir).control_socket(target)))
 
     def state(self, target: str) -> Any:
         return StateStore(self.state_dir).load(target)

@@ -61,6 +61,7 @@ def test_publish_serves_files_at_once_and_unpublish_removes_everything(csi_plugi
     assert is_kvfs_mount(target)
     state = csi_plugin.state(target)
     assert state.phase == "ready" and state.pid > 0
+    assert (state.pod, state.pod_uid) == ("default/demo", "7c1d2f7e-0000-4000-8000-000000000001")  # whose volume
     pid = state.pid
     assert "vol-a" in _cmdline(pid)
     assert _uid(pid) == state.uid == DEFAULT_DAEMON_UID_RANGE[0]  # the lowest free uid of the range
@@ -92,11 +93,11 @@ def test_only_the_daemon_holds_the_fuse_fd(csi_process: Callable[..., PluginProc
 def test_republish_passes_the_fresh_token_quickly(csi_plugin: Kubelet, tmp_path: Path) -> None:
     target = csi_plugin.target(tmp_path, "p")
     csi_plugin.publish("vol-a", target, token="first-token")
-    first = csi_plugin.control(target, {"op": "status"})
+    first = csi_plugin.control(target).status()
     assert first["token_sha256"] == hashlib.sha256(b"first-token").hexdigest()[:12]
     pid = csi_plugin.state(target).pid
     csi_plugin.publish("vol-a", target, token="second-token", token_in_secrets=True)
-    second = csi_plugin.control(target, {"op": "status"})
+    second = csi_plugin.control(target).status()
     assert second["token_sha256"] == hashlib.sha256(b"second-token").hexdigest()[:12]
     assert second["token_updates"] == 1
     assert csi_plugin.state(target).pid == pid  # same daemon, same mount
@@ -146,7 +147,7 @@ def test_killed_plugin_restarts_and_keeps_volumes(csi_process: Callable[..., Plu
     assert kubelet.state(third).uid not in uids and _uid(kubelet.state(third).pid) == kubelet.state(third).uid
     kubelet.unpublish("vol-2", third)
     kubelet.publish("vol-0", targets[0], token="after-restart")  # republish by the new plugin
-    status = kubelet.control(targets[0], {"op": "status"})
+    status = kubelet.control(targets[0]).status()
     assert status["token_sha256"] == hashlib.sha256(b"after-restart").hexdigest()[:12]
     assert kubelet.state(targets[0]).pid == pids[0]
     for i, target in enumerate(targets):

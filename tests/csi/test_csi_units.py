@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakekube import FakeKube
+from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE, token_for_audience
 from kvfs.csi import request
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError
 from kvfs.csi.mountinfo import Health, find_mount, is_kvfs_mount, parse_mountinfo, probe_mount
@@ -57,7 +58,9 @@ def test_state_store_round_trip_and_no_secret_fields(tmp_path: Path) -> None:
     assert store.load("/pods/x/mount") == state
     assert oct(os.stat(tmp_path / "state").st_mode & 0o777) == "0o700"
     raw = json.loads((store.volume_dir("/pods/x/mount") / "state.json").read_text())
-    assert set(raw) == {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created"}
+    identifiers = {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created"}
+    pod = {"pod_namespace", "pod_name", "pod_uid", "secret_provider_class"}
+    assert set(raw) == identifiers | pod  # ids only: never a token, a secret or the parameters
     assert [s.volume_id for s in store.all()] == ["vol-1"]
     store.remove("/pods/x/mount")
     assert store.load("/pods/x/mount") is None and store.all() == []
@@ -88,17 +91,17 @@ def test_process_identity() -> None:
 
 
 def test_tokens_read_from_secrets_first() -> None:
-    tok = lambda t: json.dumps({request.AUDIENCE: {"token": t}})  # noqa: E731
+    tok = lambda t: json.dumps({WORKLOAD_IDENTITY_AUDIENCE: {"token": t}})  # noqa: E731
     inputs = request.split_inputs(
         {request.TOKENS_KEY: tok("from-context"), "keyvaultName": "kv"}, {request.TOKENS_KEY: tok("from-secrets"), "clientid": "c"}
     )
-    assert request.token_for_audience(inputs.tokens_json) == "from-secrets"
+    assert token_for_audience(inputs.tokens_json) == "from-secrets"
     assert request.TOKENS_KEY not in inputs.secrets and request.TOKENS_KEY not in inputs.attributes
     assert "from-" not in repr(inputs) and "'c'" not in repr(inputs)
     inputs = request.split_inputs({request.TOKENS_KEY: tok("from-context")}, {})
-    assert request.token_for_audience(inputs.tokens_json) == "from-context"
-    assert request.token_for_audience("not json") == ""
-    assert request.token_for_audience(json.dumps({"other": {"token": "x"}})) == ""
+    assert token_for_audience(inputs.tokens_json) == "from-context"
+    assert token_for_audience("not json") == ""
+    assert token_for_audience(json.dumps({"other": {"token": "x"}})) == ""
 
 
 POD_INFO = {
@@ -230,17 +233,9 @@ def test_daemon_uid_range_flag() -> None:
             uid_range(bad)
 
 
-def test_an_entry_brings_its_own_root_step() -> None:
-    from kvfs.csi import daemon
-
-    default = daemon.load_entry(daemon.DEFAULT_ENTRY)
-    assert (default.run, default.prepare) == (daemon.run_volume, daemon.prepare)
-    assert daemon.load_entry("kvfs.csi.standin:run").prepare is None  # no other entry's prepare runs
-
-
 def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon re-parses its parameters: a file outside the folder it was sent is refused there too."""
-    from kvfs.csi import daemon
+    from kvfs.daemon import entry
     from kvfs.net import http as transport
 
     monkeypatch.setattr(transport, "_preloaded_context", None)  # prepare() sets it process-wide
@@ -256,12 +251,12 @@ def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, 
         "cloudName": "AzureStackCloud",
         "cloudEnvFileName": str(env),
         "objects": "array:\n  - |\n    objectName: s\n    objectType: secret\n",
-        request.TOKENS_KEY: json.dumps({request.AUDIENCE: {"token": "x.y.z"}}),
+        request.TOKENS_KEY: json.dumps({WORKLOAD_IDENTITY_AUDIENCE: {"token": "x.y.z"}}),
     }
     ready_r, ready_w = os.pipe()
-    spec = daemon.DaemonSpec("vol-1", params, {}, False, -1, -1, ready_w, cloud_env_dir=str(tmp_path / "admin"))
-    daemon.prepare(spec)
-    assert daemon.run_volume(spec) == 2
+    spec = entry.DaemonSpec("vol-1", params, {}, False, -1, -1, ready_w, cloud_env_dir=str(tmp_path / "admin"))
+    entry.prepare(spec)
+    assert entry.run_volume(spec) == 2
     assert os.read(ready_r, 4096).startswith(b"error cloudName AzureStackCloud is not valid, error: cloudEnvFileName")
     os.close(ready_r)
     os.close(ready_w)

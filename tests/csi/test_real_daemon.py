@@ -1,5 +1,5 @@
 """Issue 6 end to end: kubelet calls over the unix socket, the REAL per-volume daemon
-(kvfs.csi.daemon:run_volume → kvfs.fs.mount.run_mount) and the emulator over HTTPS.
+(kvfs.daemon.entry:run_volume → kvfs.daemon.volume.serve_volume) and the emulator over HTTPS.
 
 One plugin process serves a fleet of 20 pod volumes for the whole module (each pod with its own
 namespace, service account, FIC'd app or managed identity, vault and secret value; half name a
@@ -34,6 +34,7 @@ import jwt
 import pytest
 import yaml
 
+from control_fuzz import answers_status, attack
 from csi_harness import AUDIENCE, FUSE_OK, TOKENS_KEY, Kubelet, PluginProcess, wait_for
 from fakekube import FakeKube
 from kvfs.csi.mountinfo import is_kvfs_mount, read_mountinfo
@@ -44,7 +45,7 @@ from kvfs.emulator.server import Emulator, EmulatorThread
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")]
 
-REAL_DAEMON = "kvfs.csi.daemon:run_volume"
+REAL_DAEMON = "kvfs.daemon.entry:run_volume"
 PODS = 20
 NOBODY = 65534
 JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
@@ -222,6 +223,7 @@ def fleet(world: World) -> Iterator[Fleet]:
             "--metrics-addr", f"127.0.0.1:{port}",
             "--health-interval", "0",
             "--log-level", "DEBUG",
+            "--log-format", "json",  # passed on to the mounter, its zygote and every daemon
             "--cloud-env-dir", str(world.emu.cloud_env_file.parent),
         ),
         kubelet_dir=str(world.base / "kubelet"),
@@ -426,7 +428,7 @@ def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(f
         # nor the plugin's side: b's control socket (token, stop) or the mounter's socket
         for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(kubelet.state_dir, "mounter.sock")):
             assert as_user(a.uid, lambda path=path: connect(path)) == errno.EACCES
-        assert kubelet.control(pods[1].target, {"op": "status"})["ok"] is True  # root's plugin can
+        assert kubelet.control(pods[1].target).status()["ok"] is True  # root's plugin can
         assert process_alive(a.pid, a.pid_start) and process_alive(b.pid, b.pid_start)
         assert Path(pods[1].target, "app-secret").read_text() == pods[1].value
     finally:
@@ -472,6 +474,33 @@ def test_republish_pushes_the_new_token_without_a_key_vault_call(
     assert [s for s in seen if s[0] == pod.client_id] == [(pod.client_id, pod.subject(), fresh_jti)]
     kubelet.unpublish(pod.volume_id, pod.target)
     assert_gone(kubelet, pod, daemon)
+
+
+def test_no_control_client_can_stop_a_volume(fleet: Fleet) -> None:
+    """Issue 10: garbage, half requests, early hang-ups and slow readers at a real daemon's control
+    socket leave it serving, answering status from its live state, and taking the next token."""
+    world, kubelet = fleet.world, fleet.kubelet
+    pod = fleet.pods[2]
+    daemon = fleet.daemon(pod)
+    assert read_secret(pod) == pod.value
+    path = str(StateStore(kubelet.state_dir).control_socket(pod.target))
+    attack(path)
+    assert process_alive(daemon.pid, daemon.pid_start) and is_kvfs_mount(pod.target)
+    assert read_secret(pod) == pod.value
+    status = answers_status(path)
+    assert (status["pid"], status["volume_id"], status["mountpoint"]) == (daemon.pid, pod.volume_id, None)
+    assert status["pod"] == {"namespace": pod.namespace, "name": pod.name}
+    assert status["identity"]["client_id"] == pod.client_id and status["identity"]["token_expires_at"]
+    [app] = status["objects"]
+    assert (app["file"], app["object"], app["error"]) == ("app-secret", "secret/app-secret", None)
+    assert app["version"] and app["refreshed_at"]
+    assert [e["kind"] for e in kubelet.control(pod.target).events()["events"]] == ["served"]
+    fresh = world.emu.identity.mint_sa_token(pod.namespace, pod.service_account, pod=pod.name)
+    publish(kubelet, world, pod, token=fresh)  # kubelet's next republish still reaches it
+    assert fleet.daemon(pod) == daemon and read_secret(pod) == pod.value
+    complaints = [line for line in fleet.plugin.log().splitlines() if pod.volume_id in line and " ERROR " in line]
+    assert complaints == []  # the plugin never found the volume broken
+    assert "internal error" not in Path(fleet.plugin.mounter_log).read_text()  # every bad request was expected
 
 
 def test_publish_and_unpublish_are_idempotent_and_leave_nothing(fleet: Fleet) -> None:
@@ -544,7 +573,37 @@ def test_state_folder_and_logs_never_hold_a_token_or_a_secret(fleet: Fleet) -> N
     assert files >= len(fleet.pods) + 2  # state.json per volume, plugin.log, mounter.log
     mounter_log = Path(fleet.plugin.mounter_log).read_text()
     assert mounter_log.count("mount config: vault=") >= len(fleet.pods)  # every daemon logged there
-    assert " DEBUG kvfs." in mounter_log  # at DEBUG, through kvfs's one logging setup
+    assert '"level": "DEBUG", "logger": "kvfs.' in mounter_log  # at DEBUG, through kvfs's one logging setup
+
+
+def json_records(path: str) -> list[dict[str, Any]]:
+    """Every line of a log as JSON; a line that is not (a stray print, a raw traceback) fails."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"{path} line {number} is not JSON: {line!r}") from None
+        assert list(entries[-1])[:5] == ["time", "level", "logger", "message", "pid"], line
+    return entries
+
+
+def test_every_log_line_of_the_plugin_and_its_mounter_is_json_naming_volume_and_pod(fleet: Fleet) -> None:
+    """`--log-format json` reached the mounter, the zygote and every daemon; daemons' lines carry
+    their volume and pod, and a refused read names the object and the code."""
+    with pytest.raises(PermissionError):
+        read_secret(fleet.intruder)
+    plugin, mounter = json_records(fleet.plugin.log_path), json_records(fleet.plugin.mounter_log)
+    published = {e["volume"]: e["pod"] for e in plugin if e["message"].startswith(f"volume {e.get('volume')}: published")}
+    for pod in [*fleet.pods, fleet.intruder]:
+        assert published.get(pod.volume_id) == f"{pod.namespace}/{pod.name}"
+    pids = {e["pid"] for e in mounter}
+    assert len(pids) >= len(fleet.pods) + 2  # the mounter, its zygote, one daemon per volume
+    daemons = [e for e in mounter if e["message"].startswith("mount config:")]
+    assert {(e["volume"], e["pod"]) for e in daemons} >= {(p.volume_id, f"{p.namespace}/{p.name}") for p in fleet.pods}
+    refused = [e for e in mounter if e.get("object") == "secret/app-secret" and e["level"] == "WARNING"]
+    assert any(e["volume"] == fleet.intruder.volume_id and e["code"] for e in refused), refused
+    assert any(e["logger"] == "kvfs.vault.client" and e.get("status") == 403 for e in mounter)
 
 
 def test_killed_plugin_keeps_every_volume_serving_and_unpublish_works_after(fleet: Fleet) -> None:

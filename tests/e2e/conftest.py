@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from guards import LogCheck
 from kvfs.emulator.server import Emulator, EmulatorThread
 
 needs_fuse = pytest.mark.skipif(
@@ -95,12 +96,17 @@ class Mount:
 
 
 class Mounter:
-    """Starts `kvfs mount` processes and guarantees they are gone after the test."""
+    """Starts `kvfs mount` processes and guarantees they are gone after the test.
 
-    def __init__(self, emu: Emulator, tmp: Path) -> None:
+    Their output goes through checklogs when they stop: the test's own check when given one,
+    else (module-scoped mounts) a check of their own that fails the fixture's teardown.
+    """
+
+    def __init__(self, emu: Emulator, tmp: Path, checklogs: LogCheck | None = None) -> None:
         self.emu = emu
         self.tmp = tmp
         self.mounts: list[Mount] = []
+        self.checklogs = checklogs
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -147,9 +153,13 @@ class Mounter:
         return mount
 
     def close(self) -> None:
+        check = self.checklogs or LogCheck()
         for mount in self.mounts:
             mount.stop()
             assert not is_mounted(mount.path), f"{mount.path} still mounted"
+            check.check_output(mount.log(), f"kvfs mount {mount.path.name}")
+        if self.checklogs is None and check.verdict():
+            pytest.fail(f"checklogs:\n{check.verdict()}", pytrace=False)
 
 
 @pytest.fixture
@@ -159,8 +169,8 @@ def emu(tmp_path: Path) -> Iterator[Emulator]:
 
 
 @pytest.fixture
-def mounter(emu: Emulator, tmp_path: Path) -> Iterator[Mounter]:
-    mounter = Mounter(emu, tmp_path)
+def mounter(emu: Emulator, tmp_path: Path, checklogs: LogCheck) -> Iterator[Mounter]:
+    mounter = Mounter(emu, tmp_path, checklogs)
     try:
         yield mounter
     finally:

@@ -24,6 +24,7 @@ import jwt
 import pytest
 import yaml
 
+from guards import LogCheck
 from e2e.conftest import (
     Mount,
     Mounter,
@@ -150,8 +151,8 @@ def short_emu(tmp_path: Path) -> Iterator[Emulator]:
 
 
 @pytest.fixture
-def short_mounter(short_emu: Emulator, tmp_path: Path) -> Iterator[Mounter]:
-    mounter = Mounter(short_emu, tmp_path / "short")
+def short_mounter(short_emu: Emulator, tmp_path: Path, checklogs: LogCheck) -> Iterator[Mounter]:
+    mounter = Mounter(short_emu, tmp_path / "short", checklogs)
     mounter.tmp.mkdir()
     try:
         yield mounter
@@ -282,14 +283,14 @@ def test_vm_managed_identity_user_assigned_never_through_a_proxy(
     assert emu.count(route="imds", client_id=identity.client_id) == 1
     assert emu.count(route="get_secret", client_id=identity.client_id) == 1
     assert emu.count(route="token") == 0
-    assert sentinel.requests == []  # IMDS is node-local: a proxy must never see it (wire §11)
+    assert sentinel.requests == []  # IMDS is node-local: a proxy must never see it
 
 
 def test_vm_managed_identity_system_assigned_without_tenant(emu: Emulator, mounter: Mounter) -> None:
     emu.set_secret("demo", "demo-secret", VALUE)
     system = emu.info["managed_identity"]["client_id"]
     params = stack_parameters(emu, useVMManagedIdentity="true")
-    del params["tenantId"]  # upstream demands a tenant it never uses here (its fault #9); kvfs does not
+    del params["tenantId"]  # upstream demands a tenant it never uses here; kvfs does not
     emu.reset_counts()
     mount = mounter.start(params, env=clean_env(mounter, AZURE_POD_IDENTITY_AUTHORITY_HOST=emu.imds_url))
     assert read_ok(mount) == VALUE.encode()

@@ -1,8 +1,8 @@
 """Issue 5 end to end: every object type × format × encoding read through a real FUSE mount.
 
 The vault content is built here with `cryptography` (tests/certgen.py) and served by the emulator
-over HTTPS. Every expected byte string is derived from the upstream rules
-(reference upstream-provider.md §6, §7): keys and certificates are serialised with `cryptography`
+over HTTPS. Every expected byte string is derived from the upstream provider's rules (bytes per
+type, format and encoding; file names): keys and certificates are serialised with `cryptography`
 and concatenated in the ruled order, never captured from kvfs output.
 
 Mounts cost about half a second each, so one module-scoped mount holds every single-file case,
@@ -90,13 +90,13 @@ class Content:
 
 
 def chain_pem(chain: certgen.Chain) -> bytes:
-    """§6.2/§6.7: PKCS#8 key first, then leaf → intermediates → root."""
+    """PFX → PEM as upstream writes it: the PKCS#8 key first, then leaf → intermediates → root."""
     return certgen.key_pem(chain.leaf_key) + certgen.certs_pem(chain.certs)
 
 
 def build_content(emu: Emulator) -> Content:
     c = Content()
-    # Keys (§6.5): RSA, RSA-HSM, EC on the three supported curves, EC-HSM.
+    # Keys: RSA, RSA-HSM, EC on the three supported curves, EC-HSM.
     c.keys = {
         "k-rsa": certgen.rsa_key(),
         "k-rsa-hsm": certgen.rsa_key(3072),
@@ -245,7 +245,7 @@ def main_layout(c: Content) -> Layout:
         lay.add("pfx", secret(name, objectFormat="PFX", objectEncoding="base64", objectAlias=f"{name}.pfx"),
                 c.pfx_bytes[name])
 
-    # Plain secrets and objectEncoding (§6.4).
+    # Plain secrets and objectEncoding (utf-8 as is; base64 and hex decoded).
     text = c.plain["p-text"].encode()
     lay.add("encoding", secret("p-text"), text)
     lay.add("encoding", secret("p-text", objectEncoding="utf-8", objectAlias="p-text-utf8"), text)
@@ -328,7 +328,7 @@ def test_key_types_are_the_ones_claimed(world: World) -> None:
 
 
 def test_pem_output_shape_is_go_like(world: World) -> None:
-    """64-column base64 lines, LF endings, PKCS#8 keys only, no blank lines (§6.2)."""
+    """As Go's encoding/pem writes: 64-column base64 lines, LF endings, PKCS#8 keys only, no blank lines."""
     data = read(world.mount.path / "bag-ec-ril")
     assert data.count(b"-----BEGIN PRIVATE KEY-----") == 1 and data.count(b"BEGIN CERTIFICATE") == 3
     assert b"EC PRIVATE KEY" not in data and b"\r" not in data and b"\n\n" not in data
@@ -434,7 +434,7 @@ def test_no_split_files_without_the_option(world: World) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Split .crt / .key files (§6.3), by flag and by parameter
+# Split .crt / .key files, by flag and by parameter
 # ------------------------------------------------------------------------------------------------
 
 

@@ -56,6 +56,10 @@ def test_listing_twenty_and_reading_one_costs_one_get_and_one_exchange(emu: Emul
     assert read(mount.path / "s7") == b"value-7"
     assert emu.count(route="get_secret") == 1
     assert emu.count(route="token") == 1
+    # `stat` (as `ls -l` does) fetches the object it names, once.
+    assert os.stat(mount.path / "s3").st_size == len(b"value-3")
+    assert os.stat(mount.path / "..data" / "s3").st_size == len(b"value-3")
+    assert emu.count(route="get_secret") == 2
 
 
 def test_hundred_concurrent_cold_readers_cause_one_get(emu: Emulator, mounter: Mounter) -> None:

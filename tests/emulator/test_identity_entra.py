@@ -6,6 +6,7 @@ import base64
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from urllib.parse import quote
 
 import httpx
@@ -246,7 +247,7 @@ async def test_outage_answers_503_until_cleared(
 
 
 async def test_on_request_counts_every_token_request(
-    provider: IdentityProvider, client: httpx.AsyncClient
+    provider: IdentityProvider, client: httpx.AsyncClient, expect_logs: Callable[..., None]
 ) -> None:
     seen: list[tuple[str, str]] = []
     provider.on_request = lambda route, cid: seen.append((route, cid))
@@ -262,6 +263,7 @@ async def test_on_request_counts_every_token_request(
 
     provider.outage = False
     provider.on_request = broken
+    expect_logs(r"on_request hook failed", level=logging.ERROR)
     assert (await client.post(TOKEN_PATH, data=secret_form(provider))).status_code == 200
 
 

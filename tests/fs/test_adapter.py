@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 import pyfuse3
 import pytest
@@ -18,8 +19,9 @@ CTX = None  # the handlers never look at the request context
 
 
 async def test_handlers_answer_the_errno_of_kvfs_errors_and_eio_with_a_log_line_for_bugs(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, expect_logs: Callable[..., None]
 ) -> None:
+    expect_logs(r"internal error in (lookup|open); answering EIO", level=logging.ERROR)
     core, resolver, _ = make_core(A)
     adapter = FuseAdapter(core)
     placeholder = dict(await core.readdir(ROOT_INODE))["alpha"].inode  # listed, never fetched

@@ -1,4 +1,4 @@
-"""FilesystemCore driven directly (no mount), with an in-memory resolver."""
+"""FilesystemCore driven directly (no mount), with an in-memory resolver (or the real one)."""
 
 from __future__ import annotations
 
@@ -267,6 +267,18 @@ async def test_superseded_inode_is_dropped_after_forget_and_release() -> None:
     assert first.inode not in set(core.known_inodes())
 
 
+async def test_rotation_retires_the_old_inode_without_another_lookup() -> None:
+    """The old bytes go once the kernel forgets them, even if the name is never looked up again."""
+    core, resolver, _ = make_core(A)
+    resolver.latest["alpha"] = version(A, "v1", b"one")
+    first = await core.lookup(ROOT_INODE, "alpha")
+    resolver.latest["alpha"] = version(A, "v2", b"two")
+    await core.on_change(A, resolver.latest["alpha"])
+    assert (await core.getattr(first.inode)).size == 3  # the kernel still knows it
+    core.forget(first.inode, 1)
+    assert first.inode not in set(core.known_inodes())
+
+
 async def test_same_version_keeps_the_same_inode() -> None:
     core, resolver, _ = make_core(A)
     resolver.latest["alpha"] = version(A, "v1", b"one")
@@ -319,6 +331,15 @@ async def test_history_folder_has_exactly_the_available_versions() -> None:
     for bad in ("3", "01", "-1", "x"):
         with pytest.raises(FsError):
             await core.lookup(folder.inode, bad)
+
+
+@pytest.mark.parametrize("history", [0, 1])
+async def test_history_of_one_version_is_a_plain_file(history: int) -> None:
+    single = ObjectSpec(name="hist", type="secret", version_history=history)
+    core, resolver, _ = make_core(single)
+    resolver.latest["hist"] = version(single, "v1", b"newest")
+    attr = await core.lookup(ROOT_INODE, "hist")
+    assert stat.S_ISREG(attr.mode) and attr.size == len(b"newest")
 
 
 @pytest.mark.parametrize("name", ["²", "١", "０", "𝟘", "1²", "٣"])

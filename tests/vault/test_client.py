@@ -397,6 +397,31 @@ async def test_unreachable_vault_is_eio_naming_the_vault(autojump_clock: trio.te
     assert len(rec.requests) == 3
 
 
+async def test_debug_logs_one_line_per_request_without_query_headers_or_body(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kvfs.vault.client")
+    rec = Recorder(
+        httpx.ConnectError("[Errno 111] Connection refused"),
+        kv_error(503, "ServiceUnavailable", "busy"),
+        httpx.Response(200, json=secret_bundle()),
+        httpx.Response(200, json={"value": [], "nextLink": None}),
+    )
+    client, cred = make_client(rec)
+    await client.get("secret", "db")
+    await client.list_versions("secret", "db")  # a query of its own: maxresults
+    lines = [r for r in caplog.records if r.name == "kvfs.vault.client" and r.getMessage().startswith("GET ")]
+    assert len(lines) == len(rec.requests) == 4
+    outcomes = [getattr(r, "status", None) or getattr(r, "code") for r in lines]
+    assert outcomes == ["ConnectError", 503, 200, 200]
+    assert [r.path for r in lines] == ["/secrets/db"] * 3 + ["/secrets/db/versions"]  # type: ignore[attr-defined]
+    assert all(r.method == "GET" and r.duration_ms >= 0 for r in lines)  # type: ignore[attr-defined]
+    assert lines[1].getMessage().startswith("GET /secrets/db -> 503 (")
+    everything = caplog.text + repr([r.__dict__ for r in lines])
+    assert "api-version" not in everything and "maxresults" not in everything
+    assert cred.token not in everything and SECRET_VALUE not in everything
+
+
 # -- paging -----------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""PEM / PFX / JWK conversions against the upstream provider's rules (§6, §10 vectors).
+"""PEM / PFX / JWK conversions against the upstream provider's rules and its unit-test vectors.
 
 Expected bytes are built from the generated objects with `cryptography`'s own serialisers
 (PKCS#8 / SPKI / certificate PEM) concatenated in the order the rules prescribe.
@@ -160,7 +160,7 @@ def test_pem_block_repr_hides_bytes() -> None:
     assert base64.b64encode(b"very-secret-key-bytes").decode() not in repr(block)
 
 
-# --- split_pem (§6.3) ------------------------------------------------------------------------
+# --- split_pem: `.crt` the CERTIFICATE blocks, `.key` the others, in content order ---------------
 
 
 def test_split_pem_key_first_bundle(ec_chain: g.Chain) -> None:
@@ -196,7 +196,7 @@ def test_split_pem_empty() -> None:
     assert split_pem(b"no pem here") == (b"", b"")
 
 
-# --- chain ordering (§6.7) -------------------------------------------------------------------
+# --- chain ordering: leaf → intermediates → root by AKI/SKI; an incomplete chain unchanged -------
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
@@ -269,7 +269,7 @@ def test_order_chain_rejects_non_certificate_block(ec_chain: g.Chain) -> None:
         order_chain(text)
 
 
-# --- PKCS#12 → PEM (§6.2, §10) ---------------------------------------------------------------
+# --- PKCS#12 → PEM: every key as PKCS#8 first, then the certificates -----------------------------
 
 
 def test_pfx_a_rsa_2048_self_signed(rsa_key: g.PrivateKey) -> None:
@@ -366,7 +366,7 @@ def test_pfx_errors_never_echo_the_value(ec_chain: g.Chain) -> None:
         pfx_to_pem(base64.b64encode(protected).decode())
 
 
-# --- certificates (§6.6) ---------------------------------------------------------------------
+# --- certificates: the leaf only, one CERTIFICATE block ------------------------------------------
 
 
 def test_cer_to_pem_upstream_vector() -> None:
@@ -382,7 +382,7 @@ def test_cer_to_pem_bad_base64() -> None:
         cer_to_pem("dG*zdA==")
 
 
-# --- keys (§6.5) -----------------------------------------------------------------------------
+# --- keys: the public key as a SPKI `PUBLIC KEY`; RSA, and EC on P-256/384/521 -------------------
 
 
 @pytest.mark.parametrize("hsm", [False, True])

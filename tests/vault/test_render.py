@@ -1,4 +1,4 @@
-"""render_object: bundle → file bytes for every type × format × encoding (upstream §6, §10).
+"""render_object: bundle → file bytes for every type × format × encoding, by upstream's rules.
 
 Expected bytes are derived from the rules with `cryptography`'s serialisers, never captured
 from render_object itself.
@@ -42,7 +42,7 @@ def rsa_key() -> g.PrivateKey:
     return g.rsa_key()
 
 
-# --- §10 encoding vectors --------------------------------------------------------------------
+# --- objectEncoding: upstream's unit-test vectors ------------------------------------------------
 
 
 def test_no_encoding_returns_value() -> None:
@@ -104,11 +104,12 @@ def test_decode_errors_name_the_problem_and_fix_without_the_secret(
     assert value not in repr(info.value)
 
 
-# --- §10 secret fetch vectors ----------------------------------------------------------------
+# --- certificate-backed secrets: upstream's unit-test vectors ------------------------------------
 
 
 def test_cert_backed_pem_is_verbatim(chain: g.Chain) -> None:
-    # Root first and CRLF: never reordered nor re-encoded (fault #19 kept for compatibility).
+    # Root first and CRLF: never reordered nor re-encoded. Upstream never orders a PEM content
+    # type; kept for compatibility.
     value = (g.certs_pem(reversed(chain.certs)) + g.key_pem(chain.leaf_key)).decode().replace("\n", "\r\n")
     bundle = g.cert_secret_bundle(value, g.CONTENT_TYPE_PEM)
     for fmt in FORMATS:
@@ -176,7 +177,7 @@ def test_managed_without_kid_is_a_plain_secret(chain: g.Chain) -> None:
     assert render_object(spec(), bundle, split_cert_key=True) == {"": value.encode()}
 
 
-# --- kvfs improvement: fault #14 ------------------------------------------------------------
+# --- kvfs improvement: with objectFormat pfx upstream's split files are empty, kvfs's hold PEM ---
 
 
 @pytest.mark.parametrize("encoding", ["", "base64"])
@@ -288,7 +289,7 @@ def _fixture(kind: str, encoding: str, chain: g.Chain, rsa_key: g.PrivateKey) ->
 def _expected(
     kind: str, fmt: str, encoding: str, split: bool, stored_value: str, chain: g.Chain, rsa_key: g.PrivateKey
 ) -> dict[str, bytes] | str:
-    """The §6 rules, written out independently of the implementation."""
+    """Upstream's bytes per type, format and encoding, written out independently of the implementation."""
     if kind == "rsa-key":
         return {"": g.public_key_pem(rsa_key)}
     if kind == "ec-key":

@@ -95,6 +95,11 @@ class CachingCredential:
         log.debug("cached token for %s, refresh in %.0fs", scope, entry.refresh_at - trio.current_time())
         return token
 
+    def expires_at(self, scope: str) -> float | None:
+        """When the cached token for `scope` expires (trio time); None without one."""
+        entry = self._entries.get(scope)
+        return entry.token.expires_at if entry is not None and entry.token is not None else None
+
     def invalidate(self, scope: str | None = None) -> None:
         """Drop cached tokens (e.g. after Key Vault answered 401 with a new challenge)."""
         if scope is None:

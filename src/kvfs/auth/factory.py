@@ -23,7 +23,7 @@ def build_credential(
     *,
     token_source: TokenSource | None = None,
     local_http: httpx.AsyncClient | None = None,
-) -> Credential:
+) -> CachingCredential:
     """One cached credential for the volume's identity.
 
     `http` reaches Entra ID (HTTPS, SSL_CERT_FILE, proxies allowed); `local_http` reaches IMDS/NMI

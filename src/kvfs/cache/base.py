@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvfs.config.model import ObjectSpec, ObjectType
+from kvfs.errors import KvfsError
 
 
 class VaultReader(Protocol):
@@ -44,6 +45,23 @@ class Version:
 
 
 OnChange = Callable[[ObjectSpec, Version], Awaitable[None]]
+
+
+class CacheListener(Protocol):
+    """The cache's report of every load, for what the daemon tells the outside (kvfs.daemon.status).
+
+    The hook points for status, events, pod events and Secret syncs: the loader calls these,
+    synchronously, after each load of an object's current version or history folder. A
+    listener that raises is logged and ignored; it never fails a read.
+    """
+
+    def fetched(self, spec: ObjectSpec, version: Version | None) -> None:
+        """Key Vault answered: `spec` shows `version` now (None: a history folder with no enabled version)."""
+        ...
+
+    def failed(self, spec: ObjectSpec, error: KvfsError, *, background: bool) -> None:
+        """A load failed; `background`: a refresh (readers keep the last good bytes), else a reader waited."""
+        ...
 
 
 class ObjectCache(Protocol):

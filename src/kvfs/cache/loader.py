@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import trio
 
-from kvfs.cache.base import CacheStats, OnChange, VaultReader, Version
+from kvfs.cache.base import CacheListener, CacheStats, OnChange, VaultReader, Version
 from kvfs.cache.store import VersionStore
 from kvfs.config.model import ObjectSpec
 from kvfs.errors import KvfsError, VaultError, error_code
@@ -46,6 +46,7 @@ class Loader:
         *,
         on_loaded: Callable[[Target], None],
         on_change: OnChange | None,
+        listener: CacheListener | None = None,
         max_concurrency: int,
         deadline: float,
         error_cooldown: float,
@@ -55,6 +56,8 @@ class Loader:
         self._stats = stats
         self._on_loaded = on_loaded
         self._on_change = on_change
+        self._listener = listener
+        self._listener_failed = False  # its first failure is logged with a traceback, later ones quietly
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self._deadline = deadline
         self._current: SingleFlight[ObjectSpec, Version] = SingleFlight(
@@ -68,13 +71,13 @@ class Loader:
     async def current(self, spec: ObjectSpec, *, background: bool = False) -> Version:
         """Fetch `spec`'s current version; `background` loads skip the error cooldown."""
         return await self._current.run(
-            spec, lambda: self._bounded(spec, self._fetch_current(spec)), cooldown=not background
+            spec, lambda: self._bounded(spec, self._fetch_current(spec), background), cooldown=not background
         )
 
     async def history(self, spec: ObjectSpec, *, background: bool = False) -> list[Version]:
         """Fetch `spec`'s newest versions (at most `spec.version_history`)."""
         return await self._history.run(
-            spec, lambda: self._bounded(spec, self._fetch_history(spec)), cooldown=not background
+            spec, lambda: self._bounded(spec, self._fetch_history(spec), background), cooldown=not background
         )
 
     async def refresh(self, target: Target) -> None:
@@ -86,7 +89,7 @@ class Loader:
 
     # -- one load ---------------------------------------------------------------------------
 
-    async def _bounded(self, spec: ObjectSpec, fetch: Awaitable[T]) -> T:
+    async def _bounded(self, spec: ObjectSpec, fetch: Awaitable[T], background: bool) -> T:
         """Run a fetch within the load deadline; log failures when their cause changes."""
         try:
             with trio.move_on_after(self._deadline) as scope:
@@ -97,9 +100,10 @@ class Loader:
                 )
         except KvfsError as exc:
             self._failed(spec, exc)
+            self._tell(lambda listener: listener.failed(spec, exc, background=background))
             raise
         if self._logged.pop(spec, None) is not None:
-            log.info("object=%s fetched again after failures", spec.object_id)
+            log.info("object=%s fetched again after failures", spec.object_id, extra={"object": spec.object_id})
         return result
 
     def _failed(self, spec: ObjectSpec, exc: KvfsError) -> None:
@@ -108,7 +112,8 @@ class Loader:
         if self._logged.get(spec) != code:
             self._logged[spec] = code
             # The message is safe by contract (KvfsError); it names the object and the code.
-            log.warning("object=%s code=%s: %s", spec.object_id, code, exc)
+            fields = {"object": spec.object_id, "code": code}
+            log.warning("object=%s code=%s: %s", spec.object_id, code, exc, extra=fields)
 
     async def _get(self, spec: ObjectSpec, version: str) -> dict[str, Any]:
         async with self._limiter:
@@ -117,10 +122,11 @@ class Loader:
     async def _fetch_current(self, spec: ObjectSpec) -> Version:
         new = self._store.render(spec, await self._get(spec, spec.version if spec.pinned else ""))
         old = self._store.set_current(spec, new)
+        self._tell(lambda listener: listener.fetched(spec, new))
         if not spec.pinned:
             self._on_loaded(Target(spec, history=False))
         if old is not None and old.version != new.version:
-            log.info("object=%s new version %s", spec.object_id, new.version)
+            log.info("object=%s new version %s", spec.object_id, new.version, extra={"object": spec.object_id})
             await self._notify(spec, new)
         return new
 
@@ -150,6 +156,7 @@ class Loader:
             start = lowered.index(spec.version.lower())
         versions = await self._fetch_versions(spec, ids[start : start + spec.version_history])
         old = self._store.set_history(spec, versions)
+        self._tell(lambda listener: listener.fetched(spec, versions[0] if versions else None))
         if not spec.pinned:
             self._on_loaded(Target(spec, history=True))
         if old is not None and [v.version for v in old] != [v.version for v in versions]:
@@ -178,6 +185,19 @@ class Loader:
         if errors:
             raise errors[0]
         return [v for v in results if v is not None]
+
+    def _tell(self, call: Callable[[CacheListener], None]) -> None:
+        """Report a load to the listener; its failure never reaches the reader."""
+        if self._listener is None:
+            return
+        try:
+            call(self._listener)
+        except Exception:
+            if not self._listener_failed:
+                self._listener_failed = True
+                log.exception("the cache listener failed (reads go on; later failures are logged at DEBUG)")
+            else:
+                log.debug("the cache listener failed again", exc_info=True)
 
     async def _notify(self, spec: ObjectSpec, version: Version) -> None:
         if self._on_change is None:

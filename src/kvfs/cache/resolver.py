@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from kvfs.cache.base import CacheStats, OnChange, VaultReader, Version
+from kvfs.cache.base import CacheListener, CacheStats, OnChange, VaultReader, Version
 from kvfs.cache.loader import Loader, Target
 from kvfs.cache.refresh import RefreshScheduler
 from kvfs.cache.store import RenderFn, VersionStore
@@ -35,6 +35,7 @@ class Resolver:
         *,
         render: RenderFn | None = None,
         on_change: OnChange | None = None,
+        listener: CacheListener | None = None,
         max_concurrency: int = 16,
         deadline: float = LOAD_DEADLINE,
         error_cooldown: float = ERROR_COOLDOWN,
@@ -55,6 +56,7 @@ class Resolver:
             self.statistics,
             on_loaded=self._scheduler.loaded,
             on_change=on_change,
+            listener=listener,
             max_concurrency=max_concurrency,
             deadline=deadline,
             error_cooldown=error_cooldown,

@@ -2,7 +2,7 @@
 
 Mirrors go-autorest's environment table as the upstream provider uses it: names are
 case-insensitive and "" means AzurePublicCloud. AzureStackCloud reads its endpoints from a JSON
-file; unlike upstream (which sets AZURE_ENVIRONMENT_FILEPATH process-wide, fault #13) the file is
+file; unlike upstream (which sets AZURE_ENVIRONMENT_FILEPATH process-wide, so concurrent mounts with different files could race) the file is
 read per mount and nothing global changes. Error texts keep upstream's
 ``cloudName <x> is not valid, error: ...`` prefix and then say how to fix the input.
 """

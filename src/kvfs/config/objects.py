@@ -14,7 +14,8 @@ Where upstream is wrong kvfs is stricter or more precise:
 - duplicate file names, and a file or history folder that is also a parent of another file, are
   refused instead of silently collapsing;
 - a bad `filePermission` is an error instead of mode 0; object names and versions are checked;
-- `objectVersionHistory` is at most `MAX_VERSION_HISTORY`.
+- `objectVersionHistory` is at most `MAX_VERSION_HISTORY`;
+- a field name written in another case (``objectname``) is refused instead of ignored.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ _STRING_FIELDS = (
     "objectEncoding",
     "filePermission",
 )
+_FIELDS = (*_STRING_FIELDS, "objectVersionHistory")
 _SHAPE_FIX = (
     "objects is a YAML mapping whose key `array` lists one `- |` text block per object,"
     " each holding e.g. objectName: my-secret and objectType: secret"
@@ -213,9 +215,23 @@ def _decode_object(text: str, index: int) -> _RawObject:
                 setattr(raw, key.value, _string_field(value).strip())
             elif key.value == "objectVersionHistory":
                 raw.objectVersionHistory = _int32_field(value)
+            else:
+                _refuse_miscased(key)
     except _UnmarshalError as exc:
         raise fail(f"yaml: unmarshal errors: {exc.text}", exc.fix) from None
     return raw
+
+
+def _refuse_miscased(key: ScalarNode) -> None:
+    """Unknown keys are ignored, as upstream does; one that differs from a field only in case
+    is a typo that would silently drop the field (``objectname`` → "file name must not be empty",
+    ``objectalias`` → the wrong file name), so it is named."""
+    meant = next((f for f in _FIELDS if f.lower() == key.value.lower()), None)
+    if meant is not None:
+        raise _UnmarshalError(
+            f"line {_line(key)}: unknown field {key.value} (field names are case-sensitive)",
+            f"did you mean {meant}? write {meant}: instead of {key.value}:",
+        )
 
 
 def _string_field(node: Node) -> str:

@@ -8,9 +8,9 @@ objects → each object → vault name. Upstream's error texts stay as message p
 appends the fix. Where upstream is wrong, kvfs does better:
 
 - the tenant is required only where the flow needs it (workload identity, service principal),
-  not for VM managed identity or pod identity (upstream fault #9);
+  not for VM managed identity or pod identity, where upstream demands one it never uses;
 - the vault name follows Key Vault's rules (3-24 of 0-9a-zA-Z-, starts with a letter, no "--",
-  no trailing "-") instead of length + charset only (#18);
+  no trailing "-") instead of upstream's length + charset check only;
 - VM managed identity is a node-wide identity: in the CSI plugin it is refused unless the
   cluster admin started the plugin with --allow-node-identity;
 - error messages never echo a client secret or a service account token (upstream prints the
@@ -70,6 +70,16 @@ _TENANT_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Every parameter name kvfs reads, as written (names are case-sensitive, as upstream's are).
+KNOWN_PARAMETERS = frozenset(
+    {
+        "keyvaultName", "tenantID", "tenantId", "clientID", "cloudName", "cloudEnvFileName", "objects",
+        "usePodIdentity", "useVMManagedIdentity", "useAzureTokenProxy", "userAssignedIdentityID",
+        "writeCertAndKeyInSeparateFiles", "constructPEMChain", "refreshInterval", "maxStaleness",
+        "secretProviderClass", POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY, SERVICE_ACCOUNT_NAME_KEY,
+        SA_TOKENS_KEY, VOLUME_MOUNT_GROUP_KEY,
+    }
+)  # fmt: skip
 _TOKEN_REQUESTS_FIX = (
     "the CSIDriver object must request service account tokens: set spec.tokenRequests with"
     f" audience {WORKLOAD_IDENTITY_AUDIENCE} (and requiresRepublish: true)"
@@ -93,6 +103,7 @@ class _Params:
         self._params = params
 
     def get(self, key: str) -> str:
+        assert key in KNOWN_PARAMETERS, key  # --param checks names against that list
         value = self._params.get(key, "")
         if value is None:
             return ""
@@ -530,6 +541,18 @@ def _workload_identity_token(p: _Params, secrets: Mapping[str, str] | None) -> s
     return token.strip()
 
 
+def token_for_audience(tokens_json: str, audience: str = WORKLOAD_IDENTITY_AUDIENCE) -> str:
+    """The JWT kubelet minted for `audience`, or "" (malformed input is parse_parameters' to report)."""
+    if not tokens_json:
+        return ""
+    try:
+        entry = json.loads(tokens_json).get(audience)
+    except (ValueError, AttributeError):
+        return ""
+    token = entry.get("token") if isinstance(entry, dict) else None
+    return token if isinstance(token, str) else ""
+
+
 def _safe_audience(audience: str) -> str:
     """Audience names are not secret, but never let a misplaced JWT through."""
     if audience.startswith("eyJ") or len(audience) > 100:
@@ -547,5 +570,6 @@ __all__ = [
     "parse_bool",
     "parse_duration",
     "parse_parameters",
+    "token_for_audience",
     "validate_vault_name",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from yaml.nodes import ScalarNode
 
+from kvfs.config.parameters import KNOWN_PARAMETERS
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,11 @@ def _parameter_text(source: str, key: str, value: Any) -> str:
 
 
 def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
-    """Apply `--param KEY=VALUE` pairs over `params`; like volumeAttributes, the overlay wins."""
+    """Apply `--param KEY=VALUE` pairs over `params`; like volumeAttributes, the overlay wins.
+
+    Names are case-sensitive, so a KEY that differs from a known parameter or a manifest key
+    only in case would be silently ignored (and the manifest's value used): refused instead.
+    """
     out = dict(params)
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -213,8 +218,23 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
                 "expected KEY=VALUE",
                 "e.g. --param keyvaultName=myvault; parameter names are case-sensitive",
             )
+        _check_case(key, params)
         out[key] = value
     return out
+
+
+def _check_case(key: str, params: Mapping[str, str]) -> None:
+    if key in KNOWN_PARAMETERS or key in params:
+        return
+    meant = sorted({name for name in (*KNOWN_PARAMETERS, *params) if name.lower() == key.lower()})
+    if meant:
+        where = "the manifest sets" if any(name in params for name in meant) else "kvfs reads"
+        raise ConfigError(
+            "--param",
+            f"{key}=...",
+            f"parameter names are case-sensitive: {key} is not {' or '.join(meant)}, which {where}",
+            f"did you mean {' or '.join(meant)}? write --param {meant[0]}=...",
+        )
 
 
 def load_secrets_file(path: str) -> dict[str, str]:

@@ -12,10 +12,26 @@ import sys
 from typing import Any
 
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR
-from kvfs.csi.daemon import DEFAULT_ENTRY
-from kvfs.logsafe import LOG_LEVELS, setup_logging
+from kvfs.daemon.entry import DEFAULT_ENTRY
+from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger(__name__)
+
+HELP = "the Kubernetes CSI node plugin and its mounter"
+DESCRIPTION = (
+    "Serve kvfs volumes to pods: `kvfs csi node` runs the CSI node plugin kubelet calls (it starts a"
+    " mounter unless --no-start-mounter); `kvfs csi mounter` runs, on its own, the process that starts"
+    " one daemon per volume."
+)
+NODE_DESCRIPTION = (
+    "Run the CSI node plugin (Identity and Node services) on a unix socket for kubelet. Each published"
+    " volume is mounted here and served by a daemon of its own, with a uid of its own, which the mounter"
+    " starts; volumes keep serving while the plugin restarts."
+)
+MOUNTER_DESCRIPTION = (
+    "Run a mounter on its own (e.g. in another container): it takes spawn requests from the plugin on"
+    " its socket and forks one daemon per volume from a clean zygote. Daemons outlive it."
+)
 
 UID_MAX = 2**31 - 1  # uids at or above 2^31 confuse tools that keep them signed
 
@@ -46,7 +62,7 @@ class _Removed(argparse.Action):
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, pid=True)
+    setup_logging(args.log_level, pid=True, fmt=args.log_format)
     from kvfs.csi.node import endpoint_path, run_node
     from kvfs.csi.state import SUN_PATH_MAX
     from kvfs.csi.volumes import NodeConfig
@@ -67,6 +83,7 @@ def _run_node(args: argparse.Namespace) -> int:
         start_mounter=not args.no_start_mounter,
         mounter_log=args.mounter_log or "",
         log_level=args.log_level,
+        log_format=args.log_format,
         max_volumes=args.max_volumes,
     )
     try:
@@ -86,41 +103,42 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def _run_mounter(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, pid=True)
+    setup_logging(args.log_level, pid=True, fmt=args.log_format)
     from kvfs.csi.mounter import Mounter
 
     socket_path = args.socket or os.path.join(args.state_dir, "mounter.sock")
-    return Mounter(socket_path, args.daemon_entry, log_level=args.log_level).serve()
-
-
-def _default_log_level() -> str:
-    level = os.environ.get("KVFS_LOG_LEVEL", "INFO").upper()
-    return level if level in LOG_LEVELS else "INFO"
+    return Mounter(socket_path, args.daemon_entry, log_level=args.log_level, log_format=args.log_format).serve()
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", default="/var/lib/kvfs/csi", help="plugin state (default %(default)s)")
     parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        type=str.upper,
-        default=argparse.SUPPRESS,  # unset here keeps `kvfs --log-level X csi ...` working
-        help="log verbosity (default INFO, or $KVFS_LOG_LEVEL)",
+        "--state-dir", default="/var/lib/kvfs/csi", metavar="DIR", help="plugin state (default %(default)s)"
     )
+    add_log_options(parser)
     parser.add_argument(
         "--daemon-entry",
         default=DEFAULT_ENTRY,
-        help="MODULE:FUNCTION serving one volume (default %(default)s; kvfs.csi.standin:run for smoke tests)",
+        metavar="MODULE:FUNCTION",
+        help="what serves one volume (default %(default)s; kvfs.daemon.standin:run for smoke tests)",
     )
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `node` and `mounter` under the caller's `csi` command."""
-    node = subparsers.add_parser("node", help="run the CSI node plugin (Identity + Node services)")
-    node.add_argument("--endpoint", default="unix:///csi/csi.sock", help="gRPC endpoint (default %(default)s)")
-    node.add_argument("--node-id", required=True, help="this node's name (NodeGetInfo)")
-    node.add_argument("--driver-name", default="csi.kvfs.io", help="CSI driver name (default %(default)s)")
-    node.add_argument("--kubeconfig", help="kubeconfig file; default: in-cluster configuration")
+    node = subparsers.add_parser(
+        "node", help="run the CSI node plugin (Identity + Node services)", description=NODE_DESCRIPTION
+    )
+    node.add_argument(
+        "--endpoint",
+        default="unix:///csi/csi.sock",
+        metavar="unix:///PATH",
+        help="the gRPC socket kubelet calls (default %(default)s)",
+    )
+    node.add_argument("--node-id", required=True, metavar="NAME", help="this node's name (NodeGetInfo)")
+    node.add_argument(
+        "--driver-name", default="csi.kvfs.io", metavar="NAME", help="CSI driver name (default %(default)s)"
+    )
+    node.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file; default: in-cluster configuration")
     node.add_argument(
         "--daemon-uid-range",
         type=uid_range,
@@ -130,7 +148,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     )
     for removed in ("--daemon-uid", "--daemon-gid"):
         node.add_argument(removed, action=_Removed, help=argparse.SUPPRESS)
-    node.add_argument("--mounter-socket", help="mounter socket (default STATE_DIR/mounter.sock)")
+    node.add_argument("--mounter-socket", metavar="PATH", help="mounter socket (default DIR/mounter.sock of --state-dir)")
     node.add_argument(
         "--allow-node-identity",
         action="store_true",
@@ -155,26 +173,44 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         help="kubelet's folder: target paths must lie under DIR/pods/ (default %(default)s)",
     )
     node.add_argument(
-        "--publish-timeout", type=float, default=60.0, help="seconds to wait for a daemon's ready (default %(default)s)"
+        "--publish-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a publish waits for the daemon's ready (default %(default)s)",
     )
-    node.add_argument("--health-interval", type=float, default=60.0, help="seconds between health sweeps")
-    node.add_argument("--metrics-addr", default="", help="HOST:PORT for Prometheus metrics (default off)")
-    node.add_argument("--max-volumes", type=int, default=0, help="NodeGetInfo max_volumes_per_node (0 = no limit)")
+    node.add_argument(
+        "--health-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="between health sweeps of mounted volumes (default %(default)s; 0 = only on kubelet's Probe)",
+    )
+    node.add_argument("--metrics-addr", default="", metavar="HOST:PORT", help="serve Prometheus metrics (default off)")
+    node.add_argument(
+        "--max-volumes", type=int, default=0, metavar="N", help="NodeGetInfo max_volumes_per_node (0 = no limit)"
+    )
     node.add_argument("--no-start-mounter", action="store_true", help="never start a mounter (it runs elsewhere)")
-    node.add_argument("--mounter-log", help="file for a started mounter's output (default: this process's stderr)")
+    node.add_argument(
+        "--mounter-log",
+        metavar="FILE",
+        help="output of a mounter this plugin starts, its zygote's and daemons' too (default: this process's stderr)",
+    )
     _common(node)
-    node.set_defaults(func=_run_node)
+    node.set_defaults(func=_run_node, command_parser=node)
 
-    mounter = subparsers.add_parser("mounter", help="run the mounter that starts one daemon per volume")
-    mounter.add_argument("--socket", help="listen here (default STATE_DIR/mounter.sock)")
+    mounter = subparsers.add_parser(
+        "mounter", help="run the mounter that starts one daemon per volume", description=MOUNTER_DESCRIPTION
+    )
+    mounter.add_argument("--socket", metavar="PATH", help="listen here (default DIR/mounter.sock of --state-dir)")
     _common(mounter)
-    mounter.set_defaults(func=_run_mounter)
+    mounter.set_defaults(func=_run_mounter, command_parser=mounter)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvfs csi")
-    parser.set_defaults(log_level=_default_log_level())  # `kvfs` itself has a top-level --log-level
-    add_arguments(parser.add_subparsers(dest="command", required=True))
+    parser = argparse.ArgumentParser(prog="kvfs csi", description=DESCRIPTION)
+    add_log_options(parser, top_level=True)  # as `kvfs` itself: defaults from the environment
+    add_arguments(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args))
 

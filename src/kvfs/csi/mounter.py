@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvfs.csi import jsonline, syscalls
-from kvfs.csi.daemon import daemon_environment
+from kvfs.csi import syscalls
+from kvfs.daemon import jsonline
+from kvfs.daemon.entry import daemon_environment
 from kvfs.csi.zygote import FORK_FDS, reaped
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,14 @@ class _Zygote:
     reader: jsonline.LineReader
 
     @classmethod
-    def start(cls, entry_name: str, log_level: str, timeout: float) -> _Zygote:
+    def start(cls, entry_name: str, log_level: str, log_format: str, timeout: float) -> _Zygote:
         """exec a fresh interpreter (-P: not even the working folder on sys.path); wait for its hello."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             theirs.set_inheritable(True)
             argv = [
                 sys.executable, "-P", "-m", "kvfs.csi.zygote", "--fd", str(theirs.fileno()),
-                "--daemon-entry", entry_name, "--log-level", log_level,
+                "--daemon-entry", entry_name, "--log-level", log_level, "--log-format", log_format,
             ]  # fmt: skip
             stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
             pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=stdin)
@@ -115,10 +116,11 @@ class Mounter:
     ZYGOTE_TIMEOUT = 120.0  # imports on a loaded node
     CONFIG_TIMEOUT = 10.0
 
-    def __init__(self, socket_path: str, entry_name: str, *, log_level: str = "INFO") -> None:
+    def __init__(self, socket_path: str, entry_name: str, *, log_level: str = "INFO", log_format: str = "text") -> None:
         self.socket_path = socket_path
         self.entry_name = entry_name
         self.log_level = log_level
+        self.log_format = log_format
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # ready_r fd -> pending
         self.clients: dict[int, _Client] = {}  # conn fd -> client still sending its request
@@ -130,7 +132,7 @@ class Mounter:
         syscalls.set_dumpable(False)
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         try:
-            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.ZYGOTE_TIMEOUT)
+            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.log_format, self.ZYGOTE_TIMEOUT)
         except ZygoteError as exc:
             log.error("%s", exc)
             return 2
@@ -157,25 +159,10 @@ class Mounter:
 
     def _listen(self) -> socket.socket:
         os.makedirs(os.path.dirname(self.socket_path) or ".", mode=0o700, exist_ok=True)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(self.socket_path)
-            raise SystemExit(f"another mounter already listens on {self.socket_path}")
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
-        finally:
-            probe.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old)
-        sock.listen(64)
+            sock = jsonline.listen(self.socket_path, backlog=64)
+        except jsonline.AddressInUse:
+            raise SystemExit(f"another mounter already listens on {self.socket_path}") from None
         sock.setblocking(False)
         return sock
 
@@ -278,7 +265,7 @@ class Mounter:
         finally:
             os.close(ready_w)
             config_theirs.close()
-        log.info("volume %s: daemon pid %d forked by the zygote", volume_id, pid)
+        log.info("volume %s: daemon pid %d forked by the zygote", volume_id, pid, extra={"volume": volume_id})
         _reply(conn, {"event": "forked", "pid": pid})
         try:  # only now, in the daemon's own process, does the volume's configuration arrive
             config_ours.settimeout(self.CONFIG_TIMEOUT)
@@ -295,7 +282,7 @@ class Mounter:
         """Through the zygote, starting a new one if the last one died; a zygote that fails is replaced."""
         assert len(fds) == FORK_FDS
         if self.zygote is None:
-            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.ZYGOTE_TIMEOUT)
+            self.zygote = _Zygote.start(self.entry_name, self.log_level, self.log_format, self.ZYGOTE_TIMEOUT)
         try:
             return self.zygote.fork(command, fds)
         except ZygoteError:

@@ -121,6 +121,7 @@ def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0
         host, _, port = metrics_addr.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0")
     server = serve(volumes, endpoint)
+    stop_watching = volumes.watcher.start(config.watch_interval) if volumes.watcher.subscribers else None
     log.info("kvfs CSI node plugin %s serving on %s (node %s)", config.driver_name, endpoint, config.node_id)
     # the C-level handler writes to the wakeup fd from whichever thread got the signal, so the
     # main thread's select wakes at once; Python handlers here only set a flag (no locks)
@@ -141,5 +142,7 @@ def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0
         except Exception:  # noqa: BLE001 - keep serving
             log.exception("health sweep failed")
     log.info("stopping; mounted volumes keep being served by their daemons")
+    if stop_watching is not None:
+        stop_watching.set()
     server.stop(grace=5).wait()
     return 0

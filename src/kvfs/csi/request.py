@@ -13,7 +13,6 @@ is the nodePublishSecretRef data.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from kvfs.config.parameters import (
     VOLUME_MOUNT_GROUP_KEY,
 )
 from kvfs.config.parameters import SA_TOKENS_KEY as TOKENS_KEY
-from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE as AUDIENCE
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +75,19 @@ def split_inputs(volume_context: dict[str, str], secrets: dict[str, str]) -> Vol
     return VolumeInputs(attributes, rest, tokens)
 
 
-def token_for_audience(tokens_json: str, audience: str = AUDIENCE) -> str:
-    """The JWT kubelet minted for `audience`, or "" (malformed input is the daemon's to report)."""
-    if not tokens_json:
-        return ""
-    try:
-        entry = json.loads(tokens_json).get(audience)
-    except (ValueError, AttributeError):
-        return ""
-    token = entry.get("token") if isinstance(entry, dict) else None
-    return token if isinstance(token, str) else ""
+def pod_fields(params: dict[str, str], spc: str) -> dict[str, str]:
+    """The pod info a volume's state keeps (kvfs.csi.state.VolumeState's pod_* fields)."""
+    return {
+        "pod_namespace": params.get(POD_NAMESPACE_KEY, ""),
+        "pod_name": params.get(POD_NAME_KEY, ""),
+        "pod_uid": params.get(POD_UID_KEY, ""),
+        "secret_provider_class": spc,
+    }
+
+
+def pod_of(params: dict[str, str]) -> str:
+    """`namespace/name` of the pod a volume's parameters are for (logs name it; "" if unknown)."""
+    return "/".join(filter(None, (params.get(POD_NAMESPACE_KEY, ""), params.get(POD_NAME_KEY, ""))))
 
 
 def _shown(text: str) -> str:

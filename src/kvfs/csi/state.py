@@ -36,6 +36,16 @@ class VolumeState:
     uid: int = 0  # the daemon's own uid, from --daemon-uid-range (0 = none allocated)
     gid: int = 0
     created: float = 0.0  # wall clock, for humans
+    # kubelet's pod info: whose volume this is, for pod events, status objects and `kvfs csi status`
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+    secret_provider_class: str = ""  # "" when the parameters came inline
+
+    @property
+    def pod(self) -> str:
+        """`namespace/name`, or "" when kubelet gave no pod info."""
+        return "/".join(filter(None, (self.pod_namespace, self.pod_name)))
 
 
 def volume_key(target_path: str) -> str:
@@ -115,8 +125,9 @@ class StateStore:
             return None
 
 
-def new_state(volume_id: str, target_path: str, uid: int, gid: int) -> VolumeState:
-    return VolumeState(volume_id, os.path.normpath(target_path), "starting", 0, 0, uid, gid, time.time())
+def new_state(volume_id: str, target_path: str, uid: int, gid: int, **pod: str) -> VolumeState:
+    """A volume being published; `pod` holds the pod_* and secret_provider_class fields."""
+    return VolumeState(volume_id, os.path.normpath(target_path), "starting", 0, 0, uid, gid, time.time(), **pod)
 
 
 def process_start_time(pid: int) -> int | None:

@@ -23,9 +23,8 @@ from typing import Callable
 
 from prometheus_client import Gauge
 
-from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters
-from kvfs.csi import jsonline, syscalls
-from kvfs.csi.daemon import DEFAULT_ENTRY
+from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
+from kvfs.csi import syscalls
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
@@ -35,10 +34,16 @@ from kvfs.csi.request import (
     check_node_identity,
     check_spc_reference,
     daemon_params,
+    pod_fields,
+    pod_of,
     split_inputs,
-    token_for_audience,
 )
 from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+from kvfs.csi.watch import DEFAULT_INTERVAL as DEFAULT_WATCH_INTERVAL
+from kvfs.csi.watch import VolumeWatcher
+from kvfs.daemon import jsonline
+from kvfs.daemon.control import ControlClient
+from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -66,7 +71,9 @@ class NodeConfig:
     start_mounter: bool = True
     mounter_log: str = ""  # default: inherit the plugin's stderr
     log_level: str = "INFO"
+    log_format: str = "text"  # passed on to a mounter this plugin starts (and so to its zygote and daemons)
     max_volumes: int = 0
+    watch_interval: float = DEFAULT_WATCH_INTERVAL  # seconds between polls of the daemons' events
 
     def __post_init__(self) -> None:
         if not self.mounter_socket:
@@ -104,6 +111,8 @@ class Volumes:
         self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
+        # features that act on what daemons report (pod events, status objects) subscribe here
+        self.watcher = VolumeWatcher(self.store)
 
     # ---- plumbing ----
 
@@ -177,7 +186,7 @@ class Volumes:
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
             check_node_identity(params, self.config.allow_node_identity)
             self._validate(params, inputs.secrets)
-            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets)
+            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
 
     def _target(self, path: str) -> str:
         """The normalised target, if it lies in kubelet's pod folders, also after resolving symlinks.
@@ -274,12 +283,14 @@ class Volumes:
                 "FAILED_PRECONDITION", f'SecretProviderClass "{name}" in namespace "{namespace}" is unusable: {exc}'
             ) from None
 
-    def _mount_and_spawn(self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str]) -> None:
+    def _mount_and_spawn(
+        self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str], *, spc: str
+    ) -> None:
         cfg = self.config
         self.ensure_mounter()
         if os.path.islink(target):  # mount(2) would follow it out of kubelet's folder
             raise RequestError("INVALID_ARGUMENT", f"target_path {target} is a symbolic link")
-        state = self._allocate(volume_id, target)
+        state = self._allocate(volume_id, target, pod_fields(params, spc))
         control = fuse_fd = -1
         try:
             os.makedirs(target, mode=0o750, exist_ok=True)
@@ -321,9 +332,10 @@ class Volumes:
         state = replace(state, phase="ready")
         self.store.save(state)
         self.health.pop(target, None)
-        log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid)
+        fields = {"volume": volume_id, "pod": pod_of(params), "daemon_pid": state.pid}
+        log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid, extra=fields)
 
-    def _allocate(self, volume_id: str, target: str) -> VolumeState:
+    def _allocate(self, volume_id: str, target: str, pod: dict[str, str]) -> VolumeState:
         """The volume's state with the lowest uid of the range no living volume uses, saved at once.
 
         The uid doubles as the daemon's gid. It stays taken while the state file exists, across
@@ -340,7 +352,7 @@ class Volumes:
                     " the range with `kvfs csi node --daemon-uid-range START-END` or lower max_volumes_per_node"
                     " (--max-volumes)",
                 )
-            state = new_state(volume_id, target, uid, uid)
+            state = new_state(volume_id, target, uid, uid, **pod)
             self.store.save(state)
         return state
 
@@ -367,11 +379,8 @@ class Volumes:
         if not token:
             log.debug("volume %s: republish without a service account token", state.volume_id)
             return
-        path = str(self.store.control_socket(state.target_path))
         try:
-            reply = jsonline.request(path, {"op": "token", "token": token}, timeout=2.0)
-            if not reply.get("ok"):
-                raise jsonline.ProtocolError(str(reply.get("error", "refused")))
+            self._control(state, timeout=2.0).push_token(token)
         except jsonline.ProtocolError as exc:
             log.error(
                 "volume %s at %s: could not pass the fresh service account token to its daemon (%s); "
@@ -381,6 +390,10 @@ class Volumes:
                 exc,
             )
             self._report(state, Probe(Health.DEAD, f"control socket: {exc}"))
+
+    def _control(self, state: VolumeState, *, timeout: float) -> ControlClient:
+        """The client of the volume's daemon (kvfs.daemon.control), on the socket in the state folder."""
+        return ControlClient(str(self.store.control_socket(state.target_path)), timeout=timeout)
 
     # ---- unpublish ----
 
@@ -406,7 +419,7 @@ class Volumes:
                 _umount_all(target, detach=True)
             _remove_dir(target)
             self.health.pop(target, None)
-            log.info("volume %s: unpublished from %s", volume_id, target)
+            log.info("volume %s: unpublished from %s", volume_id, target, extra={"volume": volume_id})
 
     def _teardown(self, state: VolumeState, mounted: bool) -> None:
         """Unmount (detached when the daemon is dead), stop the daemon, forget the state."""
@@ -419,7 +432,7 @@ class Volumes:
 
     def _stop_daemon(self, state: VolumeState) -> None:
         try:
-            jsonline.request(str(self.store.control_socket(state.target_path)), {"op": "stop"}, timeout=1.0)
+            self._control(state, timeout=1.0).stop()
         except (jsonline.ProtocolError, ValueError):
             pass  # unmounting usually ends it already
         for sig, wait in ((None, 2.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
@@ -564,6 +577,8 @@ def start_mounter_detached(config: NodeConfig) -> None:
         config.daemon_entry,
         "--log-level",
         config.log_level,
+        "--log-format",
+        config.log_format,
     ]
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(os.path.abspath(kvfs.__file__)))

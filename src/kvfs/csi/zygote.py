@@ -31,10 +31,12 @@ from typing import Any
 
 import setproctitle
 
-from kvfs.csi import jsonline, syscalls
-from kvfs.csi.daemon import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
-from kvfs.csi.request import TOKENS_KEY, token_for_audience
-from kvfs.logsafe import LOG_LEVELS, redact, register_secret, setup_logging
+from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
+from kvfs.csi import syscalls
+from kvfs.csi.request import pod_of
+from kvfs.daemon import jsonline
+from kvfs.daemon.entry import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
+from kvfs.logsafe import LOG_FORMATS, LOG_LEVELS, redact, register_secret, set_log_context, setup_logging
 
 log = logging.getLogger("kvfs.csi.zygote")  # not __main__: it runs as `python -m`
 
@@ -119,7 +121,9 @@ def _child(  # pragma: no cover - runs in the forked child
             signal.signal(sig, signal.SIG_DFL)
         _close_all_but({0, 1, 2, fuse_fd, control_fd, ready_fd, config_fd})
         setproctitle.setproctitle(f"kvfs daemon volume={volume_id}")
+        set_log_context(volume=volume_id)  # these two go on every JSON line this daemon logs
         spec = _read_spec(volume_id, fuse_fd, control_fd, ready_fd, config_fd)
+        set_log_context(pod=pod_of(spec.params))
         apply_environment(spec.env)
         if entry.prepare is not None:
             entry.prepare(spec)  # read root-only files (CA bundle, cloud env file) before the drop
@@ -143,7 +147,7 @@ def _read_spec(volume_id: str, fuse_fd: int, control_fd: int, ready_fd: int, con
     for key, value in secrets.items():
         if key.lower() != "clientid":  # an id, shown in error messages; the rest may be secret
             register_secret(value)
-    register_secret(token_for_audience(params.get(TOKENS_KEY, "")))
+    register_secret(token_for_audience(params.get(SA_TOKENS_KEY, "")))
     return DaemonSpec(
         volume_id=volume_id,
         params=params,
@@ -183,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the socket inherited from the mounter")
     parser.add_argument("--daemon-entry", required=True)
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default="INFO")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")  # forks inherit both
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, pid=True)
+    setup_logging(args.log_level, pid=True, fmt=args.log_format)
     syscalls.set_dumpable(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the mounter decides when we stop (it closes our socket)
     setproctitle.setproctitle("kvfs zygote")

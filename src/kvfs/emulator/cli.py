@@ -10,6 +10,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from kvfs.logsafe import setup_logging
+
 if TYPE_CHECKING:  # the server stack is imported only when the emulator runs: `kvfs --help` stays fast
     from .server import Emulator
 
@@ -99,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .seed import SeedError, load_seed
 
-    logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, fmt=getattr(args, "log_format", "text"))
     if args.dir.exists() and not args.dir.is_dir():
         print(f"kvfs emulator: --dir {args.dir}: is not a directory (name a folder for emulator.json)",
               file=sys.stderr)

@@ -1,1 +1,1 @@
-"""The file tree and its operations; pyfuse3 appears only in adapter.py and mount.py."""
+"""The file tree and its operations; pyfuse3 appears only in adapter.py."""

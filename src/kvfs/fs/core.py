@@ -19,8 +19,9 @@ Semantics (docs/SEMANTICS.md states them for users; tests check each):
   how long bytes stay (its byte limit); an open handle holds them. Opening an inode whose bytes
   the cache let go fetches them again (or, if its name moved on meanwhile, follows its name).
 - Sizes are exact; mtime is the version's `updated` time.
-- Listing a folder never fetches: an unfetched file is listed with a placeholder inode that
-  expires at once. Listing a history folder does fetch: its names depend on which versions exist.
+- Listing the root or an alias folder never fetches: an unfetched file is listed with a
+  placeholder inode that expires at once. Listing a history folder fetches its versions: its
+  names depend on which versions exist.
 
 Concurrency (trio, one thread): every method runs as its own task. State changes happen only
 between awaits: `_version_inode`, `_supersede` and `_forget` contain no await, so the inode
@@ -42,7 +43,7 @@ import re
 import stat
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -51,7 +52,7 @@ import trio
 from kvfs.cache.base import ObjectCache, Version
 from kvfs.config.model import MountConfig, ObjectSpec
 from kvfs.errors import KvfsError, error_code
-from kvfs.fs.tree import DirNode, FileNode, HistoryNode, Node, Tree, build_tree
+from kvfs.fs.tree import ROOT_INODE, DirNode, FileNode, HistoryNode, Node, Tree, build_tree
 
 T = TypeVar("T")
 
@@ -169,11 +170,14 @@ class FilesystemCore:
         kernel: KernelCache | None = None,
         uid: int | None = None,
         gid: int | None = None,
+        root_xattrs: Mapping[str, str] | None = None,
     ) -> None:
+        """`root_xattrs`: `user.kvfs.<name>` attributes of the mount's root (the daemon's control socket)."""
         self.config = config
         self.cache = cache
         self.tree: Tree = build_tree(config)
         self._kernel = kernel  # None: nothing to tell (no mount, as in most tests)
+        self._root_xattrs = dict(root_xattrs or {})
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._next_inode = max(self.tree.dirs) + 1
@@ -508,6 +512,8 @@ class FilesystemCore:
     # ----- extended attributes ------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[str, str]:
+        if inode == ROOT_INODE:
+            return self._root_xattrs
         vinode = self._inodes.get(inode)
         if vinode is None:
             return {}
@@ -541,7 +547,7 @@ class FilesystemCore:
             done.add(id(node))
             if isinstance(node, HistoryNode):
                 self._history_changed(node)
-            elif isinstance(node, FileNode) and (id(node), -1) in self._current:
+            elif isinstance(node, FileNode) and self._known((id(node), -1)):
                 if node.suffix in version.files:
                     self._version_inode(node, -1, version)
                 else:
@@ -552,12 +558,16 @@ class FilesystemCore:
         if versions is None:  # not cached (any more): the next lookup re-points the names
             return
         for index in range(node.spec.version_history):
-            if (id(node), index) not in self._current:
+            if not self._known((id(node), index)):
                 continue
             if index < len(versions):
                 self._version_inode(node, index, versions[index])
             else:
                 self._retire((id(node), index))
+
+    def _known(self, key: _Key) -> bool:
+        """Whether the kernel may know the name: an inode shows it, or follows it."""
+        return key in self._current or key in self._superseded
 
     def known_inodes(self) -> Iterator[int]:
         """For tests: file inodes the core still holds."""

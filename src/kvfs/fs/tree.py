@@ -2,7 +2,8 @@
 
 The tree is built once from the MountConfig. Names never change while mounted; what a file
 *name* points to (which version's bytes) is decided by the resolver at lookup time. Building the
-tree needs no network, so listing a directory never fetches an object.
+tree needs no network, so listing the root or an alias folder fetches nothing; only a history
+folder's names depend on Key Vault (which versions exist).
 
 Node kinds:
 - `DirNode`: the root, alias sub-folders, and `..data` (a second view of the root's children,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import time
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
@@ -22,7 +23,7 @@ import trio
 
 from kvfs.auth.base import Credential
 from kvfs.config.model import ObjectType
-from kvfs.errors import ConfigError, VaultError, is_tls_verification_error
+from kvfs.errors import ConfigError, VaultError, error_code, is_tls_verification_error
 from kvfs.net import body
 from kvfs.net.circuit import HostUnreachable, no_cooldown_if_down, origin
 from kvfs.net.deadlines import VAULT_OP_DEADLINE
@@ -108,6 +109,16 @@ def _envelope(response: httpx.Response) -> tuple[str, str, str]:
         inner_code = str(inner.get("code") or inner_code)
         inner = inner.get("innererror")
     return str(err.get("code") or ""), inner_code, str(err.get("message") or "")
+
+
+def _log_request(url: httpx.URL, outcome: int | str, started: float) -> None:
+    """At DEBUG, one line per Key Vault request: never a header, a body or the query."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    ms = round((time.perf_counter() - started) * 1000, 1)
+    fields: dict[str, object] = {"method": "GET", "path": url.path, "duration_ms": ms}
+    fields["status" if isinstance(outcome, int) else "code"] = outcome
+    log.debug("GET %s -> %s (%.0f ms)", url.path, outcome, ms, extra=fields)
 
 
 class VaultClient:
@@ -245,7 +256,17 @@ class VaultClient:
             request = self._http.build_request(
                 "GET", url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
             )
-            return await body.send(self._http, request, cap=body.VAULT_BODY_CAP, what=f"vault {self.vault}")
+            started = time.perf_counter()
+            outcome: int | str = "cancelled"
+            try:
+                response = await body.send(self._http, request, cap=body.VAULT_BODY_CAP, what=f"vault {self.vault}")
+                outcome = response.status_code
+                return response
+            except Exception as exc:
+                outcome = error_code(exc)
+                raise
+            finally:
+                _log_request(url, outcome, started)
 
         try:
             return await self._retry.run(attempt, deadline=deadline, what=f"{self.vault} {route} {what}")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENTRY = "kvfs.csi.daemon:run_volume"
+DEFAULT_ENTRY = "kvfs.daemon.entry:run_volume"
 
 
 @dataclass
@@ -30,7 +31,7 @@ class DaemonSpec:
     secrets: dict[str, str] = field(repr=False)
     allow_node_identity: bool
     fuse_fd: int  # already mounted at the target by the plugin: serve "/dev/fd/<fuse_fd>"
-    control_fd: int  # a listening unix socket (token / status / stop)
+    control_fd: int  # a listening unix socket for kvfs.daemon.control
     ready_fd: int  # write b"ready\n" or b"error <message>\n", then close
     env: dict[str, str] | None = field(default=None, repr=False)  # the plugin's DAEMON_ENV values; None = keep the mounter's
     cloud_env_dir: str = ""  # cloudEnvFileName must lie inside it (the plugin's --cloud-env-dir)
@@ -122,10 +123,10 @@ def prepare(spec: DaemonSpec) -> None:
 
 
 def run_volume(spec: DaemonSpec) -> int:
-    """Default entry: kvfs.config parameters → kvfs.fs.mount.run_mount on /dev/fd/N."""
+    """Default entry: kvfs.config parameters → kvfs.daemon.volume.serve_volume on /dev/fd/N."""
     from kvfs.config.model import MountConfig
+    from kvfs.daemon.volume import serve_volume
     from kvfs.errors import KvfsError
-    from kvfs.fs.mount import run_mount
 
     if not _prepared:
         prepare(spec)
@@ -136,7 +137,14 @@ def run_volume(spec: DaemonSpec) -> int:
     assert isinstance(config, MountConfig)
     # files belong to root, as upstream's tmpfs files do; the group is the pod's fsGroup if any
     owner = (0, 0 if config.file_group is None else config.file_group)
-    return run_mount(config, spec.mountpoint, ready_fd=spec.ready_fd, control_fd=spec.control_fd, owner=owner)
+    return serve_volume(
+        config,
+        spec.mountpoint,
+        ready_fd=spec.ready_fd,
+        control=socket.socket(fileno=spec.control_fd),
+        owner=owner,
+        volume_id=spec.volume_id,
+    )
 
 
 def load_entry(name: str) -> DaemonEntry:
@@ -169,7 +177,7 @@ def preload() -> None:
         "certifi",
         "encodings.idna",
         "kvfs.config.parameters",
-        "kvfs.fs.mount",
+        "kvfs.daemon.volume",
         "kvfs.vault.client",
         "kvfs.vault.render",
         "kvfs.vault.pem",

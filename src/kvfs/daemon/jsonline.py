@@ -1,7 +1,8 @@
 """Newline-delimited JSON over unix stream sockets, with file descriptors riding along (SCM_RIGHTS).
 
-The plugin talks to the mounter and to each daemon's control socket this way. Reads are bounded
-in size and time: a daemon is unprivileged and its answers are not trusted.
+The plugin talks to the mounter, the mounter to its zygote, and everyone to a daemon's control
+socket this way (kvfs.daemon.control). Reads are bounded in size and time: a daemon is
+unprivileged and its answers are not trusted.
 """
 
 from __future__ import annotations
@@ -24,8 +25,26 @@ class ProtocolError(Exception):
         self.timed_out = timed_out
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as one line."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes, what: str = "answer") -> dict[str, Any]:
+    """One line (without its newline) as a JSON object; ProtocolError for anything else."""
+    try:
+        # decoded here: json.loads would guess UTF-16/32 from the bytes and import that codec, which
+        # an unprivileged daemon may be unable to read from disk
+        message = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not UTF-8 JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return message
+
+
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    data = encode(message)
     sent = socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
     if sent < len(data):
         sock.sendall(data[sent:])
@@ -55,13 +74,9 @@ class LineReader:
             except socket.timeout:
                 raise ProtocolError(f"no answer within {timeout:g}s", timed_out=True) from None
         line, self.buf = self.buf.split(b"\n", 1)
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise ProtocolError("answer is not JSON") from None
-        if not isinstance(message, dict):
-            raise ProtocolError("answer is not a JSON object")
-        return message
+        if len(line) > self.limit:
+            raise ProtocolError(f"message longer than {self.limit} bytes")
+        return decode(line)
 
     def try_read(self) -> dict[str, Any] | None:
         """One non-blocking receive; the message once a full line is in, else None."""
@@ -120,3 +135,38 @@ def request(path: str, message: dict[str, Any], timeout: float, limit: int = 655
             reader.close_fds()
     finally:
         sock.close()
+
+
+class AddressInUse(Exception):
+    """Another process answers on the socket path already."""
+
+
+def listen(path: str, backlog: int) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600; a stale socket file left there is replaced.
+
+    AddressInUse when a live process answers there: its socket is never taken over.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        raise AddressInUse(f"another process already listens on {path}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        sock.bind(path)  # the umask keeps others out from the start
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return sock

@@ -1,9 +1,9 @@
 """A stand-in volume daemon: a tiny read-only pyfuse3 filesystem that speaks the daemon contract.
 
 For tests, benchmarks and smoke-testing a deployment without Key Vault
-(`--daemon-entry kvfs.csi.standin:run`). It serves the files named by `standin.file.<name>`
+(`--daemon-entry kvfs.daemon.standin:run`). It serves the files named by `standin.file.<name>`
 parameters (default: one file `hello`), signals ready from `Operations.init()` (FUSE_INIT),
-and answers the control socket (`token`, `status`, `stop`) like the real daemon.
+and serves the control protocol (kvfs.daemon.control) like the real daemon.
 Test knobs: `standin.fail=<message>` reports a start-up error; `standin.hang=true` never
 serves the connection (the plugin's ready timeout must fire).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -23,8 +22,11 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kvfs.csi.daemon import DaemonSpec, report_error
-from kvfs.csi.request import TOKENS_KEY, token_for_audience
+from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
+from kvfs.daemon.control import ControlServer
+from kvfs.daemon.entry import DaemonSpec, report_error
+from kvfs.daemon.events import EventRing
+from kvfs.daemon.session import serve_session
 
 log = logging.getLogger(__name__)
 
@@ -93,55 +95,38 @@ class _Fs(pyfuse3.Operations):
 
 
 class _Control:
-    def __init__(self, control_fd: int, token: str) -> None:
-        self.sock = trio.socket.from_stdlib_socket(socket.socket(fileno=control_fd))
-        self.token_hash = hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
+    """The stand-in's answers to the control protocol: it keeps a hash of the last pushed token."""
+
+    def __init__(self, spec: DaemonSpec, files: dict[str, bytes], token: str) -> None:
+        self.volume_id = spec.volume_id
+        self.files = sorted(files)
+        self.events = EventRing()  # nothing is ever fetched, so nothing happens
+        self.token_hash = _token_hash(token)
         self.token_updates = 0
 
-    async def serve(self, nursery: trio.Nursery) -> None:
-        while True:
-            conn, _ = await self.sock.accept()
-            nursery.start_soon(self._client, conn)
+    def push_token(self, token: str) -> None:
+        self.token_hash = _token_hash(token)
+        self.token_updates += 1
 
-    async def _client(self, conn: trio.socket.SocketType) -> None:
-        buf = b""
-        with conn:
-            while True:
-                data = await conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    reply, stop = self._handle(line)
-                    await conn.send(json.dumps(reply).encode() + b"\n")
-                    if stop:
-                        pyfuse3.terminate()
-                        return
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "volume_id": self.volume_id,
+            "mountpoint": None,
+            "vault_url": None,
+            "identity": None,
+            "objects": [{"file": name, "version": None, "error": None} for name in self.files],
+            "errors": {},
+            "token_sha256": self.token_hash,
+            "token_updates": self.token_updates,
+        }
 
-    def _handle(self, line: bytes) -> tuple[dict[str, Any], bool]:
-        try:
-            req = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "not JSON"}, False
-        op = req.get("op")
-        if op == "token":
-            token = str(req.get("token", ""))
-            self.token_hash = hashlib.sha256(token.encode()).hexdigest()[:12]
-            self.token_updates += 1
-            return {"ok": True}, False
-        if op == "status":
-            return {
-                "ok": True,
-                "pid": os.getpid(),
-                "objects": 0,
-                "errors": {},
-                "token_sha256": self.token_hash,
-                "token_updates": self.token_updates,
-            }, False
-        if op == "stop":
-            return {"ok": True}, True
-        return {"ok": False, "error": f"unknown op {op!r}"}, False
+    def stop(self) -> None:
+        pyfuse3.terminate()
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
 
 
 def run(spec: DaemonSpec) -> int:
@@ -158,25 +143,10 @@ def run(spec: DaemonSpec) -> int:
     if spec.params.get("standin.show_env"):  # shows the daemon's value of one variable
         files["env"] = os.environ.get(spec.params["standin.show_env"], "").encode()
     fs = _Fs(files, spec.ready_fd)
-    control = _Control(spec.control_fd, token_for_audience(spec.params.get(TOKENS_KEY, "")))
+    control = _Control(spec, files, token_for_audience(spec.params.get(SA_TOKENS_KEY, "")))
     pyfuse3.init(fs, spec.mountpoint, {"fsname=kvfs"})
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve, nursery)
-
-            async def on_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        pyfuse3.terminate()
-                        return
-
-            nursery.start_soon(on_signals)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-
     try:
-        trio.run(main)
+        trio.run(serve_session, ControlServer(control, socket.socket(fileno=spec.control_fd)))
     finally:
         pyfuse3.close(unmount=False)
     return 0

@@ -1,0 +1,1 @@
+"""What runs one volume: the wiring of the layers, the FUSE loop, and the control protocol."""

@@ -1,0 +1,311 @@
+"""The control protocol of a volume's daemon, defined once: its ops, limits, server and client.
+
+Every daemon (the real one and the stand-in, under CSI or `kvfs mount`) serves it with
+`ControlServer`; the CSI plugin, tests and tools speak it with `ControlClient`. One JSON object
+per line each way (kvfs.daemon.jsonline), one request at a time per connection:
+
+    {"op": "token", "token": JWT}   → {"ok": true}          a fresh service account token (CSI republish)
+    {"op": "status"}                → {"ok": true, "pid": N, ...}   the mount's live state
+    {"op": "events", "since": N}    → {"ok": true, "next": M, "dropped": K, "events": [...]}
+    {"op": "stop"}                  → {"ok": true}, then the daemon unmounts and exits
+    anything else                   → {"ok": false, "error": TEXT}
+
+Nothing a client does can stop the mount: a request is bounded in size (MAX_REQUEST) and time
+(IDLE_TIMEOUT), a reply nobody reads is dropped after SEND_TIMEOUT, at most MAX_CONNECTIONS
+are served at once, and every failure ends only its own connection.
+
+Where the socket is: in CSI, `<state dir>/volumes/<key>/control.sock`, made by the plugin; for
+`kvfs mount`, `socket_path_for(MOUNTPOINT)` (0600, in `/run/kvfs/` for root, else in
+`$XDG_RUNTIME_DIR/kvfs/`), advertised as the mount root's extended attribute `user.kvfs.control`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from kvfs.daemon import jsonline
+from kvfs.daemon.events import EventRing
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024  # bytes of one request line (a service account token is a few KiB)
+MAX_REPLY = jsonline.MAX_LINE  # bytes of one reply a client accepts
+IDLE_TIMEOUT = 10.0  # seconds for a connection to send one whole request
+SEND_TIMEOUT = 10.0  # seconds for a client to take one reply
+MAX_CONNECTIONS = 16  # served at once; more are told "busy" and closed
+CONTROL_XATTR = "user.kvfs.control"  # on the root of a `kvfs mount`: the control socket's path
+
+
+class Op(str, enum.Enum):
+    TOKEN = "token"
+    STATUS = "status"
+    EVENTS = "events"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Request:
+    op: Op
+    token: str = ""  # TOKEN
+    since: int = 0  # EVENTS
+
+    def to_json(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"op": self.op.value}
+        if self.op is Op.TOKEN:
+            message["token"] = self.token
+        elif self.op is Op.EVENTS:
+            message["since"] = self.since
+        return message
+
+
+class BadRequest(Exception):
+    """A request the server answers with {"ok": false}; the message names the field and the fix."""
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    op = message.get("op")
+    if not isinstance(op, str) or op not in {o.value for o in Op}:
+        shown = repr(op)[:40]
+        raise BadRequest(f"'op' {shown}: expected one of {', '.join(o.value for o in Op)}")
+    kind = Op(op)
+    if kind is Op.TOKEN:
+        token = message.get("token")
+        if not isinstance(token, str) or not token.strip():
+            raise BadRequest("'token' must be a non-empty string (the service account token)")
+        return Request(kind, token=token.strip())
+    if kind is Op.EVENTS:
+        since = message.get("since", 0)
+        if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since < 2**63:
+            raise BadRequest(f"'since' {repr(since)[:40]}: expected a whole number >= 0 (the last reply's 'next')")
+        return Request(kind, since=since)
+    return Request(kind)
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def refused(error: str) -> dict[str, Any]:
+    return {"ok": False, "error": error}
+
+
+class Refused(Exception):
+    """Raised by a handler: the request is understood but cannot be done (e.g. no workload identity)."""
+
+
+class ControlHandler(Protocol):
+    """What a daemon offers its control socket."""
+
+    events: EventRing
+
+    def push_token(self, token: str) -> None:
+        """Use `token` as the service account token from now on; Refused if the volume takes none."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The mount's live state (without "ok")."""
+        ...
+
+    def stop(self) -> None:
+        """Unmount and exit (called after the reply was sent, or the client left)."""
+        ...
+
+
+# ---- server -------------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves the control protocol on a listening unix socket (`sock`), for as long as the daemon runs."""
+
+    def __init__(
+        self,
+        handler: ControlHandler,
+        sock: socket.socket,
+        *,
+        max_request: int = MAX_REQUEST,
+        idle_timeout: float = IDLE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.handler = handler
+        self.sock = sock
+        self.max_request = max_request
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
+        self.max_connections = max_connections
+        self.connections = 0
+        self._failed_before = False
+
+    async def serve(self) -> None:
+        """Accept connections forever; each is served on its own task and fails alone."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # out of fds, say: wait, and try again
+                    log.warning("control socket: accept failed (%s); retrying in 1 s", exc.strerror or exc)
+                    await trio.sleep(1.0)
+                    continue
+                nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            async with stream:
+                if self.connections > self.max_connections:
+                    await self._send(stream, refused(f"busy: {self.max_connections} control connections are open"))
+                    return
+                buffer = bytearray()
+                while True:
+                    line = await self._read_line(stream, buffer)
+                    if line is None:
+                        return
+                    reply, request = self._answer(line)
+                    if request is not None and request.op is Op.STOP:
+                        try:
+                            await self._send(stream, reply)
+                        finally:
+                            self.handler.stop()
+                        return
+                    if not await self._send(stream, reply):
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("control client went away: %s", exc)
+        except Exception:
+            self._log_failure()
+        finally:
+            self.connections -= 1
+
+    async def _read_line(self, stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+        """The next request line; None when the client is done, idle too long, or sent too much."""
+        with trio.move_on_after(self.idle_timeout):
+            while (end := buffer.find(b"\n")) < 0:
+                if len(buffer) > self.max_request:
+                    await self._send(stream, refused(f"request longer than {self.max_request} bytes"))
+                    return None
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return None  # a half request without its newline is dropped
+                buffer += chunk
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if len(line) > self.max_request:
+                await self._send(stream, refused(f"request longer than {self.max_request} bytes"))
+                return None
+            return line
+        log.debug("control client idle for %g s: closing", self.idle_timeout)
+        return None
+
+    async def _send(self, stream: trio.SocketStream, reply: dict[str, Any]) -> bool:
+        """Send one reply; False when the client did not take it in time (the connection ends)."""
+        with trio.move_on_after(self.send_timeout):
+            await stream.send_all(jsonline.encode(reply))
+            return True
+        log.debug("control client did not read its reply within %g s: closing", self.send_timeout)
+        return False
+
+    def _answer(self, line: bytes) -> tuple[dict[str, Any], Request | None]:
+        """The reply to one line; never raises."""
+        try:
+            request = parse_request(jsonline.decode(line, "request"))
+        except (jsonline.ProtocolError, BadRequest) as exc:
+            return refused(f"{exc} (send one JSON object per line, e.g. {{\"op\": \"status\"}})"), None
+        try:
+            if request.op is Op.TOKEN:
+                self.handler.push_token(request.token)
+                return ok(), request
+            if request.op is Op.STATUS:
+                return ok(**self.handler.status()), request
+            if request.op is Op.EVENTS:
+                return ok(**self.handler.events.read(request.since)), request
+            return ok(), request  # STOP: the caller stops after replying
+        except Refused as exc:
+            return refused(str(exc)), request
+        except Exception:
+            self._log_failure()
+            return refused(f"internal error answering {request.op.value!r} (see the daemon's log)"), request
+
+    def _log_failure(self) -> None:
+        """The first unexpected failure with its traceback, later ones in one line at DEBUG."""
+        if not self._failed_before:
+            self._failed_before = True
+            log.exception("internal error on the control socket; the mount keeps serving")
+        else:
+            log.debug("internal error on the control socket again", exc_info=True)
+
+
+# ---- client -------------------------------------------------------------------------------------
+
+
+class ControlError(jsonline.ProtocolError):
+    """The daemon answered {"ok": false, "error": ...}."""
+
+
+class ControlClient:
+    """The client side: one connection per request, bounded in time and reply size."""
+
+    def __init__(self, path: str, *, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, request: Request) -> dict[str, Any]:
+        """The reply; jsonline.ProtocolError if unreachable or garbled, ControlError if refused."""
+        reply = jsonline.request(self.path, request.to_json(), self.timeout, limit=MAX_REPLY)
+        if reply.get("ok") is not True:
+            raise ControlError(str(reply.get("error") or "refused without a reason")[:500])
+        return reply
+
+    def push_token(self, token: str) -> None:
+        self.call(Request(Op.TOKEN, token=token))
+
+    def status(self) -> dict[str, Any]:
+        return self.call(Request(Op.STATUS))
+
+    def events(self, since: int = 0) -> dict[str, Any]:
+        return self.call(Request(Op.EVENTS, since=since))
+
+    def stop(self) -> None:
+        self.call(Request(Op.STOP))
+
+
+# ---- where `kvfs mount` puts its socket -------------------------------------------------------
+
+
+def runtime_dir() -> str:
+    """`/run/kvfs` for root, `$XDG_RUNTIME_DIR/kvfs` for others (a private folder in /tmp without it)."""
+    uid = os.geteuid()
+    if uid == 0:
+        return "/run/kvfs"
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "kvfs")
+    return os.path.join(tempfile.gettempdir(), f"kvfs-{uid}")
+
+
+def socket_path_for(mountpoint: str) -> str:
+    """The control socket of the `kvfs mount` at `mountpoint`; never touches the mount itself."""
+    absolute = os.path.abspath(mountpoint)
+    # resolve the parent's symlinks only: stat on the mountpoint would ask the (maybe hung) daemon
+    key = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    return os.path.join(runtime_dir(), hashlib.sha256(os.fsencode(key)).hexdigest()[:24] + ".sock")
+
+
+def listen_for_mount(mountpoint: str) -> tuple[socket.socket, str]:
+    """The listening control socket of a `kvfs mount` and its path; OSError or AddressInUse if impossible."""
+    path = socket_path_for(mountpoint)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.lstat(folder)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{folder} must belong to uid {os.geteuid()} and be private (mode 0700)")
+    return jsonline.listen(path, backlog=16), path
