@@ -268,7 +268,7 @@ def main() -> int:
     parser.add_argument(
         "--token-lifetime", type=int, default=60, help="the emulator's access token lifetime (s) (--real)"
     )
-    parser.add_argument("--window", type=float, default=60.0, help="how long requests are counted (s) (--real)")
+    parser.add_argument("--window", type=float, default=60.0, help="how long requests are counted (s) (--real; 0: not counted)")
     parser.add_argument("--smaps", action="store_true", help="one daemon's private memory per mapping")
     args = parser.parse_args()
     if args.real:
@@ -347,7 +347,7 @@ def run(
         ("per volume: daemon USS (mean)", mib(mean(uss(d) for d in daemons))),
         ("per volume: daemon USS (max)", mib(max(uss(d) for d in daemons))),
     ]
-    if real is not None:
+    if real is not None and args.window > 0:
         rows += request_rates(args, real, len(node.targets))
     if args.smaps:
         extra += smaps_table(before_reads, after_reads)

@@ -35,7 +35,9 @@ from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.request import pod_of
 from kvfs.daemon import jsonline
-from kvfs.daemon.entry import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
+from kvfs.daemon.entry import (
+    DaemonEntry, DaemonSpec, apply_environment, before_fork, load_entry, preload, report_error,
+)  # fmt: skip
 from kvfs.logsafe import LOG_FORMATS, LOG_LEVELS, redact, register_secret, set_log_context, setup_logging
 
 log = logging.getLogger("kvfs.csi.zygote")  # not __main__: it runs as `python -m`
@@ -87,6 +89,7 @@ class Zygote:
             return {"ok": False, "error": f"bad fork command: {exc}"}
         if len(fds) != FORK_FDS:
             return {"ok": False, "error": f"fork needs {FORK_FDS} fds (fuse, control, ready, config), got {len(fds)}"}
+        before_fork()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             _child(self.entry, volume_id, uid, gid, *fds)

@@ -188,3 +188,11 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError as exc:
             log.warning("mounter could not pre-load %s: %s", name, exc)
+    before_fork()
+
+
+def before_fork() -> None:
+    """In the zygote, before each fork: what forks share is parsed and current (the system CAs)."""
+    from kvfs.net.http import share_system_trust
+
+    share_system_trust()
