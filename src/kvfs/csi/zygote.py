@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvfs zygote: {message}", file=sys.stderr)
         jsonline.send(sock, {"ok": False, "event": "ready", "error": message})
         return 2
+    if entry.warm_up is not None:
+        entry.warm_up()  # code and state a daemon would build on first use, built once to be shared
     gc.freeze()  # objects imported so far are never written by the collector: shared with every fork
     return Zygote(sock, entry).serve()
 
