@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from yaml.nodes import ScalarNode
 
+from kvfs.config.objects import SafeLoader
 from kvfs.config.parameters import KNOWN_PARAMETERS
 from kvfs.errors import ConfigError
 
@@ -31,7 +32,7 @@ KIND = "SecretProviderClass"
 PROVIDER = "azure"
 
 
-class _RawScalarLoader(yaml.SafeLoader):
+class _RawScalarLoader(SafeLoader):
     """SafeLoader that keeps numbers and timestamps as the text written; bools as true/false."""
 
 
