@@ -58,7 +58,7 @@ def test_state_store_round_trip_and_no_secret_fields(tmp_path: Path) -> None:
     assert store.load("/pods/x/mount") == state
     assert oct(os.stat(tmp_path / "state").st_mode & 0o777) == "0o700"
     raw = json.loads((store.volume_dir("/pods/x/mount") / "state.json").read_text())
-    identifiers = {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created"}
+    identifiers = {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created", "mounter"}
     pod = {"pod_namespace", "pod_name", "pod_uid", "secret_provider_class"}
     assert set(raw) == identifiers | pod  # ids only: never a token, a secret or the parameters
     assert [s.volume_id for s in store.all()] == ["vol-1"]
