@@ -258,7 +258,8 @@ class Mounter:
         self.sel.register(conn, selectors.EVENT_READ, "client")
 
     def _shed(self, exc: OSError) -> None:
-        """Out of file descriptors: the reserve one takes the next client, which is told so and closed.
+        """Out of file descriptors: the reserve one takes the next client, which is told so and closed
+        (after its request, so that it is not refused a write first; fds riding along are dropped).
         Without a reserve, stop accepting for a moment (the selector would spin)."""
         assert self.listener is not None
         code, message = syscalls.failure("accepting a connection", exc, "mounter")
@@ -276,6 +277,10 @@ class Mounter:
         else:
             conn.setblocking(True)
             conn.settimeout(1.0)
+            try:
+                conn.recv(65536)
+            except OSError:
+                pass
             _reply(conn, {"ok": False, "code": code, "error": message})
             conn.close()
         self.reserve = _reserve_fd()
