@@ -101,7 +101,8 @@ class Node:
 
 
 @pytest.fixture
-def node(world: World) -> Iterator[Node]:
+def node(world: World, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """The plugin's flags: these, then an indirect parameter's."""
     plugin = PluginProcess(
         daemon_entry=REAL_DAEMON,
         extra_args=(
@@ -109,6 +110,7 @@ def node(world: World) -> Iterator[Node]:
             "--kubeconfig", str(world.kube.kubeconfig(world.base / "kubeconfig")),
             "--cloud-env-dir", str(world.emu.cloud_env_file.parent),
             "--health-interval", "0",
+            *getattr(request, "param", ()),
         ),
         kubelet_dir=str(world.base / "kubelet"),
     )  # fmt: skip
@@ -326,3 +328,46 @@ def test_the_mounter_prefers_its_daemons_as_oom_victims(node: Node) -> None:
     warnings = Path(node.state_dir, "mounters.log").read_text().count("cannot lower the mounter's oom_score_adj")
     inherited = Path("/proc/self/oom_score_adj").read_text().strip()
     assert (Path(f"/proc/{mounter}/oom_score_adj").read_text().strip(), warnings) == (("-900", 0) if capable else (inherited, 1))
+
+
+# ---- dead volumes healed ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node", [("--restart-pods-with-failed-volumes", "--health-interval", "0.2")], indirect=True)
+def test_a_dead_volumes_pod_is_deleted_once_so_its_replicaset_makes_a_new_one(node: Node) -> None:
+    """The plugin run with --restart-pods-with-failed-volumes: a daemon dies; the plugin posts a
+    VolumeFailed event on its pod and deletes the pod (owned by a ReplicaSet) once; the pod beside
+    it, without a controller, loses its volume too but is only reported."""
+    node.start_mounter()
+    owned, bare = node.new_pods(2)
+    kube, kubelet = node.world.kube, node.plugin.kubelet
+    assert kubelet is not None
+    for pod, controller in ((owned, "ReplicaSet"), (bare, None)):
+        uid = node.world.volume_context(pod)["csi.storage.k8s.io/pod.uid"]
+        kube.add_pod(pod.namespace, pod.name, controller=controller, uid=uid)
+    node.publish([owned, bare])
+    for pod in (owned, bare):
+        assert read_secret(pod) == pod.value
+        os.kill(kubelet.state(pod.target).pid, signal.SIGKILL)
+
+    def reported(pod: Pod) -> list[str]:
+        return [e["message"] for e in kube.events_for(pod.namespace, pod.name) if e["reason"] == "VolumeFailed"]
+
+    wait_for(lambda: kube.get("pods", owned.namespace, owned.name) is None, 30, "the plugin to delete the pod")
+    wait_for(lambda: reported(owned) and reported(bare), 30, "VolumeFailed events on both pods")
+    wait_for(lambda: "it has no controller" in node.plugin.log(), 30, "the plugin to decline the bare pod")
+    assert kube.get("pods", bare.namespace, bare.name) is not None
+    path = f"/api/v1/namespaces/{owned.namespace}/pods/{owned.name}"
+
+    def swept_again() -> bool:  # each sweep looks at the bare pod: three more after the deletion
+        calls = [(r.method, r.path) for r in kube.requests]
+        later = calls[calls.index(("DELETE", path)) :]
+        return later.count(("GET", f"/api/v1/namespaces/{bare.namespace}/pods/{bare.name}")) >= 3
+
+    wait_for(swept_again, 30, "three more sweeps")
+    assert [r.path for r in kube.requests if r.method == "DELETE"] == [path]
+    log = node.plugin.log()
+    assert log.count(f"deleted pod {owned.namespace}/{owned.name} ") == 1
+    assert log.count("it has no controller") == 1
+    for pod in (owned, bare):
+        assert len(reported(pod)) == 1 and "exited" in reported(pod)[0]
