@@ -82,15 +82,16 @@ class Node:
         for pod in pods:
             publish(self.plugin.kubelet, self.world, pod)
 
-    def status(self) -> dict[str, Any]:
-        """`kvfs csi status --json`, run as an admin runs it in the plugin container."""
+    def status(self, *options: str) -> Any:
+        """`kvfs csi status`, run as an admin runs it in the plugin container: parsed with --json."""
         out = subprocess.run(
-            [sys.executable, "-m", "kvfs.csi.cli", "status", "--state-dir", self.state_dir, "--json"],
+            [sys.executable, "-m", "kvfs.csi.cli", "status", "--state-dir", self.state_dir, *options],
             capture_output=True,
             check=True,
             timeout=60,
+            text=True,
         )
-        return dict(json.loads(out.stdout))
+        return json.loads(out.stdout) if "--json" in options else out.stdout
 
     def close(self) -> None:
         self.plugin.close()
@@ -144,7 +145,7 @@ def test_two_mounter_generations_serve_side_by_side_and_one_dies_alone(node: Nod
     one and the next five all land on it; both generations republish and unpublish; then the old
     mounter pod dies with its daemons, and only its volumes break. `kvfs csi status` tells it all."""
     kubelet = node.plugin.kubelet
-    assert kubelet is not None and node.status()["mounters"] == []
+    assert kubelet is not None and node.status("--json")["mounters"] == []
     old = node.start_mounter()
     old_pods = node.new_pods(5)
     node.publish(old_pods)
@@ -158,7 +159,7 @@ def test_two_mounter_generations_serve_side_by_side_and_one_dies_alone(node: Nod
     assert {kubelet.state(p.target).mounter for p in new_pods} == {new}
     for pod in old_pods + new_pods:
         assert read_secret(pod) == pod.value
-    status = node.status()
+    status = node.status("--json")
     assert mounter_rows(status) == [(new, True, 5), (old, True, 5)]
     assert_listed(status, old_pods, old, "healthy")
     assert_listed(status, new_pods, new, "healthy")
@@ -191,11 +192,17 @@ def test_two_mounter_generations_serve_side_by_side_and_one_dies_alone(node: Nod
         with pytest.raises(OSError) as info:
             read_secret(pod)
         assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    status = node.status()
+    status = node.status("--json")
     assert mounter_rows(status) == [(new, True, 4), (old, False, 4)]
     assert_listed(status, new_pods, new, "healthy")
     assert_listed(status, old_pods, old, "dead")
     assert all("exited" in volumes_by_target(status)[p.target]["detail"] for p in old_pods)
+    table = node.status().splitlines()  # the same, for people
+    assert [line.split()[:5:4] for line in table if line.startswith((new, old))] == [[new, "yes"], [old, "no"]]
+    for pod in old_pods + new_pods:
+        [row] = [line for line in table if line.startswith(f"{pod.namespace}/{pod.name} ")]
+        assert pod.volume_id in row and ("dead: its daemon" if pod in old_pods else "healthy") in row
+    assert table[-1] == "what one volume serves, object by object: kvfs status TARGET"
 
     # the plugin reports each dead volume once, naming its pod; a new volume goes to the live generation
     assert kubelet.probe() and kubelet.probe()
@@ -211,7 +218,7 @@ def test_two_mounter_generations_serve_side_by_side_and_one_dies_alone(node: Nod
         kubelet.unpublish(pod.volume_id, pod.target)
         assert_gone(kubelet, pod, daemon)
     assert kubelet.probe()
-    assert mounter_rows(node.status()) == [(new, True, 5)]
+    assert mounter_rows(node.status("--json")) == [(new, True, 5)]
 
 
 # ---- a mounter that does not fall over ----------------------------------------------------------

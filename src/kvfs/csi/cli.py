@@ -17,7 +17,7 @@ from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger(__name__)
 
-HELP = "the Kubernetes CSI node plugin and its mounter"
+HELP = "the Kubernetes CSI node plugin, its mounters, and their status"
 DESCRIPTION = (
     "Serve kvfs volumes to pods: `kvfs csi node` runs the CSI node plugin kubelet calls (it starts a"
     " mounter unless --no-start-mounter); `kvfs csi mounter` runs, on its own, the process that starts"
