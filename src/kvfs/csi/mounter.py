@@ -154,7 +154,7 @@ class Mounter:
     REQUEST_TIMEOUT = 5.0
     ZYGOTE_TIMEOUT = 120.0  # imports on a loaded node
     CONFIG_TIMEOUT = 10.0
-    PAUSE = 1.0  # out of file descriptors with no reserve left: stop accepting for this long
+    PAUSE = 0.1  # out of file descriptors with no reserve left: wait this long before accepting again
 
     def __init__(
         self,
@@ -174,7 +174,6 @@ class Mounter:
         self.registry = registry
         self.started = time.time()
         self.reserve = _reserve_fd()  # given up to answer one client when out of file descriptors
-        self.paused_until = 0.0
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # ready_r fd -> pending
         self.clients: dict[int, _Client] = {}  # conn fd -> client still sending its request
@@ -203,7 +202,6 @@ class Mounter:
             self.registry.register(info)
         log.info("mounter %s listening on %s (daemon entry %s)", self.id, self.socket_path, self.entry_name)
         while not self.stopping:
-            self._resume()
             for key, _ in self.sel.select(self._next_timeout()):
                 if key.data == "accept":
                     self._accept()
@@ -260,15 +258,14 @@ class Mounter:
     def _shed(self, exc: OSError) -> None:
         """Out of file descriptors: the reserve one takes the next client, which is told so and closed
         (after its request, so that it is not refused a write first; fds riding along are dropped).
-        Without a reserve, stop accepting for a moment (the selector would spin)."""
+        Without a reserve (the whole node is out of them), wait a moment: the selector would spin."""
         assert self.listener is not None
         code, message = syscalls.failure("accepting a connection", exc, "mounter")
-        if self.reserve < 0:
-            log.error("%s; not accepting for %g s", message, self.PAUSE)
-            self.sel.unregister(self.listener)
-            self.paused_until = time.monotonic() + self.PAUSE
-            return
         log.error("%s", message)
+        if self.reserve < 0:
+            time.sleep(self.PAUSE)
+            self.reserve = _reserve_fd()
+            return
         os.close(self.reserve)
         try:
             conn, _ = self.listener.accept()
@@ -284,12 +281,6 @@ class Mounter:
             _reply(conn, {"ok": False, "code": code, "error": message})
             conn.close()
         self.reserve = _reserve_fd()
-
-    def _resume(self) -> None:
-        if self.paused_until and time.monotonic() >= self.paused_until and self.listener is not None:
-            self.paused_until = 0.0
-            self.reserve = self.reserve if self.reserve >= 0 else _reserve_fd()
-            self.sel.register(self.listener, selectors.EVENT_READ, "accept")
 
     def _read_request(self, fd: int) -> None:
         client = self.clients[fd]

@@ -120,14 +120,19 @@ class Volumes:
     # ---- plumbing ----
 
     @contextmanager
-    def _lock(self, target: str) -> Iterator[None]:
-        """Serialise every operation on one target; the table holds only targets in use."""
+    def _lock(self, target: str, *, wait: bool = True) -> Iterator[bool]:
+        """Serialise every operation on one target; the table holds only targets in use. With
+        `wait=False`, yields False at once instead of waiting for another operation on it."""
         with self._locks_guard:
             entry = self._locks.setdefault(target, _TargetLock())
             entry.users += 1
         try:
-            with entry.lock:
-                yield
+            held = entry.lock.acquire(blocking=wait)
+            try:
+                yield held
+            finally:
+                if held:
+                    entry.lock.release()
         finally:
             with self._locks_guard:
                 entry.users -= 1
@@ -509,8 +514,9 @@ class Volumes:
         # only the daemon holds the connection fd, so a statfs answer proves it serves
         probes = probe_volumes(states, self.prober, self.config.probe_timeout)
         for state in states:
-            with self._lock(state.target_path):
-                if self.store.load(state.target_path) == state:  # not unpublished or republished meanwhile
+            # a target busy with a publish or unpublish is judged by the next sweep; kubelet's Probe must not wait
+            with self._lock(state.target_path, wait=False) as held:
+                if held and self.store.load(state.target_path) == state:  # not unpublished or republished meanwhile
                     self._report(state, probes[state.target_path])
         for target in set(self.health) - {s.target_path for s in states}:
             del self.health[target]
