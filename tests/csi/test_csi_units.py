@@ -1,4 +1,5 @@
-"""Pure units: mountinfo parsing, state files, request assembly, proto loading, kube config."""
+"""Pure units: mountinfo parsing, state files, the mounter registry, request assembly, proto loading,
+kube config."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE, token_for_audienc
 from kvfs.csi import request
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError
 from kvfs.csi.mountinfo import Health, find_mount, is_kvfs_mount, parse_mountinfo, probe_mount
+from kvfs.csi.mounters import ORPHAN_AGE, MounterInfo, MounterRegistry
+from kvfs.daemon import jsonline
 from kvfs.csi.state import StateStore, new_state, process_alive, process_start_time, volume_key
 
 MOUNTINFO = (
@@ -260,3 +263,27 @@ def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, 
     assert os.read(ready_r, 4096).startswith(b"error cloudName AzureStackCloud is not valid, error: cloudEnvFileName")
     os.close(ready_r)
     os.close(ready_w)
+
+
+def test_the_mounter_registry_lists_the_newest_first_and_prunes_only_the_dead_and_unused(tmp_path: Path) -> None:
+    registry = MounterRegistry(tmp_path)
+    me = os.getpid()
+    alive = {"pid": me, "pid_start": process_start_time(me) or 0, "version": "0.2.0"}
+    dead = {"pid": me, "pid_start": 1, "version": "0.1.0"}  # a start time that is not this process's
+    for mounter_id, fields, started in (
+        ("old-dead", dead, 1.0), ("old-used", dead, 2.0), ("new", alive, 3.0), ("listening", dead, 4.0)
+    ):  # fmt: skip
+        registry.prepare(mounter_id)
+        registry.register(MounterInfo(mounter_id, started=started, **fields))  # type: ignore[arg-type]
+    listener = jsonline.listen(registry.socket_path("listening"), backlog=1)  # pid unseen, socket alive
+    (tmp_path / "mounters" / "never-registered").mkdir()
+    (tmp_path / "mounters" / "starting").mkdir()
+    os.utime(tmp_path / "mounters" / "never-registered", (0, 0))
+    try:
+        assert [m.id for m in registry.all()] == ["listening", "new", "old-used", "old-dead"]
+        assert [m.id for m in registry.live()] == ["new"]
+        removed = registry.prune({"old-used"}, now=ORPHAN_AGE + 1)
+    finally:
+        listener.close()
+    assert sorted(removed) == ["never-registered", "old-dead"]
+    assert sorted(p.name for p in (tmp_path / "mounters").iterdir()) == ["listening", "new", "old-used", "starting"]

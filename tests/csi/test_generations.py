@@ -209,6 +209,7 @@ def test_two_mounter_generations_serve_side_by_side_and_one_dies_alone(node: Nod
     for pod in old_pods:
         reports = [line for line in node.plugin.log().splitlines() if f"{pod.volume_id} of pod {pod.namespace}/{pod.name}" in line]
         assert len(reports) == 1 and " is dead" in reports[0], reports
+    assert mounter_rows(node.status("--json")) == [(new, True, 4), (old, False, 4)]  # kept: it has volumes
     [late] = node.new_pods(1)
     node.publish([late])
     assert kubelet.state(late.target).mounter == new and read_secret(late) == late.value

@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -102,8 +103,8 @@ class MounterRegistry:
                     stale = now - folder.stat().st_mtime > ORPHAN_AGE
                 except OSError:
                     continue
-            else:
-                stale = not info.alive and folder.name not in in_use
+            else:  # a live mounter whose pid this process cannot see (no shared pid namespace) still listens
+                stale = not info.alive and folder.name not in in_use and not _listening(folder / SOCKET_NAME)
             if stale:
                 log.info("removing the folder of mounter %s (%s)", folder.name, "gone" if info else "never registered")
                 shutil.rmtree(folder, ignore_errors=True)
@@ -116,6 +117,16 @@ class MounterRegistry:
         except FileNotFoundError:
             return []
         return [(folder, _read(folder / INFO_NAME)) for folder in folders]
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _read(path: Path) -> MounterInfo | None:
