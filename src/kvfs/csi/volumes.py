@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable
 
 from prometheus_client import Gauge
@@ -182,7 +181,7 @@ class Volumes:
             try:
                 reply = client.hello(timeout)
             except jsonline.ProtocolError as exc:
-                if self.mounters.root in Path(path).parents:  # registered and alive, yet silent
+                if not self.config.mounter_socket:  # registered and alive, yet silent
                     log.warning("the mounter at %s does not answer (%s); trying an older one", path, exc)
                 continue
             if reply.get("ok"):
@@ -420,12 +419,11 @@ class Volumes:
         except jsonline.ProtocolError as exc:
             log.error(
                 "volume %s at %s: could not pass the fresh service account token to its daemon (%s); "
-                "the mount is left as it is",
+                "the mount is left as it is (the health sweep judges whether it still serves)",
                 state.volume_id,
                 state.target_path,
                 exc,
             )
-            self._report(state, Probe(Health.DEAD, f"control socket: {exc}"))
 
     def _control(self, state: VolumeState, *, timeout: float) -> ControlClient:
         """The client of the volume's daemon (kvfs.daemon.control), on the socket in the state folder."""
@@ -517,17 +515,13 @@ class Volumes:
             # a target busy with a publish or unpublish is judged by the next sweep; kubelet's Probe must not wait
             with self._lock(state.target_path, wait=False) as held:
                 if held and self.store.load(state.target_path) == state:  # not unpublished or republished meanwhile
-                    self._report(state, probes[state.target_path])
+                    self.health[state.target_path] = probes[state.target_path]
+                    self.failures.report(state, probes[state.target_path])
         for target in set(self.health) - {s.target_path for s in states}:
             del self.health[target]
         self.mounters.prune({s.mounter for s in self.store.all()})
         _metrics_update(self.health)
         return dict(self.health)
-
-    def _report(self, state: VolumeState, probe: Probe) -> None:
-        """Under the target's lock."""
-        self.health[state.target_path] = probe
-        self.failures.report(state, probe)
 
     def restart_failed_pods(self) -> list[str]:
         """With --restart-pods-with-failed-volumes, delete the pods of the volumes the last sweep found
