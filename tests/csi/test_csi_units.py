@@ -18,6 +18,7 @@ from kvfs.csi.mountinfo import Health, find_mount, is_kvfs_mount, parse_mountinf
 from kvfs.csi.mounters import ORPHAN_AGE, MounterInfo, MounterRegistry
 from kvfs.daemon import jsonline
 from kvfs.csi.state import StateStore, new_state, process_alive, process_start_time, volume_key
+from kvfs.csi.status import main as status_main
 
 MOUNTINFO = (
     "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
@@ -287,3 +288,13 @@ def test_the_mounter_registry_lists_the_newest_first_and_prunes_only_the_dead_an
         listener.close()
     assert sorted(removed) == ["never-registered", "old-dead"]
     assert sorted(p.name for p in (tmp_path / "mounters").iterdir()) == ["listening", "new", "old-used", "starting"]
+
+
+def test_csi_status_names_a_folder_without_state_and_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert status_main(str(tmp_path / "nowhere"), as_json=True) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--state-dir" in err and "nowhere" in err and "plugin's --state-dir" in err
+    MounterRegistry(tmp_path).prepare("m-1")  # a node where only a mounter has started: no volumes yet
+    assert status_main(str(tmp_path), as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["mounters"], report["volumes"]) == ([], []) and not (tmp_path / "volumes").exists()

@@ -26,14 +26,15 @@ PROBE_TIMEOUT = 1.0
 
 def collect(state_dir: str, *, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
     """Everything `kvfs csi status --json` prints."""
-    registry, store = MounterRegistry(state_dir), StateStore(state_dir)
-    states = store.all()
+    registry = MounterRegistry(state_dir)
+    store = StateStore(state_dir) if os.path.isdir(os.path.join(state_dir, "volumes")) else None
+    states = store.all() if store else []
     ready = [s for s in states if s.phase == "ready"]
     probes = probe_volumes(ready, Prober(), timeout)
     volumes = []
     for state in states:
         probe = probes.get(state.target_path)
-        failure = read_failure(store, state.target_path) if probe else None
+        failure = read_failure(store, state.target_path) if store and probe else None
         volumes.append(
             {
                 "pod": {"namespace": state.pod_namespace, "name": state.pod_name, "uid": state.pod_uid}
@@ -104,7 +105,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def main(state_dir: str, *, as_json: bool) -> int:
-    """`kvfs csi status`; 2 when the folder holds no plugin state."""
+    """`kvfs csi status`; 2 when the folder holds no plugin state or cannot be read."""
+    if os.path.isdir(state_dir) and not os.access(state_dir, os.R_OK | os.X_OK):
+        print(f"kvfs csi status: --state-dir {state_dir}: permission denied (it is root's: run as root)", file=sys.stderr)
+        return 2
     if not any(os.path.isdir(os.path.join(state_dir, sub)) for sub in ("volumes", "mounters")):
         print(
             f"kvfs csi status: --state-dir {state_dir}: no kvfs CSI state there (pass the plugin's --state-dir;"
