@@ -108,6 +108,25 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class RenderDefaults:
+    """What upstream's node-wide provider flags set for every volume; a volume's own parameters
+    (writeCertAndKeyInSeparateFiles, constructPEMChain) override them. `kvfs csi node` takes them
+    as flags and hands them to each daemon with its spawn."""
+
+    split_cert_key: bool = False  # --write-cert-and-key-in-separate-files
+    construct_pem_chain: bool = True  # --construct-pem-chain
+
+    def to_json(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: object) -> RenderDefaults:
+        """As a spawn request carries them; what is missing (an older plugin sent none) is upstream's."""
+        given = value if isinstance(value, dict) else {}
+        return cls(**{f.name: bool(given[f.name]) for f in dataclasses.fields(cls) if f.name in given})
+
+
+@dataclass(frozen=True)
 class MountConfig:
     """Everything one volume needs; the output of parameter parsing."""
 

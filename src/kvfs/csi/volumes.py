@@ -23,6 +23,7 @@ from typing import Callable
 
 from prometheus_client import Gauge
 
+from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
@@ -74,6 +75,7 @@ class NodeConfig:
     log_format: str = "text"  # passed on to a mounter this plugin starts (and so to its zygote and daemons)
     max_volumes: int = 0
     watch_interval: float = DEFAULT_WATCH_INTERVAL  # seconds between polls of the daemons' events
+    render_defaults: RenderDefaults = RenderDefaults()  # upstream's provider flags, for every volume
 
     def __post_init__(self) -> None:
         if not self.mounter_socket:
@@ -219,6 +221,7 @@ class Volumes:
                 context="csi",
                 allow_node_identity=cfg.allow_node_identity,
                 cloud_env_dir=cfg.cloud_env_dir,
+                defaults=cfg.render_defaults,
             )
         except ConfigError as exc:
             raise RequestError("INVALID_ARGUMENT", str(exc)) from None
@@ -318,6 +321,7 @@ class Volumes:
                 gid=state.gid,
                 allow_node_identity=cfg.allow_node_identity,
                 cloud_env_dir=cfg.cloud_env_dir,
+                defaults=cfg.render_defaults,
                 fuse_fd=fuse_fd,
                 control_fd=control,
                 timeout=cfg.publish_timeout,
