@@ -26,6 +26,7 @@ from prometheus_client import Gauge
 from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
+from kvfs.csi.foreign import foreign_mount, remove_foreign_mounts
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
@@ -113,6 +114,7 @@ class Volumes:
         self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
+        self._foreign: set[str] = set()  # targets holding another driver's mount, already logged
         # features that act on what daemons report (pod events, status objects) subscribe here
         self.watcher = VolumeWatcher(self.store)
 
@@ -183,6 +185,19 @@ class Volumes:
             elif mounted:
                 log.warning("target %s holds a kvfs mount without state: unmounting it first", target)
                 _umount_all(target, detach=True)
+            elif (other := foreign_mount(target)) is not None:
+                # a volume the driver before kvfs published (a node switched under the upstream name):
+                # kubelet republishes it; mounting over it would not reach the running pod
+                if target not in self._foreign:
+                    self._foreign.add(target)
+                    log.warning(
+                        "target %s holds a %s mount kvfs did not make: left as it is (the pod keeps those files"
+                        " until it is recreated; unpublish removes it)",
+                        target,
+                        other.fstype,
+                        extra={"volume": req.volume_id},
+                    )
+                return
             params = self._params(inputs)
             if req.volume_mount_group:  # only kubelet decides the group, never a pod or a class
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
@@ -421,7 +436,12 @@ class Volumes:
                 self._teardown(state, mounted)
             elif mounted:
                 _umount_all(target, detach=True)
+            try:
+                remove_foreign_mounts(target)  # the upstream driver's tmpfs, after a switch-over
+            except OSError as exc:
+                raise RequestError("INTERNAL", f"cannot unmount {target}: {exc.strerror}") from None
             _remove_dir(target)
+            self._foreign.discard(target)
             self.health.pop(target, None)
             log.info("volume %s: unpublished from %s", volume_id, target, extra={"volume": volume_id})
 
