@@ -28,6 +28,15 @@ class Failure:
     message: str  # safe by contract (KvfsError), redacted again, clipped
     at: float  # wall clock
 
+    @classmethod
+    def of(cls, error: KvfsError) -> Failure:
+        return cls(
+            code=error_code(error),
+            errno=errno.errorcode.get(error.errno, str(error.errno)),
+            message=clipped(redact(str(error))),
+            at=time.time(),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {"code": self.code, "errno": self.errno, "message": self.message, "at": wall_time(self.at)}
 
@@ -71,12 +80,7 @@ class ObjectWatch:
 
     def failed(self, spec: ObjectSpec, error: KvfsError, *, background: bool) -> None:
         state = self._state(spec)
-        failure = Failure(
-            code=error_code(error),
-            errno=errno.errorcode.get(error.errno, str(error.errno)),
-            message=clipped(redact(str(error))),
-            at=time.time(),
-        )
+        failure = Failure.of(error)
         state.error = failure
         if not background and failure.code != state.read_failure:
             state.read_failure = failure.code
