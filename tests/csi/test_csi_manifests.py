@@ -36,7 +36,7 @@ COMPONENTS = sorted(p.parent.name for p in (CSI / "components").glob("*/kustomiz
 # Flags the manifests pass that `kvfs csi node` does not accept yet (other branches add them).
 # While listed, the CLI check skips them; test_pending_flags_are_still_pending fails as soon as
 # one exists or no manifest passes it, so the lead empties this list when the flags land.
-PENDING_FLAGS = ["--sync-secrets", "--restart-pods-with-failed-volumes"]
+PENDING_FLAGS = ["--restart-pods-with-failed-volumes"]
 
 pytestmark = pytest.mark.skipif(
     KUBECTL is None,

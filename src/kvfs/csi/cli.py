@@ -97,6 +97,7 @@ def _run_node(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_format=args.log_format,
         max_volumes=args.max_volumes,
+        sync_secrets=args.sync_secrets,
         render_defaults=RenderDefaults(
             split_cert_key=args.write_cert_and_key_in_separate_files, construct_pem_chain=args.construct_pem_chain
         ),
@@ -192,6 +193,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         node.add_argument(
             flag, type=go_bool, nargs="?", const=True, default=default, metavar="BOOL", help=f"node-wide: {meaning}"
         )
+    node.add_argument(
+        "--sync-secrets",
+        action="store_true",
+        help="create and update the Kubernetes Secrets a class's secretObjects name, in the pod's namespace (needs"
+        " RBAC for Secrets: the sync-secrets component)",
+    )
     node.add_argument(
         "--cloud-env-dir",
         default=DEFAULT_CLOUD_ENV_DIR,
