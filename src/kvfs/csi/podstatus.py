@@ -64,20 +64,24 @@ def applies(state: VolumeState) -> bool:
     return bool(state.secret_provider_class and state.pod_namespace and state.pod_name and state.pod_uid)
 
 
-def served_versions(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """`{id: version}` from a daemon's `served` and `rotated` events, the latest event winning."""
-    versions: dict[str, str] = {}
+def served_versions(known: Mapping[str, str], events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """`known` ({id: version}) after a daemon's `served` and `rotated` events, in their order. A
+    `served` event only adds an id: it is an object's first load, so for an id already known it is
+    an old event read again (a restarted plugin reads every daemon's events again)."""
+    versions = dict(known)
     for event in events:
-        if event.get("kind") not in ("served", "rotated"):
+        kind = event.get("kind")
+        if kind not in ("served", "rotated"):
             continue
         object_id = str(event.get("object") or "")
         if "versions" in event:  # a history folder: one id per entry, as upstream numbers them
-            for index, version in enumerate(event.get("versions") or []):
-                versions[f"{object_id}/{index}"] = str(version)
-            continue
-        version = event.get("version") if event.get("kind") == "served" else event.get("new_version")
-        if object_id and version:
-            versions[object_id] = str(version)
+            found = {f"{object_id}/{i}": str(v) for i, v in enumerate(event.get("versions") or [])}
+        else:
+            version = event.get("version") if kind == "served" else event.get("new_version")
+            found = {object_id: str(version)} if object_id and version else {}
+        for key, version in found.items():
+            if kind == "rotated" or key not in versions:
+                versions[key] = version
     return versions
 
 
@@ -147,9 +151,8 @@ class PodStatuses:
     # ---- daemon events (kvfs.csi.watch.EventSubscriber) -------------------------------------
 
     def on_events(self, volume: VolumeState, events: Sequence[Mapping[str, Any]]) -> None:
-        """Record the versions served; an object the status does not hold yet is added, never removed."""
-        versions = served_versions(events)
-        if not applies(volume) or not versions:
+        """Record the versions served; an id the status holds is updated, never removed."""
+        if not applies(volume) or not served_versions({}, events):
             return
 
         def merge(current: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -157,10 +160,10 @@ class PodStatuses:
                 return None  # not created (yet, or any more): the volume is being published or unpublished
             status = current.setdefault("status", {})
             known = {str(o.get("id")): str(o.get("version")) for o in status.get("objects") or [] if isinstance(o, dict)}
-            if all(known.get(key) == value for key, value in versions.items()):
-                return None  # seen already (a restarted plugin reads every daemon's events again)
-            known.update(versions)
-            status["objects"] = [{"id": key, "version": value} for key, value in sorted(known.items())]
+            versions = served_versions(known, events)
+            if versions == known:
+                return None
+            status["objects"] = [{"id": key, "version": value} for key, value in sorted(versions.items())]
             return current
 
         self._write(volume, "update", merge)

@@ -80,7 +80,10 @@ def _pem_blocks(content: bytes) -> list[tuple[str, bytes]]:
     """(type, DER) of each PEM block; a block whose body is not base64 is a ValueError."""
     blocks = []
     for match in _PEM_BLOCK.finditer(content):
-        body = b"".join(line for line in match.group(2).split() if b":" not in line)  # headers dropped
+        lines = match.group(2).splitlines()
+        while lines and b":" in lines[0]:  # RFC 1421 headers (Proc-Type: ...) come first: dropped
+            lines.pop(0)
+        body = b"".join(line.strip() for line in lines)
         try:
             blocks.append((match.group(1).decode(), base64.b64decode(body, validate=True)))
         except binascii.Error:
