@@ -198,3 +198,24 @@ def test_a_class_without_secret_objects_costs_no_secret_call(node: Node) -> None
 )
 def test_which_files_a_rotation_changes(file: str, rotated: str, changes: bool) -> None:
     assert _shows(file, rotated) is changes
+
+
+def test_a_secret_upstream_synced_is_adopted_and_keeps_its_other_owners(node: Node) -> None:
+    """Upstream's driver labels the Secrets it syncs as kvfs does; newer versions make the pod's
+    ReplicaSet their owner. kvfs takes such a Secret over and removes only its own reference."""
+    replica_set = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d9f", "uid": "5d9f0000-0000-4000-8000-000000000001"}
+    node.kube.add("secrets", {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "creds", "namespace": NS, "ownerReferences": [replica_set],
+                     "labels": {"secrets-store.csi.k8s.io/managed": "true", "kept": "yes"}},
+        "data": {"a": base64.b64encode(b"written by upstream").decode()},
+    })  # fmt: skip
+    node.add_class("adopt", [opaque("creds", "a")], a="from kvfs")
+    target = node.publish("w1", "adopt")
+    creds = node.secret("creds")
+    assert creds is not None and base64.b64decode(creds["data"]["a"]) == b"from kvfs"
+    assert creds["metadata"]["labels"] == {"secrets-store.csi.k8s.io/managed": "true", "kept": "yes"}
+    assert [r["kind"] for r in creds["metadata"]["ownerReferences"]] == ["ReplicaSet", "SecretProviderClassPodStatus"]
+    node.kubelet.unpublish("vol-w1", target)
+    creds = node.secret("creds")
+    assert creds is not None and creds["metadata"]["ownerReferences"] == [replica_set]
