@@ -64,12 +64,13 @@ def test_log_level_is_a_choice() -> None:
 def test_upstream_provider_flags_set_the_node_wide_defaults(
     monkeypatch: pytest.MonkeyPatch, args: list[str], split: bool, chain: bool
 ) -> None:
+    import kvfs.csi.cli
     import kvfs.csi.node
-    from kvfs.cli import main
 
     seen: list[Any] = []
     monkeypatch.setattr(kvfs.csi.node, "run_node", lambda config, *a, **kw: seen.append(config) or 0)
-    assert main(["csi", "node", "--node-id=n1", "--endpoint=unix:///tmp/kvfs-x/csi.sock", *args]) == 0
+    monkeypatch.setattr(kvfs.csi.cli, "setup_logging", lambda *a, **kw: None)  # this process's logging stays
+    assert kvfs.csi.cli.main(["node", "--node-id=n1", "--endpoint=unix:///tmp/kvfs-x/csi.sock", *args]) == 0
     assert seen[0].render_defaults == RenderDefaults(split_cert_key=split, construct_pem_chain=chain)
 
 
