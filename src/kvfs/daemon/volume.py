@@ -31,7 +31,7 @@ from kvfs.daemon.files import VolumeFiles
 from kvfs.daemon.jsonline import AddressInUse
 from kvfs.daemon.session import serve_session
 from kvfs.daemon.status import ObjectWatch
-from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
+from kvfs.fs.adapter import FuseAdapter, KernelNotifier, fuse_options
 from kvfs.fs.core import FilesystemCore
 from kvfs.logsafe import register_secret
 from kvfs.net.http import make_http_client
@@ -157,7 +157,7 @@ class Volume:
             self.core = FilesystemCore(
                 self.config,
                 resolver,
-                invalidate_entry=invalidate_entry,
+                kernel=KernelNotifier(),
                 uid=uid,
                 gid=gid,
                 root_xattrs={"control": self.control_path} if self.control_path else None,
