@@ -122,12 +122,11 @@ class SecretSync:
         if not applies(state):
             return
         objects = self._secret_objects(state, report=True)
-        if objects is None:
-            return self._remember(state, failed=True)
-        if rotated is not None:
+        if objects is not None and rotated is not None:
             objects = [o for o in objects if any(_shows(file, name) for file in o.files for name in rotated)]
         if not objects:
-            return self._remember(state, failed=False)
+            self._remember(state, failed=objects is None)  # a class that cannot be read: try again
+            return
         failed = False
         owner = self.statuses.owner_reference(state)
         files, errors = self._fetch(state, sorted({f for o in objects for f in o.files})) if owner else ({}, {})
@@ -213,9 +212,13 @@ class SecretSync:
         """Create the Secret, or update a managed one (data, labels, annotations, this pod as an owner)."""
         labels = {**dict(obj.labels), MANAGED_LABEL: "true"}
         wanted = secret_body(
-            state.pod_namespace, obj.secret_name, data, secret_type=obj.type, labels=labels,
+            state.pod_namespace,
+            obj.secret_name,
+            data,
+            secret_type=obj.type,
+            labels=labels,
             annotations=dict(obj.annotations),
-        )  # fmt: skip
+        )
         outcome: list[Outcome] = []
 
         def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
