@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Any
 
-from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR
+from kvfs.config.model import RenderDefaults
+from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, GO_FALSE, GO_TRUE
 from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.logsafe import add_log_options, setup_logging
 
@@ -58,6 +59,17 @@ def uid_range(text: str) -> tuple[int, int]:
     return start, end
 
 
+def go_bool(text: str) -> bool:
+    """A boolean flag's value in Go's syntax (strconv.ParseBool), as upstream's provider flags take it."""
+    if text in GO_TRUE:
+        return True
+    if text in GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected true or false (also 1/0, t/f, TRUE/FALSE); write --FLAG=false to turn a flag off"
+    )
+
+
 class _Removed(argparse.Action):
     """A removed flag that says what replaced it (instead of argparse's "unrecognized arguments")."""
 
@@ -93,6 +105,10 @@ def _run_node(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         max_volumes=args.max_volumes,
         restart_failed_pods=args.restart_pods_with_failed_volumes,
+        sync_secrets=args.sync_secrets,
+        render_defaults=RenderDefaults(
+            split_cert_key=args.write_cert_and_key_in_separate_files, construct_pem_chain=args.construct_pem_chain
+        ),
     )
     try:
         socket_path = endpoint_path(args.endpoint)
@@ -193,6 +209,29 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         action="store_true",
         help="let volume attributes overlay the SecretProviderClass and volumes carry every parameter inline"
         " (development clusters and tests: pod authors then bypass policies on SecretProviderClasses)",
+    )
+    defaults = RenderDefaults()
+    for flag, default, meaning in (
+        (
+            "--write-cert-and-key-in-separate-files",
+            defaults.split_cert_key,
+            "certificate-backed secrets also get FILE.crt and FILE.key (default false; a class's"
+            " writeCertAndKeyInSeparateFiles overrides it)",
+        ),
+        (
+            "--construct-pem-chain",
+            defaults.construct_pem_chain,
+            "order a PFX's certificates leaf to root (default true; a class's constructPEMChain overrides it)",
+        ),
+    ):  # upstream's provider flags, with Go's boolean syntax: a bare flag is true
+        node.add_argument(
+            flag, type=go_bool, nargs="?", const=True, default=default, metavar="BOOL", help=f"node-wide: {meaning}"
+        )
+    node.add_argument(
+        "--sync-secrets",
+        action="store_true",
+        help="create and update the Kubernetes Secrets a class's secretObjects name, in the pod's namespace (needs"
+        " RBAC for Secrets: the sync-secrets component)",
     )
     node.add_argument(
         "--cloud-env-dir",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kvfs
+from kvfs.config.model import RenderDefaults
 from kvfs.csi import syscalls
 from kvfs.csi.mounters import MounterInfo, MounterRegistry
 from kvfs.csi.state import process_start_time
@@ -339,6 +340,7 @@ class Mounter:
                 "env": None if req.get("env") is None else {str(k): str(v) for k, v in dict(req["env"]).items()},
                 "cloud_env_dir": str(req.get("cloud_env_dir") or ""),
                 "allow_node_identity": bool(req.get("allow_node_identity", False)),
+                "defaults": RenderDefaults.from_json(req.get("defaults")).to_json(),
             }
         except (KeyError, TypeError, ValueError) as exc:
             _reply(conn, {"ok": False, "error": f"bad spawn request: {type(exc).__name__} {exc}"})
@@ -533,6 +535,7 @@ class MounterClient:
         control_fd: int,
         timeout: float,
         on_forked: Any = None,
+        defaults: RenderDefaults = RenderDefaults(),
     ) -> int:
         """Hand both fds over (and close them here), wait for ready; the daemon pid.
 
@@ -553,6 +556,7 @@ class MounterClient:
                     "gid": gid,
                     "allow_node_identity": allow_node_identity,
                     "cloud_env_dir": cloud_env_dir,
+                    "defaults": defaults.to_json(),
                     "timeout": timeout,
                     "env": daemon_environment(),
                 }

@@ -19,18 +19,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Literal, Protocol
 
 from prometheus_client import Gauge
 
+from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.events import EventRecorder
+from kvfs.csi.foreign import foreign_mount, remove_foreign_mounts
 from kvfs.csi.health import FailedVolumes, probe_volumes
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
 from kvfs.csi.mounters import MounterRegistry
+from kvfs.csi.podstatus import PodStatuses
 from kvfs.csi.request import (
     RequestError,
     VolumeInputs,
@@ -42,6 +45,7 @@ from kvfs.csi.request import (
     split_inputs,
 )
 from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+from kvfs.csi.sync import SecretSync
 from kvfs.csi.watch import DEFAULT_INTERVAL as DEFAULT_WATCH_INTERVAL
 from kvfs.csi.watch import VolumeWatcher
 from kvfs.daemon import jsonline
@@ -50,6 +54,8 @@ from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT = 45.0  # seconds for a daemon's `fetch`: its reads answer within the 30 s read budget
 
 # Outside system (< 1000), user, nobody (65534), systemd-container (0x80000-0x6fffffff is
 # partly used by systemd-nspawn) and the usual subuid ranges (100000 + 65536 * n); below 2^31.
@@ -78,6 +84,8 @@ class NodeConfig:
     max_volumes: int = 0
     watch_interval: float = DEFAULT_WATCH_INTERVAL  # seconds between polls of the daemons' events
     restart_failed_pods: bool = False  # delete the pod of a failed volume (kvfs.csi.health)
+    render_defaults: RenderDefaults = RenderDefaults()  # upstream's provider flags, for every volume
+    sync_secrets: bool = False  # secretObjects become Kubernetes Secrets (upstream's syncSecret.enabled)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,20 @@ class PublishRequest:
     volume_context: dict[str, str] = field(repr=False)
     secrets: dict[str, str] = field(repr=False)
     volume_mount_group: str = ""  # the pod's fsGroup, when kubelet delegates it to us
+
+
+class VolumeHook(Protocol):
+    """What acts on a volume's life through the Kubernetes API (status objects, Secret sync).
+
+    Called with the volume's lock held, after a publish's mount is ready, at each republish, and
+    before an unpublish's teardown; a failure is logged and never fails the call.
+    """
+
+    def published(self, state: VolumeState) -> None: ...
+
+    def republished(self, state: VolumeState) -> None: ...
+
+    def unpublished(self, state: VolumeState) -> None: ...
 
 
 @dataclass
@@ -112,10 +134,17 @@ class Volumes:
         self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
+        self._foreign: set[str] = set()  # targets holding another driver's mount, already logged
         self.recorder = EventRecorder(self.kube, config.node_id)  # Warning events on pods
         self.failures = FailedVolumes(self.store, self.recorder, self.kube, restart_pods=config.restart_failed_pods)
-        # features that act on what daemons report (pod events, status objects) subscribe here
-        self.watcher = VolumeWatcher(self.store)
+        self.statuses = PodStatuses(self.kube, config.node_id)
+        self.hooks: list[VolumeHook] = [self.statuses]  # in publish order; unpublish goes backwards
+        sync = []
+        if config.sync_secrets:
+            sync = [SecretSync(self.kube, self.statuses, self.recorder, self._fetching, self._published)]
+            self.hooks.extend(sync)
+        # features that act on what daemons report (pod events, status objects, Secrets) subscribe here
+        self.watcher = VolumeWatcher(self.store, [self.statuses, *sync])
 
     # ---- plumbing ----
 
@@ -138,6 +167,20 @@ class Volumes:
                 entry.users -= 1
                 if entry.users == 0:
                     del self._locks[target]
+
+    @contextmanager
+    def _published(self, state: VolumeState) -> Iterator[bool]:
+        """Hold the volume's lock; True while it is still the same published volume."""
+        with self._lock(state.target_path):
+            now = self.store.load(state.target_path)
+            yield now is not None and now.volume_id == state.volume_id and now.phase == "ready"
+
+    def _tell(self, what: Literal["published", "republished", "unpublished"], state: VolumeState) -> None:
+        for hook in reversed(self.hooks) if what == "unpublished" else self.hooks:
+            try:
+                getattr(hook, what)(state)
+            except Exception:  # noqa: BLE001 - the API's troubles never fail a volume
+                log.exception("volume %s: %s failed when %s", state.volume_id, type(hook).__name__, what)
 
     def _default_kube(self) -> KubeClient:
         if self.config.kubeconfig:
@@ -211,18 +254,33 @@ class Volumes:
                     )
                 if state.phase == "ready" and mounted:
                     self._republish(state, inputs)
+                    self._tell("republished", state)
                     return
                 log.info("volume %s: cleaning up an incomplete or unmounted publish first", req.volume_id)
                 self._teardown(state, mounted)
             elif mounted:
                 log.warning("target %s holds a kvfs mount without state: unmounting it first", target)
                 _umount_all(target, detach=True)
+            elif (other := foreign_mount(target)) is not None:
+                # a volume the driver before kvfs published (a node switched under the upstream name):
+                # kubelet republishes it; mounting over it would not reach the running pod
+                if target not in self._foreign:
+                    self._foreign.add(target)
+                    log.warning(
+                        "target %s holds a %s mount kvfs did not make: left as it is (the pod keeps those files"
+                        " until it is recreated; unpublish removes it)",
+                        target,
+                        other.fstype,
+                        extra={"volume": req.volume_id},
+                    )
+                return
             params = self._params(inputs)
             if req.volume_mount_group:  # only kubelet decides the group, never a pod or a class
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
             check_node_identity(params, self.config.allow_node_identity)
             self._validate(params, inputs.secrets)
-            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
+            state = self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
+            self._tell("published", state)
 
     def _target(self, path: str) -> str:
         """The normalised target, if it lies in kubelet's pod folders, also after resolving symlinks.
@@ -255,6 +313,7 @@ class Volumes:
                 context="csi",
                 allow_node_identity=cfg.allow_node_identity,
                 cloud_env_dir=cfg.cloud_env_dir,
+                defaults=cfg.render_defaults,
             )
         except ConfigError as exc:
             raise RequestError("INVALID_ARGUMENT", str(exc)) from None
@@ -312,6 +371,13 @@ class Volumes:
                 f" with {str(meta.get('namespace'))[:80]!r}/{str(meta.get('name'))[:80]!r}: refusing it (check the"
                 " API server address in the plugin's configuration and any proxy in front of it)",
             )
+        if (obj.get("spec") or {}).get("secretObjects") and not self.config.sync_secrets:
+            log.info(
+                'SecretProviderClass "%s" in namespace "%s" has secretObjects: this node does not sync Secrets'
+                " (kvfs csi node --sync-secrets)",
+                name,
+                namespace,
+            )
         try:
             return spc_parameters(obj)
         except ConfigError as exc:
@@ -321,7 +387,7 @@ class Volumes:
 
     def _mount_and_spawn(
         self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str], *, spc: str
-    ) -> None:
+    ) -> VolumeState:
         cfg = self.config
         mounter_id, mounter = self.ensure_mounter()
         if os.path.islink(target):  # mount(2) would follow it out of kubelet's folder
@@ -358,6 +424,7 @@ class Volumes:
                 gid=state.gid,
                 allow_node_identity=cfg.allow_node_identity,
                 cloud_env_dir=cfg.cloud_env_dir,
+                defaults=cfg.render_defaults,
                 fuse_fd=fuse_fd,
                 control_fd=control,
                 timeout=cfg.publish_timeout,
@@ -372,6 +439,7 @@ class Volumes:
         self.health.pop(target, None)
         fields = {"volume": volume_id, "pod": pod_of(params), "daemon_pid": state.pid}
         log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid, extra=fields)
+        return state
 
     def _allocate(self, volume_id: str, target: str, pod: dict[str, str]) -> VolumeState:
         """The volume's state with the lowest uid of the range no living volume uses, saved at once.
@@ -428,6 +496,10 @@ class Volumes:
                 exc,
             )
 
+    def _fetching(self, state: VolumeState) -> ControlClient:
+        """The daemon's client for `fetch`, which may wait for Key Vault."""
+        return self._control(state, timeout=FETCH_TIMEOUT)
+
     def _control(self, state: VolumeState, *, timeout: float) -> ControlClient:
         """The client of the volume's daemon (kvfs.daemon.control), on the socket in the state folder."""
         return ControlClient(str(self.store.control_socket(state.target_path)), timeout=timeout)
@@ -451,10 +523,16 @@ class Volumes:
                 )
             mounted = is_kvfs_mount(target)
             if state is not None:
+                self._tell("unpublished", state)
                 self._teardown(state, mounted)
             elif mounted:
                 _umount_all(target, detach=True)
+            try:
+                remove_foreign_mounts(target)  # the upstream driver's tmpfs, after a switch-over
+            except OSError as exc:
+                raise RequestError("INTERNAL", f"cannot unmount {target}: {exc.strerror}") from None
             _remove_dir(target)
+            self._foreign.discard(target)
             self.health.pop(target, None)
             log.info("volume %s: unpublished from %s", volume_id, target, extra={"volume": volume_id})
 

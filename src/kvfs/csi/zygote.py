@@ -31,6 +31,7 @@ from typing import Any
 
 import setproctitle
 
+from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.request import pod_of
@@ -164,6 +165,7 @@ def _read_spec(volume_id: str, fuse_fd: int, control_fd: int, ready_fd: int, con
         ready_fd=ready_fd,
         env=env,
         cloud_env_dir=str(config.get("cloud_env_dir") or ""),
+        defaults=RenderDefaults.from_json(config.get("defaults")),
     )
 
 
