@@ -41,6 +41,7 @@ import grpc
 from kvfs.auth.cache import refresh_margin_for
 from kvfs.config.model import DEFAULT_REFRESH_INTERVAL
 from kvfs.csi.mounter import MounterClient
+from kvfs.csi.mounters import MounterRegistry
 from kvfs.csi.proto import load
 from kvfs.csi.state import StateStore
 
@@ -196,7 +197,8 @@ class Node:
         self.cap = pb2.VolumeCapability(mount=pb2.VolumeCapability.MountVolume())
         self.targets: list[str] = []
         grpc.channel_ready_future(self.channel).result(timeout=60)
-        info = MounterClient(os.path.join(self.state_dir, "mounter.sock")).ping() or {}
+        registry = MounterRegistry(self.state_dir)
+        info = MounterClient(registry.socket_path(registry.live()[0].id)).ping() or {}  # the one the plugin started
         self.mounter_pid, self.zygote_pid = int(info.get("pid") or 0), int(info.get("zygote") or 0)
         stack.callback(self._unpublish_all)
 
@@ -231,11 +233,8 @@ class Node:
     def _stop(self) -> None:
         self.plugin.terminate()
         self.plugin.wait(30)
-        if self.mounter_pid:
-            try:
-                os.kill(self.mounter_pid, 15)
-            except ProcessLookupError:
-                pass
+        for mounter in MounterRegistry(self.state_dir).live():
+            os.kill(mounter.pid, 15)
 
 
 # ----- the run -----------------------------------------------------------------------------
