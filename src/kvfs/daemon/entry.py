@@ -195,7 +195,7 @@ def preload() -> None:
         "kvfs.daemon.volume",
         "kvfs.vault.client",
         "kvfs.vault.render",
-        "kvfs.vault.pem",
+        "kvfs.vault.pkix",
         "cryptography.hazmat.primitives.serialization.pkcs12",
         "kvfs.auth.factory",
     ):
