@@ -41,7 +41,13 @@ environment:
   KVFS_LOG_LEVEL            default for --log-level
   KVFS_LOG_FORMAT           default for --log-format (text or json)
 
+before mounting, kvfs gets the volume's Key Vault token and reaches the vault host once (no
+object is fetched): a refused identity, a vault host that does not exist or a TLS certificate
+that is not trusted fails the mount with the service's code and the fix; a timeout or an
+unreachable service does not (the first read tries again). --no-preflight skips the check.
+
 exit status: 0 after a clean unmount, 2 for bad input (nothing mounted), 1 when mounting failed
+(the preflight's refusal included)
 
 a mount whose process was killed (files answer "Transport endpoint is not connected"):
   fusermount3 -u MOUNTPOINT   (as root also: umount MOUNTPOINT), then mount again
@@ -87,6 +93,12 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--write-cert-and-key-in-separate-files",
         action="store_true",
         help="also show <name>.crt and <name>.key for certificate-backed secrets (like the Azure provider's flag)",
+    )
+    parser.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="mount without first getting the Key Vault token and reaching the vault host"
+        " (identity mistakes then show as EACCES/EIO on read instead of failing the mount)",
     )
     parser.add_argument(
         "--allow-other",
@@ -166,7 +178,7 @@ def _run_mount(args: argparse.Namespace) -> int:
     mountpoint = _check_mountpoint(args.mountpoint)
     from kvfs.daemon.volume import run_mount
 
-    return run_mount(config, mountpoint, allow_other=args.allow_other)
+    return run_mount(config, mountpoint, allow_other=args.allow_other, preflight=not args.no_preflight)
 
 
 def build_parser() -> argparse.ArgumentParser:

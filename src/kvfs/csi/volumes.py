@@ -44,6 +44,7 @@ from kvfs.csi.watch import VolumeWatcher
 from kvfs.daemon import jsonline
 from kvfs.daemon.control import ControlClient
 from kvfs.daemon.entry import DEFAULT_ENTRY
+from kvfs.daemon.preflight import parse_refusal
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,9 @@ class Volumes:
             )
         except (SpawnError, jsonline.ProtocolError) as exc:
             self._teardown(state, True)
+            refused = parse_refusal(str(exc))
+            if refused is not None:  # the identity preflight said no: the daemon's message as it is
+                raise RequestError(refused[0], f"volume {volume_id}: {refused[1]}") from None
             raise RequestError(
                 "DEADLINE_EXCEEDED" if exc.timed_out else "INTERNAL",
                 f"volume {volume_id}: the kvfs daemon did not start: {exc}",

@@ -27,6 +27,7 @@ from kvfs.config.model import MountConfig, ObjectSpec
 from kvfs.daemon.control import ControlServer, Refused, listen_for_mount
 from kvfs.daemon.events import EventRing, wall_time
 from kvfs.daemon.jsonline import AddressInUse
+from kvfs.daemon.preflight import PreflightError, check_volume, ready_line
 from kvfs.daemon.session import serve_session
 from kvfs.daemon.status import ObjectWatch
 from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
@@ -38,10 +39,11 @@ from kvfs.vault.client import VaultClient
 log = logging.getLogger(__name__)
 
 
-def run_mount(config: MountConfig, mountpoint: str, *, allow_other: bool = False) -> int:
+def run_mount(config: MountConfig, mountpoint: str, *, allow_other: bool = False, preflight: bool = True) -> int:
     """`kvfs mount`: serve `config` at `mountpoint` until SIGTERM/SIGINT, a control `stop` or an unmount.
 
     The control socket is removed at the end; a mount without one (its folder unusable) still serves.
+    PreflightError: the identity preflight refused the volume (nothing was mounted).
     """
     control: socket.socket | None = None
     path = ""
@@ -50,7 +52,9 @@ def run_mount(config: MountConfig, mountpoint: str, *, allow_other: bool = False
     except (OSError, AddressInUse) as exc:
         log.warning("no control socket for %s (%s); the mount serves without one", mountpoint, exc)
     try:
-        return serve_volume(config, mountpoint, control=control, control_path=path, allow_other=allow_other)
+        return serve_volume(
+            config, mountpoint, control=control, control_path=path, allow_other=allow_other, preflight=preflight
+        )
     finally:
         if control is not None:
             control.close()
@@ -70,6 +74,7 @@ def serve_volume(
     allow_other: bool = False,
     owner: tuple[int, int] | None = None,
     volume_id: str | None = None,
+    preflight: bool = True,
 ) -> int:
     """Serve `config` at `mountpoint` (a folder, or a handed-over `/dev/fd/N`); the exit code.
 
@@ -77,7 +82,9 @@ def serve_volume(
     ``error <message>\\n``. `control` is a listening unix socket for kvfs.daemon.control;
     `control_path`, if given, is advertised as the root's `user.kvfs.control`. `owner` is the
     uid and gid files and folders show (CSI: root and the pod's fsGroup); None: this process's
-    user, and `config.file_group` or this process's group.
+    user, and `config.file_group` or this process's group. With `preflight`, the volume's token
+    is fetched before mounting (kvfs.daemon.preflight): a definitive refusal is sent as the ready
+    line and raised as PreflightError, nothing mounted.
     """
     for value in (config.auth.client_secret, config.auth.sa_token):
         register_secret(value)
@@ -90,6 +97,7 @@ def serve_volume(
         allow_other=allow_other,
         owner=owner,
         volume_id=volume_id,
+        preflight=preflight,
     )
     return trio.run(volume.run)
 
@@ -108,6 +116,7 @@ class Volume:
         allow_other: bool,
         owner: tuple[int, int] | None,
         volume_id: str | None,
+        preflight: bool = True,
     ) -> None:
         self.config = config
         self.owner = owner
@@ -118,6 +127,7 @@ class Volume:
         self.control_path = control_path
         self.allow_other = allow_other
         self.volume_id = volume_id
+        self.preflight = preflight
         self.token_source = PushedTokenSource(config.auth.sa_token) if config.auth.sa_token else None
         self.events = EventRing()
         self.watch = ObjectWatch(config.objects, self.events)
@@ -158,6 +168,11 @@ class Volume:
                 gid=gid,
                 root_xattrs={"control": self.control_path} if self.control_path else None,
             )
+            if self.preflight:
+                refusal = await check_volume(credential, self.config.cloud.scope, self.config.vault_url, http)
+                if refusal is not None:
+                    self._signal_ready(ready_line(refusal))
+                    raise PreflightError(refusal)
             try:
                 pyfuse3.init(
                     FuseAdapter(self.core, on_init=self._on_init),
