@@ -101,6 +101,12 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         " (identity mistakes then show as EACCES/EIO on read instead of failing the mount)",
     )
     parser.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        default="",
+        help="serve Prometheus metrics on HOST:PORT while mounted (docs/METRICS.md; default off)",
+    )
+    parser.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)",
@@ -175,10 +181,16 @@ def _check_mountpoint(given: str) -> str:
 
 def _run_mount(args: argparse.Namespace) -> int:
     config = _mount_config(args)
+    if args.metrics_addr:
+        from kvfs.daemon.metrics import parse_addr
+
+        parse_addr(args.metrics_addr)  # a bad address is refused before anything is mounted
     mountpoint = _check_mountpoint(args.mountpoint)
     from kvfs.daemon.volume import run_mount
 
-    return run_mount(config, mountpoint, allow_other=args.allow_other, preflight=not args.no_preflight)
+    return run_mount(
+        config, mountpoint, allow_other=args.allow_other, preflight=not args.no_preflight, metrics_addr=args.metrics_addr
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The identity preflight's verdicts, over the real token cache and host circuits, with faked networks.
 
 What each failure class becomes (a refusal with its gRPC code, or a transient miss that lets the
-mount go ahead) is checked here; tests/e2e/test_preflight.py and tests/csi/test_preflight_csi.py
+mount go ahead) is checked here; tests/e2e/test_preflight.py and tests/csi/test_operability.py
 show the messages reaching `kvfs mount`'s stderr and the gRPC status through real processes.
 """
 

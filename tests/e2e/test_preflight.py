@@ -4,7 +4,7 @@ service's code and the fix; outages do not, and the volume reads once the servic
 Each definitive class (issue 11): unknown app or tenant, no matching federated credential, wrong
 client secret, IMDS identity not assigned, a vault host that does not resolve, a TLS certificate
 that is not trusted (Entra ID's and the vault's). Transient: Entra ID answering 503, the whole
-emulator stopped. The same refusals through the CSI plugin: tests/csi/test_preflight_csi.py.
+emulator stopped. The same refusals through the CSI plugin: tests/csi/test_operability.py.
 """
 
 from __future__ import annotations

@@ -86,6 +86,15 @@ def _run_node(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         max_volumes=args.max_volumes,
     )
+    if args.metrics_addr:
+        from kvfs.daemon.metrics import parse_addr
+        from kvfs.errors import ConfigError
+
+        try:
+            parse_addr(args.metrics_addr)
+        except ConfigError as exc:
+            print(f"kvfs csi node: {exc}", file=sys.stderr)
+            return 2
     try:
         socket_path = endpoint_path(args.endpoint)
     except ValueError as exc:

@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from prometheus_client import Gauge
-
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
@@ -160,7 +158,8 @@ class Volumes:
 
     # ---- publish ----
 
-    def publish(self, req: PublishRequest) -> None:
+    def publish(self, req: PublishRequest) -> bool:
+        """Mount the volume (True), or hand a republish's token to its daemon (False)."""
         _check_publish(req)
         target = self._target(req.target_path)
         inputs = split_inputs(req.volume_context, req.secrets)
@@ -176,7 +175,7 @@ class Volumes:
                     )
                 if state.phase == "ready" and mounted:
                     self._republish(state, inputs)
-                    return
+                    return False
                 log.info("volume %s: cleaning up an incomplete or unmounted publish first", req.volume_id)
                 self._teardown(state, mounted)
             elif mounted:
@@ -188,6 +187,7 @@ class Volumes:
             check_node_identity(params, self.config.allow_node_identity)
             self._validate(params, inputs.secrets)
             self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
+            return True
 
     def _target(self, path: str) -> str:
         """The normalised target, if it lies in kubelet's pod folders, also after resolving symlinks.
@@ -484,7 +484,6 @@ class Volumes:
             self._report(state, probes[state.target_path])
         for target in set(self.health) - {s.target_path for s in states}:
             del self.health[target]
-        _metrics_update(self.health)
         return dict(self.health)
 
     def _report(self, state: VolumeState, probe: Probe) -> None:
@@ -597,12 +596,3 @@ def start_mounter_detached(config: NodeConfig) -> None:
     )
     subprocess.run([sys.executable, "-c", launcher, log_target, *cmd], env=env, check=True, timeout=30)
 
-
-# ---- metrics ----
-
-_VOLUMES = Gauge("kvfs_csi_volumes", "Published kvfs volumes by health", ["health"])
-
-
-def _metrics_update(health: dict[str, Probe]) -> None:
-    for h in Health:
-        _VOLUMES.labels(health=h.value).set(sum(1 for p in health.values() if p.health is h))

@@ -7,6 +7,7 @@ per line each way (kvfs.daemon.jsonline), one request at a time per connection:
     {"op": "token", "token": JWT}   → {"ok": true}          a fresh service account token (CSI republish)
     {"op": "status"}                → {"ok": true, "pid": N, ...}   the mount's live state
     {"op": "events", "since": N}    → {"ok": true, "next": M, "dropped": K, "events": [...]}
+    {"op": "metrics"}               → {"ok": true, "counters": {...}, "histograms": {...}}   (kvfs.daemon.metrics)
     {"op": "stop"}                  → {"ok": true}, then the daemon unmounts and exits
     anything else                   → {"ok": false, "error": TEXT}
 
@@ -49,6 +50,7 @@ class Op(str, enum.Enum):
     TOKEN = "token"
     STATUS = "status"
     EVENTS = "events"
+    METRICS = "metrics"
     STOP = "stop"
 
 
@@ -113,6 +115,10 @@ class ControlHandler(Protocol):
 
     def status(self) -> dict[str, Any]:
         """The mount's live state (without "ok")."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """The daemon's counters, a kvfs.daemon.metrics snapshot (without "ok")."""
         ...
 
     def stop(self) -> None:
@@ -228,6 +234,8 @@ class ControlServer:
                 return ok(**self.handler.status()), request
             if request.op is Op.EVENTS:
                 return ok(**self.handler.events.read(request.since)), request
+            if request.op is Op.METRICS:
+                return ok(**self.handler.metrics()), request
             return ok(), request  # STOP: the caller stops after replying
         except Refused as exc:
             return refused(str(exc)), request
@@ -273,6 +281,9 @@ class ControlClient:
 
     def events(self, since: int = 0) -> dict[str, Any]:
         return self.call(Request(Op.EVENTS, since=since))
+
+    def metrics(self) -> dict[str, Any]:
+        return self.call(Request(Op.METRICS))
 
     def stop(self) -> None:
         self.call(Request(Op.STOP))

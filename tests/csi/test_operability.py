@@ -1,10 +1,13 @@
-"""The identity preflight through the real plugin and the real daemon (issue 11): a definitive
-identity or endpoint mistake fails NodePublishVolume with the service's code and the fix in the
-gRPC status (kubelet shows it as the pod event `MountVolume.SetUp failed ...`) and leaves nothing
-behind; an outage does not fail it, and the first read works once the service is back.
+"""Issue 11 through the real plugin, the real daemons and the emulator, on one node.
 
-PERMISSION_DENIED: the identity was refused. FAILED_PRECONDITION: a host name that does not exist,
-a certificate that is not trusted. Both are final for kubelet, which retries the publish later.
+- The identity preflight: a definitive identity or endpoint mistake fails NodePublishVolume with
+  the service's code and the fix in the gRPC status (kubelet shows it as the pod event
+  `MountVolume.SetUp failed ...`) and leaves nothing behind; an outage does not fail it, and the
+  first read works once the service is back. PERMISSION_DENIED: the identity was refused.
+  FAILED_PRECONDITION: a host name that does not exist, a certificate that is not trusted. Both
+  are final for kubelet, which retries the publish later.
+- Metrics: the plugin's scrape sums its daemons' counters, moves by exactly what readers did,
+  keeps its sums when a daemon does not answer or goes away, and no label names a pod or object.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -26,12 +30,15 @@ import yaml
 from csi_harness import FUSE_OK, Kubelet, PluginProcess, tokens_json, wait_for
 from kvfs.csi.mountinfo import is_kvfs_mount
 from kvfs.csi.state import StateStore
+from kvfs.daemon.metrics import CODES, KINDS, READ_RESULTS, REFRESH_RESULTS, TOKEN_RESULTS, VOLUME_STATES
 from kvfs.emulator.server import Emulator, EmulatorThread
 from loopback import UntrustedTLS
+from scrape import REQUIRED, families, label_values, moved, scrape
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")]
 
 REAL_DAEMON = "kvfs.daemon.entry:run_volume"
+ALLOWED_LABEL_VALUES = {*CODES, *KINDS, *READ_RESULTS, *REFRESH_RESULTS, *TOKEN_RESULTS, *VOLUME_STATES, "republished"}
 VALUE = "preflight through CSI"
 
 
@@ -42,6 +49,7 @@ class Node:
     base: Path
     clouds: Path  # the plugin's --cloud-env-dir
     untrusted: UntrustedTLS
+    metrics_url: str
 
     @property
     def kubelet(self) -> Kubelet:
@@ -71,16 +79,22 @@ def node() -> Iterator[Node]:
             emu.set_secret("demo", "demo-secret", VALUE)
             # inherited by the plugin, passed on to every daemon (kvfs.daemon.entry.DAEMON_ENV)
             env = dict(os.environ, SSL_CERT_FILE=str(emu.ca_file), AZURE_POD_IDENTITY_AUTHORITY_HOST=emu.imds_url)
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                metrics = f"127.0.0.1:{free.getsockname()[1]}"
             plugin = PluginProcess(
                 daemon_entry=REAL_DAEMON,
-                extra_args=("--cloud-env-dir", str(clouds), "--allow-node-identity", "--health-interval", "0"),
+                extra_args=(
+                    "--cloud-env-dir", str(clouds), "--allow-node-identity", "--health-interval", "0",
+                    "--metrics-addr", metrics,
+                ),  # fmt: skip
                 env=env,
                 kubelet_dir=str(base / "kubelet"),
                 allow_inline_parameters=True,
             )
             plugin.start()
             try:
-                yield Node(emu, plugin, base, clouds, untrusted)
+                yield Node(emu, plugin, base, clouds, untrusted, f"http://{metrics}/metrics")
             finally:
                 plugin.close()
     finally:
@@ -88,8 +102,9 @@ def node() -> Iterator[Node]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def objects() -> str:
-    return yaml.safe_dump({"array": [yaml.safe_dump({"objectName": "demo-secret", "objectType": "secret"})]})
+def objects(*names: str) -> str:
+    items = [yaml.safe_dump({"objectName": name, "objectType": "secret"}) for name in names or ("demo-secret",)]
+    return yaml.safe_dump({"array": items})
 
 
 def context(node: Node, namespace: str, **params: str) -> dict[str, str]:
@@ -215,3 +230,63 @@ def test_with_entra_id_down_the_publish_succeeds_and_the_first_read_works_once_i
     finally:
         node.kubelet.unpublish(volume, target)
     wait_for(lambda: not os.path.exists(target), 10, "the target to go")
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+def publish_pod(node: Node, *names: str) -> tuple[str, str]:
+    """A pod volume of its own namespace and identity with `names` as objects; (volume id, target)."""
+    ns = f"m-{uuid.uuid4().hex[:8]}"
+    params = context(node, ns, clientID=federated_app(node.emu, ns), objects=objects(*names))
+    target = node.kubelet.target(node.base / "kubelet", ns)
+    volume = f"csi-{uuid.uuid4().hex[:12]}"
+    node.kubelet.publish(volume, target, params, token=None)
+    return volume, target
+
+
+def test_a_scrape_sums_the_daemons_and_moves_by_exactly_what_readers_did(node: Node) -> None:
+    node.emu.set_secret("demo", "db-password", "hunter2")
+    before = scrape(node.metrics_url)
+    pods = [publish_pod(node, "db-password", "missing") for _ in range(2)]
+    published = scrape(node.metrics_url)
+    assert moved(before, published) == {
+        'kvfs_volumes{state="healthy"}': 2,
+        'kvfs_publish_total{result="ok"}': 2,
+        "kvfs_publish_duration_seconds_count{}": 2,
+        'kvfs_token_requests_total{result="ok"}': 2,  # each daemon's preflight, kept for its first read
+        'kvfs_keyvault_requests_total{code="4xx",kind="other"}': 2,  # the preflight's GET / (emulator: 404)
+        "kvfs_keyvault_request_duration_seconds_count{}": 2,
+    }
+    for _, target in pods:
+        assert Path(target, "db-password").read_text() == "hunter2"  # cold: one GET
+        assert Path(target, "db-password").read_text() == "hunter2"  # cached: no request
+        with pytest.raises(FileNotFoundError):
+            Path(target, "missing").read_text()  # Key Vault says 404
+    after = scrape(node.metrics_url)
+    assert moved(published, after) == {
+        'kvfs_reads_total{result="ok"}': 4,
+        'kvfs_reads_total{result="enoent"}': 2,
+        "kvfs_cache_hits_total{}": 2,
+        'kvfs_keyvault_requests_total{code="2xx",kind="secret"}': 2,
+        'kvfs_keyvault_requests_total{code="4xx",kind="secret"}': 2,
+        "kvfs_keyvault_request_duration_seconds_count{}": 4,
+    }
+    assert set(REQUIRED) | {"kvfs_scrape_errors_total"} <= families(node.metrics_url)
+    values = label_values(after)
+    assert values <= ALLOWED_LABEL_VALUES | {code.lower() for code in grpc.StatusCode.__members__}
+    assert not any(word in value for value in values for word in ("db-password", "missing", "m-", "web", "csi-"))
+
+    # a daemon that does not answer counts with its last answer; one that goes away too
+    stopped = StateStore(node.kubelet.state_dir).load(pods[0][1])
+    assert stopped is not None
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        frozen = scrape(node.metrics_url)
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    assert moved(after, frozen) == {"kvfs_scrape_errors_total{}": 1}
+    for volume, target in pods:
+        node.kubelet.unpublish(volume, target)
+    gone = scrape(node.metrics_url)
+    assert moved(frozen, gone) == {'kvfs_volumes{state="healthy"}': -2}
