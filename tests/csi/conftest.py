@@ -20,6 +20,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # csi_harness, fakekube
 
+from fakekube import FakeKube
+
 from csi_harness import (
     FUSE_OK,
     STANDIN,
@@ -125,3 +127,11 @@ def csi_process(tmp_path: Path) -> Iterator[Callable[..., PluginProcess]]:
     yield start
     for plugin in started:
         plugin.close()
+
+
+@pytest.fixture
+def fake_kube(tmp_path: Path) -> Iterator[FakeKube]:
+    """A fake Kubernetes API server (fakekube.py), empty."""
+    kube = FakeKube(tmp_path / "kube")
+    yield kube
+    kube.close()

@@ -297,7 +297,7 @@ def metric(url: str, name: str, labels: str) -> float:
 def test_each_pod_reads_its_own_vault_with_its_own_identity(fleet: Fleet) -> None:
     emu = fleet.world.emu
     assert {bool(p.spc) for p in fleet.pods} == {True, False}  # both volume styles
-    asked = {path for path, _who in fleet.world.kube.requests}
+    asked = {request.path for request in fleet.world.kube.requests}
     for pod in fleet.pods:
         spc_path = f"/apis/secrets-store.csi.x-k8s.io/v1/namespaces/{pod.namespace}/secretproviderclasses/{pod.spc}"
         assert (spc_path in asked) == bool(pod.spc)

@@ -75,7 +75,7 @@ class Node:
         return pod_attributes(TENANT, name)
 
     def assert_boundary_held(self) -> None:
-        paths = [path for path, _who in self.kube.requests]
+        paths = [request.path for request in self.kube.requests]
         assert all(_TENANT_PATH.match(path) for path in paths), paths
         assert Path(self.victim, "secret").read_text() == "victim bytes\n"
         assert self.kubelet.probe() is True
@@ -155,7 +155,7 @@ def test_an_api_answer_about_another_object_is_refused(node: Node) -> None:
     err = node.attack("mixup", pod_attributes(TENANT, "mine"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "the Kubernetes API answered" in err.details()
-    assert [p for p, _ in node.kube.requests] == [
+    assert [request.path for request in node.kube.requests] == [
         f"/apis/secrets-store.csi.x-k8s.io/v1/namespaces/{TENANT}/secretproviderclasses/mine"
     ]
     node.assert_boundary_held()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -186,3 +187,37 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):  # typ
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+def rotation_content(k: int) -> str:
+    """Version k of a secret rotated fast; sizes differ, so a torn or clamped read shows as a wrong length."""
+    return f"v{k:06d}:" + ("ab" if k % 2 else "abcdef") * (20 + k % 7)
+
+
+def read_during_rapid_rotations(emu: Emulator, name: str, path: Path, readers: int) -> tuple[list[bytes], list[bytes]]:
+    """Rotate secret `name` 119 times, 20 ms apart, while `readers` threads read `path` in a loop.
+
+    Returns what was read: (whole versions, anything else). `name` must show `rotation_content(0)`.
+    """
+    valid = {rotation_content(k).encode() for k in range(200)}
+    stop = threading.Event()
+    seen: list[bytes] = []
+    torn: list[bytes] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = read(path)
+            (seen if data in valid else torn).append(data)
+
+    threads = [threading.Thread(target=reader) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
+    try:
+        for k in range(1, 120):
+            emu.set_secret("demo", name, rotation_content(k))
+            threading.Event().wait(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return seen, torn

@@ -19,6 +19,8 @@ from e2e.conftest import (
     needs_fuse,
     objects_yaml,
     read,
+    read_during_rapid_rotations,
+    rotation_content,
     spc_manifest,
     wait_until,
     workload_parameters,
@@ -93,35 +95,11 @@ def test_rotation_pins_open_files_and_shows_new_version_to_new_opens(emu: Emulat
 
 
 def test_rapid_rotations_under_concurrent_readers_never_tear(emu: Emulator, mounter: Mounter) -> None:
-    def content(k: int) -> str:
-        # Sizes differ between versions, so a torn read would show as a wrong length too.
-        return f"v{k:06d}:" + ("ab" if k % 2 else "abcdef") * (20 + k % 7)
-
-    emu.set_secret("demo", "hot", content(0))
+    emu.set_secret("demo", "hot", rotation_content(0))
     mount = mounter.start(
         workload_parameters(emu, {"objectName": "hot", "objectType": "secret"}), "--refresh-interval", "0.05s"
     )
-    valid = {content(k).encode() for k in range(200)}
-    stop = threading.Event()
-    seen: list[bytes] = []
-    torn: list[bytes] = []
-
-    def reader() -> None:
-        while not stop.is_set():
-            data = read(mount.path / "hot")
-            (seen if data in valid else torn).append(data)
-
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        for k in range(1, 120):
-            emu.set_secret("demo", "hot", content(k))
-            threading.Event().wait(0.02)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    seen, torn = read_during_rapid_rotations(emu, "hot", mount.path / "hot", readers=4)
     assert torn == []
     assert len({data[:7] for data in seen}) > 3, "the readers should have seen several versions"
 

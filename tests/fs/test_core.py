@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+import trio
+import trio.testing
 
 from cache.fakevault import FakeVault, fake_render
 from kvfs.cache.resolver import Resolver
@@ -55,6 +58,32 @@ class FakeResolver:
         self.fetches.append(spec.name)
         return self.versions[spec.name][: spec.version_history]
 
+    def peek_history(self, spec: ObjectSpec) -> list[FakeVersion] | None:
+        return self.versions[spec.name][: spec.version_history] if spec.name in self.versions else None
+
+
+@dataclass
+class FakeKernel:
+    """Records what the core tells the kernel; attribute drops finish when `settle` is called."""
+
+    deleted: list[tuple[int, str, int]] = field(default_factory=list)
+    dropped_attrs: list[int] = field(default_factory=list)
+    pending: list[Callable[[], None]] = field(default_factory=list)
+    immediate: bool = True
+
+    def entry_deleted(self, parent_inode: int, name: str, inode: int) -> None:
+        self.deleted.append((parent_inode, name, inode))
+
+    def attrs_changed(self, inode: int, done: Callable[[], None]) -> None:
+        self.dropped_attrs.append(inode)
+        self.pending.append(done)
+        if self.immediate:
+            self.settle()
+
+    def settle(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
+
 
 def make_config(*objects: ObjectSpec, split: bool = False) -> MountConfig:
     return MountConfig(
@@ -71,15 +100,11 @@ def version(spec: ObjectSpec, ver: str, data: bytes, **files: bytes) -> FakeVers
     return FakeVersion(spec, ver, all_files, kv_id=f"https://demo.vault.azure.net/secrets/{spec.name}/{ver}")
 
 
-def make_core(*objects: ObjectSpec, split: bool = False) -> tuple[FilesystemCore, FakeResolver, list]:
+def make_core(*objects: ObjectSpec, split: bool = False) -> tuple[FilesystemCore, FakeResolver, FakeKernel]:
     resolver = FakeResolver()
-    invalidated: list[tuple[int, str]] = []
-    core = FilesystemCore(
-        make_config(*objects, split=split),
-        resolver,  # type: ignore[arg-type]
-        invalidate_entry=lambda parent, name: invalidated.append((parent, name)),
-    )
-    return core, resolver, invalidated
+    kernel = FakeKernel()
+    core = FilesystemCore(make_config(*objects, split=split), resolver, kernel=kernel)  # type: ignore[arg-type]
+    return core, resolver, kernel
 
 
 A = ObjectSpec(name="alpha", type="secret")
@@ -119,15 +144,16 @@ async def test_dot_data_view_shows_the_same_inode() -> None:
 
 
 async def test_open_pins_the_version_across_rotation() -> None:
-    core, resolver, invalidated = make_core(A)
+    core, resolver, kernel = make_core(A)
     resolver.latest["alpha"] = version(A, "v1", b"old value")
     first = await core.lookup(ROOT_INODE, "alpha")
     fh = await core.open(first.inode, os.O_RDONLY)
+    assert not core.direct_io(fh)  # the page cache serves it
 
     resolver.latest["alpha"] = version(A, "v2", b"brand new value")
     await core.on_change(A, resolver.latest["alpha"])
     data_dir = (await core.lookup(ROOT_INODE, "..data")).inode
-    assert set(invalidated) == {(ROOT_INODE, "alpha"), (data_dir, "alpha")}
+    assert set(kernel.deleted) == {(ROOT_INODE, "alpha", first.inode), (data_dir, "alpha", first.inode)}
 
     second = await core.lookup(ROOT_INODE, "alpha")
     assert second.inode != first.inode
@@ -139,6 +165,95 @@ async def test_open_pins_the_version_across_rotation() -> None:
     assert (await core.getattr(first.inode)).size == len(b"old value")
 
 
+async def test_rotation_tells_the_kernel_the_old_inode_was_deleted_wherever_it_is_named() -> None:
+    tls = ObjectSpec(name="tls", type="secret")
+    core, resolver, kernel = make_core(tls, B, ObjectSpec(name="unread", type="secret"), split=True)
+    resolver.latest["tls"] = version(tls, "v1", b"KEY+CERT", crt=b"CERT", key=b"KEY")
+    resolver.latest["beta"] = version(B, "v1", b"b1")
+    data_dir = (await core.lookup(ROOT_INODE, "..data")).inode
+    old = {name: (await core.lookup(ROOT_INODE, name)).inode for name in ("tls", "tls.crt")}
+    nested = (await core.lookup(ROOT_INODE, "nested")).inode
+    folder = (await core.lookup(nested, "dir")).inode
+    old_b = (await core.lookup(folder, "b.txt")).inode
+
+    await core.on_change(B, resolver.latest["beta"])  # the same version: nothing changed
+    resolver.latest["unread"] = version(ObjectSpec(name="unread", type="secret"), "v2", b"u")
+    await core.on_change(ObjectSpec(name="unread", type="secret"), resolver.latest["unread"])  # never looked up
+    assert kernel.deleted == []
+
+    resolver.latest["beta"] = version(B, "v2", b"b2")
+    await core.on_change(B, resolver.latest["beta"])
+    assert kernel.deleted == [(folder, "b.txt", old_b)]  # ..data/nested is the same folder
+
+    kernel.deleted.clear()
+    resolver.latest["tls"] = version(tls, "v2", b"no longer a certificate")  # no .crt/.key any more
+    await core.on_change(tls, resolver.latest["tls"])
+    assert sorted(kernel.deleted) == sorted(
+        (parent, name, old[name]) for parent in (ROOT_INODE, data_dir) for name in ("tls", "tls.crt")
+    )
+    assert (await core.lookup(ROOT_INODE, "tls")).inode != old["tls"]
+    with pytest.raises(FsError):
+        await core.lookup(ROOT_INODE, "tls.crt")
+
+
+async def test_a_superseded_inode_keeps_its_version_while_page_cache_readers_remain_then_follows_its_name() -> None:
+    """What a bind mount of one file (kubelet's subPath) sees: it holds the inode it was made on."""
+    core, resolver, kernel = make_core(A)
+    resolver.latest["alpha"] = version(A, "v1", b"one")
+    bound = (await core.lookup(ROOT_INODE, "alpha")).inode
+    reader = await core.open(bound, os.O_RDONLY)  # through the page cache, clamped to size 3
+
+    resolver.latest["alpha"] = version(A, "v2", b"two, longer")
+    await core.on_change(A, resolver.latest["alpha"])
+    during = await core.open(bound, os.O_RDONLY)
+    assert await core.read(during, 0, 100) == b"one"  # its own version while `reader` is open …
+    assert core.direct_io(during)  # … but not through the page cache, so it holds nothing back
+    assert (await core.getattr(bound)).size == 3
+    assert kernel.dropped_attrs == []
+    core.release(during)
+    assert kernel.dropped_attrs == []
+
+    core.release(reader)  # the last page-cache reader: the inode follows its name from now on
+    assert kernel.dropped_attrs == [bound]
+    attr = await core.getattr(bound)
+    assert (attr.inode, attr.size, attr.attr_timeout) == (bound, len(b"two, longer"), 1.0)
+    assert await core.getxattr(bound, "user.kvfs.version") == b"v2"
+    after = await core.open(bound, os.O_RDONLY)
+    assert core.direct_io(after)
+    assert await core.read(after, 0, 100) == b"two, longer"
+
+    resolver.latest["alpha"] = version(A, "v3", b"3")
+    await core.on_change(A, resolver.latest["alpha"])  # it keeps following
+    assert kernel.dropped_attrs == [bound, bound]
+    assert (await core.getattr(bound)).size == 1
+    assert await core.read(after, 0, 100) == b"two, longer"  # an open file keeps its bytes
+    third = await core.open(bound, os.O_RDONLY)
+    assert await core.read(third, 0, 100) == b"3"
+    path_open = await core.open((await core.lookup(ROOT_INODE, "alpha")).inode, os.O_RDONLY)
+    assert not core.direct_io(path_open)  # the name's own inode still uses the page cache
+
+
+async def test_an_open_of_a_following_inode_is_answered_after_the_kernel_dropped_its_old_attributes() -> None:
+    core, resolver, kernel = make_core(A)
+    kernel.immediate = False
+    resolver.latest["alpha"] = version(A, "v1", b"one")
+    bound = (await core.lookup(ROOT_INODE, "alpha")).inode
+    resolver.latest["alpha"] = version(A, "v2", b"two")
+    await core.on_change(A, resolver.latest["alpha"])
+    assert kernel.dropped_attrs == [bound]
+    opened: list[int] = []
+
+    async def open_bound() -> None:
+        opened.append(await core.open(bound, os.O_RDONLY))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_bound)
+        await trio.testing.wait_all_tasks_blocked()
+        assert opened == []  # `fstat` right after would still get the old size from the kernel
+        kernel.settle()
+    assert await core.read(opened[0], 0, 100) == b"two"
+
+
 async def test_superseded_inode_is_dropped_after_forget_and_release() -> None:
     core, resolver, _ = make_core(A)
     resolver.latest["alpha"] = version(A, "v1", b"one")
@@ -148,7 +263,7 @@ async def test_superseded_inode_is_dropped_after_forget_and_release() -> None:
     await core.lookup(ROOT_INODE, "alpha")
     core.forget(first.inode, 1)
     assert first.inode in set(core.known_inodes())  # still open
-    await core.release(fh)
+    core.release(fh)
     assert first.inode not in set(core.known_inodes())
 
 
@@ -239,15 +354,27 @@ async def test_history_names_are_ascii_digits_only(name: str) -> None:
     assert resolver.fetches == []  # refused before asking the cache
 
 
-async def test_rotation_invalidates_only_history_names_that_were_shown() -> None:
+async def test_history_rotation_deletes_exactly_the_shown_entries_whose_inode_changed() -> None:
     wide = ObjectSpec(name="wide", type="secret", version_history=100)
-    core, resolver, invalidated = make_core(wide)
-    resolver.versions["wide"] = [version(wide, f"v{i}", b"x") for i in range(3)]
+    core, resolver, kernel = make_core(wide)
+    resolver.versions["wide"] = [version(wide, f"v{i}", b"x") for i in range(4)]
     folder = (await core.lookup(ROOT_INODE, "wide")).inode
-    await core.readdir(folder)
+    shown = {name: attr.inode for name, attr in await core.readdir(folder)}
+    assert sorted(shown) == ["0", "1", "2", "3"]
+    core.forget(shown["3"], 1)  # the kernel forgot "3": nothing of it is cached
+
+    resolver.versions["wide"].insert(0, version(wide, "v9", b"new"))  # every index moves on
     await core.on_change(wide, resolver.versions["wide"][0])
-    assert sorted(name for parent, name in invalidated if parent == folder) == ["0", "1", "2"]
-    assert len(invalidated) == 3 + 2  # and the folder's own name in the root and in ..data
+    assert sorted(kernel.deleted) == [(folder, str(i), shown[str(i)]) for i in range(3)]
+
+    kernel.deleted.clear()
+    resolver.versions["wide"] = resolver.versions["wide"][:2]  # only the oldest ones went away
+    await core.on_change(wide, resolver.versions["wide"][0])
+    assert kernel.deleted == []  # the kernel never saw the inodes of 2 and 3 after the move
+    assert (await core.lookup(folder, "0")).size == 3
+    with pytest.raises(FsError) as info:
+        await core.lookup(folder, "2")
+    assert info.value.errno == errno.ENOENT
 
 
 async def test_core_over_the_real_cache_and_a_fake_vault() -> None:

@@ -8,11 +8,14 @@ version, a disabled newest version), and a refresh interval passes now and then.
 what Key Vault holds, what the cache loaded (an object's versions as of its last fetch), and
 what the kernel holds (lookup counts per inode, open handles).
 
-Invariants: a handle reads exactly the bytes of the version it opened, never a mix; an inode
-never changes its bytes; every inode the kernel still knows answers getattr with a size equal to
-its bytes and names the version its bytes are; a refresh invalidates the names of exactly the
-objects whose version changed; and once the kernel forgets everything, the core holds no inode
-but those of versions a name shows or a handle reads (lookup counts balance, nothing leaks).
+Invariants: a handle reads exactly the bytes of the version it opened, never a mix; a lookup
+never gives an inode other bytes than before; every inode the kernel still knows answers getattr
+with a size equal to the bytes it shows and names their version: its own, or, once its name moved
+on and no file opened before that through the page cache is left, its name's current version (a
+`subPath` bind mount holds such inodes); a refresh tells the kernel exactly the old inodes it
+knows of the names whose version changed, as deleted; and once the kernel forgets everything,
+the core holds no inode but those of versions a name shows or a handle reads (lookup counts
+balance, nothing leaks).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 import stat
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, Union
 
 import pytest
 import trio
@@ -39,6 +42,7 @@ from kvfs.fs.core import FilesystemCore, FsError
 from kvfs.fs.tree import ROOT_INODE
 
 T = TypeVar("T")
+Where = Union[str, int]  # a file's suffix, or a history index
 
 CLOUD = CloudConfig("AzurePublicCloud", "vault.azure.net", "https://vault.azure.net", "https://login.microsoftonline.com")
 INTERVAL = 120.0
@@ -107,11 +111,9 @@ class TreeAndCache(RuleBasedStateMachine):
             split_cert_key=True,
             refresh_interval=INTERVAL,
         )
-        self.invalidated: set[tuple[int, str]] = set()
+        self.deleted: set[tuple[int, str, int]] = set()  # what the core told the kernel
         self.cache = Resolver(self.vault, config, render=fake_render, on_change=self._on_change)
-        self.core = FilesystemCore(
-            config, self.cache, invalidate_entry=lambda parent, name: self.invalidated.add((parent, name))
-        )
+        self.core = FilesystemCore(config, self.cache, kernel=self)
         self.trio = TrioThread(self.cache.run_refresh)
         self.folders = {"root": ROOT_INODE}
         for name in ("..data", "sub", "hist"):
@@ -121,10 +123,20 @@ class TreeAndCache(RuleBasedStateMachine):
         # The kernel: lookup counts by inode, and what it learnt about each inode.
         self.lookups: dict[int, int] = {}
         self.inode_bytes: dict[int, bytes] = {}
-        self.placeholders: dict[int, tuple[ObjectSpec, str | int]] = {}
+        self.inode_names: dict[int, tuple[ObjectSpec, Where, str]] = {}  # (object, where, version id)
+        self.superseded: set[int] = set()  # inodes whose name moved on
+        self.placeholders: dict[int, tuple[ObjectSpec, Where]] = {}
         # fh → (inode, the bytes it opened, (object name, version) of those bytes)
         self.handles: dict[int, tuple[int, bytes, tuple[str, str]]] = {}
-        self.history_given: set[str] = set()  # history file names the kernel was given
+        self.page_cache_handles: dict[int, int] = {}  # fh → inode, for handles opened while it was current
+
+    # ----- kvfs.fs.core.KernelCache: the core telling the kernel -----------------------------
+
+    def entry_deleted(self, parent_inode: int, name: str, inode: int) -> None:
+        self.deleted.add((parent_inode, name, inode))
+
+    def attrs_changed(self, inode: int, done: Callable[[], None]) -> None:
+        done()
 
     async def _on_change(self, spec: ObjectSpec, version: Version) -> None:
         await self.core.on_change(spec, version)
@@ -151,25 +163,53 @@ class TreeAndCache(RuleBasedStateMachine):
     def stored(self, name: str, version: str) -> Stored:
         return next(s for s in self.vault.objects[("secret", name)] if s.version == version)
 
-    def entries(self, folder: str) -> dict[str, tuple[ObjectSpec, str | int]]:
+    def entries(self, folder: str) -> dict[str, tuple[ObjectSpec, Where]]:
         """The files `folder` shows: name → (object, suffix or history index)."""
         if folder == "hist":
             return {str(i): (HISTORY, i) for i in range(len(self.loaded[HISTORY.name]))}
         specs = {"b": NESTED} if folder == "sub" else {"alpha": PLAIN, PINNED_NAME: self.pinned}
         return {name + suffix: (spec, suffix) for name, spec in specs.items() for suffix in SUFFIXES}
 
-    def content(self, spec: ObjectSpec, where: str | int) -> tuple[Stored, bytes]:
+    def content(self, spec: ObjectSpec, where: Where) -> tuple[Stored, bytes]:
         """The version a (loaded) name shows, and its file's bytes."""
         version = self.loaded[spec.name][where if isinstance(where, int) else 0]
         stored = self.stored(spec.name, version)
         suffix = where if isinstance(where, str) else ""
         return stored, fake_render(spec, {"value": stored.value}, split_cert_key=True)[suffix]
 
-    def learn(self, inode: int, data: bytes) -> None:
-        """The kernel saw `inode` with `data`'s size: an inode never changes its bytes."""
-        assert inode not in self.placeholders
+    def learn(self, inode: int, spec: ObjectSpec, where: Where) -> None:
+        """A lookup gave `inode` for a name: the name's current version; never other bytes than before."""
+        assert inode not in self.placeholders and inode not in self.superseded
+        stored, data = self.content(spec, where)
         assert self.inode_bytes.setdefault(inode, data) == data, f"inode {inode} changed its bytes"
+        self.inode_names[inode] = (spec, where, stored.version)
         self.lookups[inode] = self.lookups.get(inode, 0) + 1
+
+    def names_of(self, spec: ObjectSpec, where: Where) -> list[tuple[int, str]]:
+        """(folder inode, name) of every place the file appears."""
+        if isinstance(where, int):
+            return [(self.folders["hist"], str(where))]
+        folders = ("sub",) if spec is NESTED else ("root", "..data")
+        places = [(self.folders[f], name, shown) for f in folders for name, shown in self.entries(f).items()]
+        return [(parent, name) for parent, name, shown in places if shown == (spec, where)]
+
+    def exists(self, spec: ObjectSpec, where: Where) -> bool:
+        return not isinstance(where, int) or where < len(self.loaded[spec.name])
+
+    def shows(self, inode: int) -> tuple[bytes, tuple[str, str]] | None:
+        """The bytes and (object, version) an inode the kernel knows shows now; None: nothing (ENOENT).
+
+        Its own, unless its name moved on and no page-cache handle of it is left: then it
+        follows its name, and shows nothing if the name is gone.
+        """
+        spec, where, version = self.inode_names[inode]
+        following = inode in self.superseded and inode not in self.page_cache_handles.values()
+        if not following:
+            return self.inode_bytes[inode], (spec.name, version)
+        if not self.exists(spec, where):
+            return None
+        stored, content = self.content(spec, where)
+        return content, (spec.name, stored.version)
 
     # ----- the kernel's requests ----------------------------------------------------------
 
@@ -193,9 +233,7 @@ class TreeAndCache(RuleBasedStateMachine):
         assert stat.S_ISREG(attr.mode)
         assert attr.size == len(content)
         assert attr.mtime_ns == stored.created * 10**9
-        self.learn(attr.inode, content)
-        if folder == "hist":
-            self.history_given.add(name)
+        self.learn(attr.inode, spec, where)
 
     @rule(folder=st.sampled_from(FOLDERS), data=st.data())
     def readdir(self, folder: str, data: st.DataObject) -> None:
@@ -222,9 +260,7 @@ class TreeAndCache(RuleBasedStateMachine):
                 assert self.placeholders.setdefault(attr.inode, expected[name]) == expected[name]
                 self.lookups[attr.inode] = self.lookups.get(attr.inode, 0) + 1
             elif name in expected:
-                self.learn(attr.inode, self.content(*expected[name])[1])
-                if folder == "hist":
-                    self.history_given.add(name)
+                self.learn(attr.inode, *expected[name])
 
     @precondition(lambda self: self.lookups)
     @rule(data=st.data())
@@ -246,11 +282,20 @@ class TreeAndCache(RuleBasedStateMachine):
             stored, content = self.content(spec, where)
             version = (spec.name, stored.version)
         else:
-            content = self.inode_bytes[inode]
-            version = self.run(lambda: self.version_of(inode))
+            shown = self.shows(inode)
+            if shown is None:  # it follows a name that is gone
+                with pytest.raises(FsError) as info:
+                    self.run(lambda: self.core.open(inode, os.O_RDONLY))
+                assert info.value.errno == errno.ENOENT
+                return
+            content, version = shown
         fh = self.run(lambda: self.core.open(inode, os.O_RDONLY))
         assert fh not in self.handles
         self.handles[fh] = (inode, content, version)
+        cached = inode not in self.placeholders and inode not in self.superseded
+        assert self.core.direct_io(fh) is not cached
+        if cached:
+            self.page_cache_handles[fh] = inode
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data())
@@ -265,8 +310,9 @@ class TreeAndCache(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         fh = data.draw(st.sampled_from(sorted(self.handles)))
-        self.run(lambda: self.core.release(fh))
+        self.core.release(fh)
         del self.handles[fh]
+        self.page_cache_handles.pop(fh, None)
 
     @rule()
     def drop_caches(self) -> None:
@@ -298,20 +344,18 @@ class TreeAndCache(RuleBasedStateMachine):
             await trio.testing.wait_all_tasks_blocked()
 
         changed = [s for s in self.specs if s.name in self.loaded and self.loaded[s.name] != self.in_vault(s)]
+        current = {inode: names for inode, names in self.inode_names.items() if inode not in self.superseded}
         for spec in changed:
             self.loaded[spec.name] = self.in_vault(spec)
-        self.invalidated.clear()
+        self.deleted.clear()
         self.run(one_interval)
-        told: set[tuple[int, str]] = set()
-        for spec in changed:
-            if spec is HISTORY:
-                told |= {(self.folders["root"], "hist"), (self.folders["..data"], "hist")}
-                told |= {(self.folders["hist"], name) for name in self.history_given}
-            else:
-                folders = ("sub",) if spec is NESTED else ("root", "..data")
-                told |= {(self.folders[f], n) for f in folders for n, (s, _) in self.entries(f).items() if s is spec}
-        may_tell = told | {(self.folders["hist"], str(i)) for i in range(3)} if HISTORY in changed else told
-        assert told <= self.invalidated <= may_tell
+        told: set[tuple[int, str, int]] = set()
+        for inode, (spec, where, version) in current.items():
+            if spec in changed and (not self.exists(spec, where) or self.content(spec, where)[0].version != version):
+                self.superseded.add(inode)
+                if self.lookups.get(inode):
+                    told |= {(parent, name, inode) for parent, name in self.names_of(spec, where)}
+        assert self.deleted == told
 
     # ----- invariants ---------------------------------------------------------------------
 
@@ -327,10 +371,14 @@ class TreeAndCache(RuleBasedStateMachine):
                     assert attr.attr_timeout == 0
                     continue
                 assert inode in held
-                assert attr.size == len(self.inode_bytes[inode])
-                name, version = await self.version_of(inode)
-                value = self.stored(name, version).value.encode()
-                assert self.inode_bytes[inode] in {value, b"crt:" + value, b"key:" + value}
+                shown = self.shows(inode)
+                content, version = shown if shown is not None else (self.inode_bytes[inode], None)
+                assert attr.size == len(content)
+                if version is not None:
+                    assert await self.version_of(inode) == version
+                name, version_id = await self.version_of(inode)
+                value = self.stored(name, version_id).value.encode()
+                assert content in {value, b"crt:" + value, b"key:" + value}
 
         self.run(check)
 
@@ -355,8 +403,9 @@ class TreeAndCache(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             for fh in list(self.handles):
-                self.run(lambda: self.core.release(fh))
+                self.core.release(fh)
             self.handles.clear()
+            self.page_cache_handles.clear()
             self.drop_caches()
         finally:
             self.trio.close()

@@ -75,6 +75,10 @@ class ObjectCache(Protocol):
         """The version `spec` shows now, fetched if needed."""
         ...
 
+    def peek_history(self, spec: ObjectSpec) -> list[Version] | None:
+        """What `spec`'s history folder shows now if it is cached (and fresh enough); never fetches."""
+        ...
+
     async def history(self, spec: ObjectSpec) -> list[Version]:
         """At most `spec.version_history` enabled versions, newest first."""
         ...

@@ -66,6 +66,10 @@ class Resolver:
         """The cached current version, if any (and within max_staleness); never fetches."""
         return self._store.current(spec)
 
+    def peek_history(self, spec: ObjectSpec) -> list[Version] | None:
+        """The cached history folder's versions, if any (and within max_staleness); never fetches."""
+        return self._store.history(spec)
+
     async def current(self, spec: ObjectSpec) -> Version:
         """The version `spec` shows now; cached reads return without awaiting the network."""
         cached = self._store.current(spec)

@@ -104,6 +104,7 @@ class Volumes:
         self.mounter = MounterClient(config.mounter_socket)
         self._kube_factory = kube_factory or self._default_kube
         self._kube: KubeClient | None = None
+        self._kube_guard = threading.Lock()
         self._locks: dict[str, _TargetLock] = {}
         self._locks_guard = threading.Lock()
         self._mounter_guard = threading.Lock()
@@ -136,9 +137,11 @@ class Volumes:
         return KubeClient.in_cluster()
 
     def kube(self) -> KubeClient:
-        if self._kube is None:
-            self._kube = self._kube_factory()
-        return self._kube
+        """The one API client, made on first use (gRPC and background threads share it)."""
+        with self._kube_guard:
+            if self._kube is None:
+                self._kube = self._kube_factory()
+            return self._kube
 
     def ensure_mounter(self) -> None:
         """Start `kvfs csi mounter` detached when nobody answers on the mounter socket."""

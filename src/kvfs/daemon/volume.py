@@ -38,7 +38,7 @@ from kvfs.daemon.metrics import (
 from kvfs.daemon.preflight import PreflightError, check_volume, ready_line
 from kvfs.daemon.session import serve_session
 from kvfs.daemon.status import ObjectWatch
-from kvfs.fs.adapter import FuseAdapter, fuse_options, invalidate_entry
+from kvfs.fs.adapter import FuseAdapter, KernelNotifier, fuse_options
 from kvfs.fs.core import FilesystemCore
 from kvfs.logsafe import register_secret
 from kvfs.net.http import make_http_client, make_transport
@@ -195,7 +195,7 @@ class Volume:
             self.core = MeteredCore(
                 self.config,
                 resolver,
-                invalidate_entry=invalidate_entry,
+                kernel=KernelNotifier(),
                 uid=uid,
                 gid=gid,
                 root_xattrs={"control": self.control_path} if self.control_path else None,

@@ -1,7 +1,11 @@
 """The thin pyfuse3 adapter: translate requests to `FilesystemCore` and answers back.
 
 pyfuse3 kills the whole mount when a handler raises anything but FUSEError, so every handler
-is wrapped: a `KvfsError` becomes its errno, anything else EIO plus one log line.
+is guarded: a `KvfsError` becomes its errno, anything else EIO plus one log line.
+
+Every open and close of a file costs OPEN and RELEASE round trips (FLUSH is answered ENOSYS
+once, and the kernel stops sending it). Both run without awaiting anything when the file's
+bytes are cached. docs/ARCHITECTURE.md says what fewer round trips would take.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from kvfs.errors import KvfsError
 from kvfs.fs.core import Attr, FilesystemCore
@@ -35,18 +40,23 @@ def fuse_options(*, allow_other: bool, debug: bool = False) -> set[str]:
     return options
 
 
+def _fuse_error(err: Exception, handler: str) -> pyfuse3.FUSEError:
+    """The answer to a handler's exception: its errno, or EIO with a log line if unexpected."""
+    if isinstance(err, pyfuse3.FUSEError):
+        return err
+    if isinstance(err, KvfsError):
+        return pyfuse3.FUSEError(err.errno)
+    log.error("internal error in %s; answering EIO", handler, exc_info=err)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 def _wrapped(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(handler)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except KvfsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
-        except Exception:
-            log.exception("internal error in %s; answering EIO", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as err:
+            raise _fuse_error(err, handler.__name__) from None
 
     return guarded
 
@@ -124,18 +134,29 @@ class FuseAdapter(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
-    @_wrapped
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh = await self.core.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        """Guarded by hand: a cached file's open runs without a single await."""
+        try:
+            fh = self.core.open_cached(inode, flags)
+            if fh is None:
+                fh = await self.core.open(inode, flags)
+            direct_io = self.core.direct_io(fh)
+        except Exception as err:
+            raise _fuse_error(err, "open") from None
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct_io, keep_cache=True)
 
     @_wrapped
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.core.read(fh, off, size)
 
+    async def flush(self, fh: int) -> None:
+        """ENOSYS: the kernel then stops sending FLUSH on every close (a read-only file has
+        nothing to flush), one round trip fewer per open. Never answer it with success."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
     async def release(self, fh: int) -> None:
         try:
-            await self.core.release(fh)
+            self.core.release(fh)
         except Exception:
             log.exception("internal error in release")
 
@@ -161,9 +182,36 @@ class FuseAdapter(pyfuse3.Operations):
             raise
 
 
-def invalidate_entry(parent_inode: int, name: str) -> None:
-    """Ask the kernel to drop a dentry, from pyfuse3's own queue thread (never blocks trio).
+class KernelNotifier:
+    """`kvfs.fs.core.KernelCache` on a mounted session: the kernel calls, off the trio thread.
 
-    A name the kernel never looked up is already "invalidated": ENOENT is ignored.
+    The calls block: a deletion waits until operations in its folder finish, and one made from
+    the trio thread while a handler of that folder is pending would deadlock. Deletions go
+    through pyfuse3's own queue thread, attribute drops through trio's worker threads.
+    "The kernel does not know it" (ENOENT) means nothing is cached: done.
     """
-    pyfuse3.invalidate_entry_async(parent_inode, name.encode("utf-8", "surrogateescape"), ignore_enoent=True)
+
+    def entry_deleted(self, parent_inode: int, name: str, inode: int) -> None:
+        pyfuse3.invalidate_entry_async(
+            parent_inode, name.encode("utf-8", "surrogateescape"), deleted=inode, ignore_enoent=True
+        )
+
+    def attrs_changed(self, inode: int, done: Callable[[], None]) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(_: object) -> None:  # on the worker thread, with _drop_attrs's outcome
+            try:
+                token.run_sync_soon(done)
+            except trio.RunFinishedError:  # unmounted meanwhile
+                pass
+
+        trio.lowlevel.start_thread_soon(functools.partial(_drop_attrs, inode), deliver)
+
+
+def _drop_attrs(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.exception("cannot drop the kernel's attributes of inode %d", inode)
