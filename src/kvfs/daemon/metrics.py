@@ -215,17 +215,30 @@ class MeteredCore(FilesystemCore):
             self._failed(exc)
             raise
 
+    def open_cached(self, inode: int, flags: int) -> int | None:
+        fh = super().open_cached(inode, flags)
+        if fh is not None:
+            self._opened(inode)
+        return fh
+
     async def open(self, inode: int, flags: int) -> int:
+        fh = self.open_cached(inode, flags)
+        if fh is not None:
+            return fh
         try:
+            # its own first step, open_cached, finds nothing new: no await came in between
             fh = await super().open(inode, flags)
         except FsError as exc:
             self._failed(exc)
             raise
+        self._opened(inode)
+        return fh
+
+    def _opened(self, inode: int) -> None:
         self.metrics.reads["ok"] += 1
         if self._served.get(inode):
             self.metrics.cache_hits += 1
         self._served[inode] = True
-        return fh
 
 
 # ---- snapshots → Prometheus --------------------------------------------------------------------
