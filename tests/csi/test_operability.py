@@ -8,6 +8,8 @@
   are final for kubelet, which retries the publish later.
 - Metrics: the plugin's scrape sums its daemons' counters, moves by exactly what readers did,
   keeps its sums when a daemon does not answer or goes away, and no label names a pod or object.
+- Pod events: a read that fails posts one Warning event on the pod (in the fake API server), and
+  a hundred more reads within 10 minutes post no more.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 import yaml
 
 from csi_harness import FUSE_OK, Kubelet, PluginProcess, tokens_json, wait_for
+from fakekube import FakeKube
 from kvfs.csi.mountinfo import is_kvfs_mount
 from kvfs.csi.state import StateStore
 from kvfs.daemon.metrics import CODES, KINDS, READ_RESULTS, REFRESH_RESULTS, TOKEN_RESULTS, VOLUME_STATES
@@ -50,6 +53,7 @@ class Node:
     clouds: Path  # the plugin's --cloud-env-dir
     untrusted: UntrustedTLS
     metrics_url: str
+    kube: FakeKube
 
     @property
     def kubelet(self) -> Kubelet:
@@ -74,6 +78,7 @@ def node() -> Iterator[Node]:
     clouds = base / "clouds"
     clouds.mkdir()
     untrusted = UntrustedTLS()
+    kube = FakeKube(base / "kube")
     try:
         with EmulatorThread(base / "emulator") as emu:
             emu.set_secret("demo", "demo-secret", VALUE)
@@ -86,7 +91,7 @@ def node() -> Iterator[Node]:
                 daemon_entry=REAL_DAEMON,
                 extra_args=(
                     "--cloud-env-dir", str(clouds), "--allow-node-identity", "--health-interval", "0",
-                    "--metrics-addr", metrics,
+                    "--metrics-addr", metrics, "--kubeconfig", str(kube.kubeconfig(base / "kubeconfig")),
                 ),  # fmt: skip
                 env=env,
                 kubelet_dir=str(base / "kubelet"),
@@ -94,10 +99,11 @@ def node() -> Iterator[Node]:
             )
             plugin.start()
             try:
-                yield Node(emu, plugin, base, clouds, untrusted, f"http://{metrics}/metrics")
+                yield Node(emu, plugin, base, clouds, untrusted, f"http://{metrics}/metrics", kube)
             finally:
                 plugin.close()
     finally:
+        kube.close()
         untrusted.close()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -235,9 +241,9 @@ def test_with_entra_id_down_the_publish_succeeds_and_the_first_read_works_once_i
 # ---- metrics ---------------------------------------------------------------------------------------
 
 
-def publish_pod(node: Node, *names: str) -> tuple[str, str]:
+def publish_pod(node: Node, *names: str, ns: str = "") -> tuple[str, str]:
     """A pod volume of its own namespace and identity with `names` as objects; (volume id, target)."""
-    ns = f"m-{uuid.uuid4().hex[:8]}"
+    ns = ns or f"m-{uuid.uuid4().hex[:8]}"
     params = context(node, ns, clientID=federated_app(node.emu, ns), objects=objects(*names))
     target = node.kubelet.target(node.base / "kubelet", ns)
     volume = f"csi-{uuid.uuid4().hex[:12]}"
@@ -290,3 +296,37 @@ def test_a_scrape_sums_the_daemons_and_moves_by_exactly_what_readers_did(node: N
         node.kubelet.unpublish(volume, target)
     gone = scrape(node.metrics_url)
     assert moved(frozen, gone) == {'kvfs_volumes{state="healthy"}': -2}
+
+
+# ---- pod events ------------------------------------------------------------------------------------
+
+
+def test_a_missing_object_posts_one_pod_event_and_a_hundred_more_reads_post_no_more(node: Node) -> None:
+    ns = f"ev-{uuid.uuid4().hex[:8]}"
+    node.emu.set_secret("demo", "off-secret", "never shown")
+    node.emu.set_enabled("demo", "secret", "off-secret", None, False)
+    volume, target = publish_pod(node, "missing", "off-secret", ns=ns)
+    try:
+
+        def reasons() -> list[str]:
+            return [e["reason"] for e in node.kube.events_for(ns, "web-0")]
+
+        with pytest.raises(FileNotFoundError):
+            Path(target, "missing").read_text()
+        wait_for(lambda: reasons() == ["KeyVaultObjectNotFound"], 30, "the pod event")
+        for _ in range(100):
+            with pytest.raises(FileNotFoundError):
+                Path(target, "missing").read_text()
+        # a failure of another object: once its event is there, the watcher has seen all before it
+        with pytest.raises(PermissionError):
+            Path(target, "off-secret").read_text()
+        wait_for(lambda: "KeyVaultForbidden" in reasons(), 30, "the second pod event")
+        assert sorted(reasons()) == ["KeyVaultForbidden", "KeyVaultObjectNotFound"]
+        [missing] = [e for e in node.kube.events_for(ns, "web-0") if e["reason"] == "KeyVaultObjectNotFound"]
+        assert missing["type"] == "Warning" and missing["involvedObject"]["namespace"] == ns
+        assert "reading missing (Key Vault secret/missing) failed with ENOENT (SecretNotFound)" in missing["message"]
+        assert "Fix: create the object in the vault" in missing["message"]
+        texts = json.dumps(node.kube.events_for(ns, "web-0"))
+        assert "never shown" not in texts and "eyJ" not in texts
+    finally:
+        node.kubelet.unpublish(volume, target)

@@ -146,4 +146,5 @@ def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0
     if stop_watching is not None:
         stop_watching.set()
     server.stop(grace=5).wait()
+    volumes.recorder.close()
     return 0

@@ -23,9 +23,11 @@ from typing import Callable
 
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
+from kvfs.csi.events import EventRecorder
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
+from kvfs.csi.podevents import ReadFailureEvents
 from kvfs.csi.request import (
     RequestError,
     VolumeInputs,
@@ -111,8 +113,9 @@ class Volumes:
         self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
+        self.recorder = EventRecorder(self.kube, config.node_id)  # Warning events on pods
         # features that act on what daemons report (pod events, status objects) subscribe here
-        self.watcher = VolumeWatcher(self.store)
+        self.watcher = VolumeWatcher(self.store, [ReadFailureEvents(self.recorder)])
 
     # ---- plumbing ----
 
