@@ -10,6 +10,7 @@
   keeps its sums when a daemon does not answer or goes away, and no label names a pod or object.
 - Pod events: a read that fails posts one Warning event on the pod (in the fake API server), and
   a hundred more reads within 10 minutes post no more.
+- `kvfs status TARGET --state-dir DIR` on the node: the pod, each object's version and last error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -328,5 +331,39 @@ def test_a_missing_object_posts_one_pod_event_and_a_hundred_more_reads_post_no_m
         assert "Fix: create the object in the vault" in missing["message"]
         texts = json.dumps(node.kube.events_for(ns, "web-0"))
         assert "never shown" not in texts and "eyJ" not in texts
+    finally:
+        node.kubelet.unpublish(volume, target)
+
+
+# ---- kvfs status -------------------------------------------------------------------------------------
+
+
+def test_kvfs_status_on_a_target_path_shows_the_pod_the_versions_and_the_last_errors(node: Node) -> None:
+    version = node.emu.set_secret("demo", "db-password", "hunter2")
+    volume, target = publish_pod(node, "db-password", "missing")
+    try:
+        assert Path(target, "db-password").read_text() == "hunter2"
+        with pytest.raises(FileNotFoundError):
+            Path(target, "missing").read_text()
+
+        def status(*args: str) -> str:
+            shown = subprocess.run(
+                [sys.executable, "-m", "kvfs", "status", "--state-dir", node.kubelet.state_dir, *args, target],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert shown.returncode == 0, shown.stderr
+            return shown.stdout
+
+        human = status()
+        state = StateStore(node.kubelet.state_dir).load(target)
+        assert state is not None
+        assert human.startswith(f"CSI volume {volume}: served by pid {state.pid} from {node.emu.vault_url('demo')}")
+        assert f"pod:      {state.pod_namespace}/web-0" in human
+        assert f"db-password  secret/db-password  {version}" in human
+        assert "  missing: " in human and "ENOENT SecretNotFound" in human
+        answer = json.loads(status("--json"))
+        assert answer["volume_id"] == volume and answer["pod"] == {"namespace": state.pod_namespace, "name": "web-0"}
+        assert [o["version"] for o in answer["objects"]] == [version, None]
+        assert "hunter2" not in human + json.dumps(answer)
     finally:
         node.kubelet.unpublish(volume, target)
