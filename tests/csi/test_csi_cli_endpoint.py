@@ -44,3 +44,13 @@ def test_log_level_is_a_choice() -> None:
     )
     assert result.returncode == 2
     assert "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR" in result.stderr
+
+
+def test_a_bad_metrics_address_is_refused_with_the_fix() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfs", "csi", "node", "--node-id", "n1", "--metrics-addr", "8095", "--no-start-mounter"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "kvfs csi node: --metrics-addr '8095': expected HOST:PORT (e.g. 127.0.0.1:8095" in result.stderr
+    assert "Traceback" not in result.stderr
