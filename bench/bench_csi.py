@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from kvfs.csi.mounter import MounterClient
+from kvfs.csi.mounters import MounterRegistry
 from kvfs.csi.proto import load
 from kvfs.csi.state import StateStore
 
@@ -162,7 +163,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes |
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
         # daemons fork from the mounter's zygote: its pages are the ones they share
-        zygote_pid = int((MounterClient(os.path.join(state_dir, "mounter.sock")).ping() or {"zygote": 0})["zygote"])
+        registry = MounterRegistry(state_dir)
+        mounter = MounterClient(registry.socket_path(registry.live()[0].id))  # the one the plugin started
+        zygote_pid = int((mounter.ping() or {"zygote": 0})["zygote"])
         zygote_before = smaps_rollup(zygote_pid)
         cap = pb2.VolumeCapability(mount=pb2.VolumeCapability.MountVolume())
         for i in range(args.volumes):
@@ -206,9 +209,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str], real: RealVolumes |
                 print(f"unpublish {target}: {exc}", file=sys.stderr)
         plugin.terminate()
         plugin.wait(10)
-        info = MounterClient(os.path.join(state_dir, "mounter.sock")).ping()
-        if info:
-            os.kill(int(info["pid"]), 15)
+        for mounter in MounterRegistry(state_dir).live():
+            os.kill(mounter.pid, 15)
         log.close()
         shutil.rmtree(state_dir, ignore_errors=True)
 

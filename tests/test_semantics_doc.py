@@ -24,6 +24,7 @@ from doc_citations import ROOT, citations, missing_tests
 from kvfs.cache.resolver import Resolver
 from kvfs.config.model import DEFAULT_CACHE_LIMIT, AuthConfig, CloudConfig, MountConfig, ObjectSpec
 from kvfs.config.objects import MAX_VERSION_HISTORY, parse_objects
+from kvfs.csi.health import RESTART_INTERVAL
 from kvfs.fs.adapter import FuseAdapter
 from kvfs.fs.core import IMMUTABLE_TIMEOUT, NAME_TIMEOUT, FilesystemCore, FsError
 from kvfs.fs.tree import ROOT_INODE
@@ -66,6 +67,7 @@ def test_every_statement_cites_tests_that_exist() -> None:
         (15, r"at most (\d+) MiB", DEFAULT_CACHE_LIMIT // 2**20),
         (16, r"name's entry for (\d+) s", NAME_TIMEOUT),
         (16, r"cached for (\d+) s", IMMUTABLE_TIMEOUT),
+        (21, r"once per pod per (\d+) minutes", RESTART_INTERVAL // 60),
     ],
 )
 def test_the_numbers_in_the_text_are_the_codes(number: int, pattern: str, value: float) -> None:

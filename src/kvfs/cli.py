@@ -1,4 +1,4 @@
-"""The `kvfs` command line: `kvfs mount`, `kvfs emulator`, `kvfs csi node|mounter`."""
+"""The `kvfs` command line: `kvfs mount`, `kvfs emulator`, `kvfs csi node|mounter|status`."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
+from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import (
     FEDERATED_TOKEN_FILE_ENV,
     SA_TOKENS_KEY,
@@ -485,6 +486,20 @@ def test_extensions_parsed() -> None:
         cfg.max_staleness,
     ) == (True, False, 120.0, 3600.0)
     assert parse_parameters(base(refreshInterval="0"), SP, context="csi").refresh_interval == 0.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "split", "chain"),
+    [
+        ({}, True, False),  # nothing said: the node's defaults
+        ({"writeCertAndKeyInSeparateFiles": " ", "constructPEMChain": ""}, True, False),  # empty: the same
+        ({"writeCertAndKeyInSeparateFiles": "false", "constructPEMChain": "true"}, False, True),  # the class wins
+    ],
+)
+def test_node_wide_defaults_apply_where_the_class_says_nothing(extra: dict[str, str], split: bool, chain: bool) -> None:
+    node = RenderDefaults(split_cert_key=True, construct_pem_chain=False)
+    cfg = parse_parameters(base(**extra), SP, context="csi", defaults=node)
+    assert (cfg.split_cert_key, cfg.construct_pem_chain) == (split, chain)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvfs.config.parameters import parse_parameters
-from kvfs.config.spc import load_manifest, load_secrets_file, overlay, spc_parameters
+from kvfs.config.model import SecretObject, SecretObjectData
+from kvfs.config.spc import load_manifest, load_secrets_file, overlay, secret_objects, spc_parameters
 from kvfs.errors import ConfigError
 
 SPC = textwrap.dedent(
@@ -169,19 +170,89 @@ def test_spc_parameters_from_api_json() -> None:
         spc_parameters({**obj, "kind": "Secret"}, source="ns/x")
 
 
-def test_secret_objects_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    obj = {
+def _with_secret_objects(secret_objects: object) -> dict[str, object]:
+    return {
         "apiVersion": "secrets-store.csi.x-k8s.io/v1",
         "kind": "SecretProviderClass",
-        "spec": {
-            "provider": "azure",
-            "parameters": {"keyvaultName": "kv1"},
-            "secretObjects": [{"secretName": "synced", "type": "Opaque", "data": []}],
-        },
+        "spec": {"provider": "azure", "parameters": {"keyvaultName": "kv1"}, "secretObjects": secret_objects},
     }
-    assert spc_parameters(obj, source="ns/x") == {"keyvaultName": "kv1"}
+
+
+def test_secret_objects_are_read_as_upstream_writes_them(caplog: pytest.LogCaptureFixture) -> None:
+    obj = _with_secret_objects(
+        [
+            {
+                "secretName": " db ",
+                "type": "Opaque",
+                "labels": {"team": "a", "tier": 3},
+                "annotations": {"note": "x"},
+                "data": [{"objectName": "conf/password ", "key": "password"}, {"objectName": "user", "key": "user"}],
+            },
+            {
+                "secretName": "ingress-tls",
+                "type": "kubernetes.io/tls",
+                "data": [{"objectName": "web", "key": "tls.key"}, {"objectName": "web", "key": "tls.crt"}],
+            },
+        ]
+    )
+    assert spc_parameters(obj, source="ns/x") == {"keyvaultName": "kv1"}  # parameters are unchanged by them
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []  # the CSI plugin decides what to do
+    objects, errors = secret_objects(obj, source="ns/x")
+    assert errors == []
+    db, tls = objects
+    assert db == SecretObject(
+        "db",
+        "Opaque",
+        (SecretObjectData("conf/password", "password"), SecretObjectData("user", "user")),
+        labels=(("team", "a"), ("tier", "3")),
+        annotations=(("note", "x"),),
+    )
+    assert tls.files == ("web",) and [d.key for d in tls.data] == ["tls.key", "tls.crt"]
+    assert secret_objects({"spec": {}}) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("db", "spec.secretObjects[1]: must be a mapping"),
+        ({"type": "Opaque", "data": [{"objectName": "a", "key": "a"}]}, "[1].secretName: secretName is empty"),
+        ({"secretName": "DB_1", "type": "Opaque", "data": [{"objectName": "a", "key": "a"}]}, "is not a Secret name"),
+        ({"secretName": "db", "data": [{"objectName": "a", "key": "a"}]}, "[1].type: type is empty (set type: Opaque"),
+        ({"secretName": "db", "type": "Opaque", "data": []}, "[1].data: data is empty"),
+        ({"secretName": "db", "type": "Opaque", "data": [{"key": "a"}]}, "[1].data[0].objectName: objectName is empty"),
+        ({"secretName": "db", "type": "Opaque", "data": [{"objectName": "a", "key": "a/b"}]}, "not a Secret data key"),
+        (
+            {"secretName": "t", "type": "kubernetes.io/tls", "data": [{"objectName": "web", "key": "ca.crt"}]},
+            "key 'ca.crt' is not supported for a kubernetes.io/tls Secret (only tls.crt and tls.key",
+        ),
+        (
+            {"secretName": "db", "type": "Opaque", "data": [{"objectName": "a", "key": "k"}, {"objectName": "b", "key": "k"}]},
+            "[1].data[1].key: key 'k' appears twice",
+        ),
+        ({"secretName": "db", "type": "Opaque", "labels": {"a": {"b": 1}}, "data": [{"objectName": "a", "key": "a"}]},
+         "[1].labels: labels must map names to strings"),
+        ({"secretName": "good", "type": "Opaque", "data": [{"objectName": "a", "key": "a"}]},
+         "[1].secretName: a second entry for Secret 'good'"),
+    ],
+)
+def test_a_bad_secret_object_is_named_with_the_fix_and_the_others_stay(entry: object, says: str) -> None:
+    good = {"secretName": "good", "type": "Opaque", "data": [{"objectName": "a", "key": "a"}]}
+    objects, errors = secret_objects(_with_secret_objects([good, entry]), source="ns/x")
+    assert [o.secret_name for o in objects] == ["good"]
+    assert len(errors) == 1 and str(errors[0]).startswith("ns/x: spec.secretObjects") and says in str(errors[0])
+    _, [error] = secret_objects(_with_secret_objects({"secretName": "db"}), source="ns/x")
+    assert "spec.secretObjects must be a list" in str(error)
+
+
+def test_kvfs_mount_says_it_ignores_secret_objects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "spc.yaml"
+    path.write_text(json.dumps(_with_secret_objects([{"secretName": "s", "type": "Opaque", "data": []}])))
+    assert load_manifest(str(path)) == {"keyvaultName": "kv1"}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == ["ns/x: spec.secretObjects is ignored: kvfs does not sync Kubernetes Secrets"]
+    assert warnings == [
+        f"{path}: spec.secretObjects is ignored by kvfs mount: only the CSI plugin syncs Kubernetes Secrets"
+        " (kvfs csi node --sync-secrets)"
+    ]
 
 
 def test_overlay_wins_and_keeps_equals_in_values() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from kvfs.csi.mounter import MounterClient
+from kvfs.csi.mounters import MounterRegistry
 from kvfs.csi.proto import load
 from kvfs.csi.state import StateStore, process_alive
 from kvfs.daemon.control import ControlClient
@@ -163,10 +164,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _stop_mounter(socket_path: str) -> None:
-    info = MounterClient(socket_path).ping(timeout=1.0)
-    if info:
-        os.kill(int(info["pid"]), signal.SIGTERM)
+def newest_mounter(state_dir: str) -> MounterClient:
+    """The client of the most recently started live mounter registered in the state folder."""
+    registry = MounterRegistry(state_dir)
+    live = registry.live()
+    assert live, f"no live mounter registered in {state_dir}"
+    return MounterClient(registry.socket_path(live[0].id))
+
+
+def _stop_mounters(state_dir: str) -> None:
+    for info in MounterRegistry(state_dir).live():
+        os.kill(info.pid, signal.SIGTERM)
 
 
 def _kill_leftover_daemons(state_dir: str) -> None:
@@ -250,8 +258,9 @@ class PluginProcess:
         return Path(self.log_path).read_text(errors="replace")
 
     def mounter_pid(self) -> int:
-        info = MounterClient(os.path.join(self.state_dir, "mounter.sock")).ping()
-        return int(info["pid"]) if info else 0
+        """The pid of the newest live mounter of its state folder, 0 when none."""
+        live = MounterRegistry(self.state_dir).live()
+        return live[0].pid if live else 0
 
     def close(self) -> None:
         if self.kubelet is not None and self.proc is not None and self.proc.poll() is None:
@@ -260,7 +269,7 @@ class PluginProcess:
             self.proc.terminate()
             self.proc.wait(10)
         _kill_leftover_daemons(self.state_dir)
-        _stop_mounter(os.path.join(self.state_dir, "mounter.sock"))
+        _stop_mounters(self.state_dir)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
+
+import pytest
+
+from kvfs.config.model import RenderDefaults
 
 
 def test_tcp_endpoint_is_refused_with_the_fix() -> None:
@@ -44,6 +49,39 @@ def test_log_level_is_a_choice() -> None:
     )
     assert result.returncode == 2
     assert "'LOUD' is not a log level: use one of DEBUG, INFO, WARNING, ERROR" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "split", "chain"),
+    [
+        ([], False, True),  # upstream's provider defaults
+        (["--write-cert-and-key-in-separate-files"], True, True),  # a bare boolean flag is true, as in Go
+        (["--write-cert-and-key-in-separate-files=false", "--construct-pem-chain=0"], False, False),
+        (["--write-cert-and-key-in-separate-files=T", "--construct-pem-chain", "--node-id=n2"], True, True),
+        (["--construct-pem-chain=FALSE"], False, False),
+    ],
+)
+def test_upstream_provider_flags_set_the_node_wide_defaults(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], split: bool, chain: bool
+) -> None:
+    import kvfs.csi.cli
+    import kvfs.csi.node
+
+    seen: list[Any] = []
+    monkeypatch.setattr(kvfs.csi.node, "run_node", lambda config, *a, **kw: seen.append(config) or 0)
+    monkeypatch.setattr(kvfs.csi.cli, "setup_logging", lambda *a, **kw: None)  # this process's logging stays
+    assert kvfs.csi.cli.main(["node", "--node-id=n1", "--endpoint=unix:///tmp/kvfs-x/csi.sock", *args]) == 0
+    assert seen[0].render_defaults == RenderDefaults(split_cert_key=split, construct_pem_chain=chain)
+
+
+def test_a_provider_flag_with_a_bad_value_is_named_with_the_fix() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfs", "csi", "node", "--node-id", "n1", "--construct-pem-chain=yes"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--construct-pem-chain: invalid go_bool value" not in result.stderr
+    assert "'yes': expected true or false" in result.stderr and "--FLAG=false" in result.stderr
 
 
 def test_a_bad_metrics_address_is_refused_with_the_fix() -> None:

@@ -33,11 +33,6 @@ DRIVER = "csi.kvfs.io"
 UPSTREAM_DRIVER = "secrets-store.csi.k8s.io"
 COMPONENTS = sorted(p.parent.name for p in (CSI / "components").glob("*/kustomization.yaml"))
 
-# Flags the manifests pass that `kvfs csi node` does not accept yet (other branches add them).
-# While listed, the CLI check skips them; test_pending_flags_are_still_pending fails as soon as
-# one exists or no manifest passes it, so the lead empties this list when the flags land.
-PENDING_FLAGS = ["--sync-secrets", "--restart-pods-with-failed-volumes", "--write-cert-and-key-in-separate-files"]
-
 pytestmark = pytest.mark.skipif(
     KUBECTL is None,
     reason="kubectl is NOT installed: the csi/ kustomizations were neither built nor checked"
@@ -323,21 +318,7 @@ def test_metrics_service_selects_the_plugin_port(kustomize: Callable[..., Build]
 @pytest.mark.parametrize("build", [("base",), ("overlays/secrets-store", *COMPONENTS)], ids=lambda b: "+".join(b))
 def test_every_argument_is_one_the_cli_accepts(kustomize: Callable[..., Build], build: tuple[str, ...]) -> None:
     for container in _kvfs_containers(kustomize(*build)):
-        _parse([a for a in container["args"] if a.split("=")[0] not in PENDING_FLAGS])
-
-
-@pytest.mark.parametrize("flag", PENDING_FLAGS)
-def test_pending_flags_are_still_pending(kustomize: Callable[..., Build], flag: str) -> None:
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            _, unknown = build_parser().parse_known_args(["csi", "node", "--node-id=n", flag])
-    except SystemExit:
-        unknown = []  # it exists and wants a value
-    assert unknown == [flag], f"`kvfs csi node` accepts {flag} now: remove it from PENDING_FLAGS"
-    built = kustomize("overlays/secrets-store", *COMPONENTS)
-    passed = {a.split("=")[0] for c in _kvfs_containers(built) for a in c["args"]}
-    assert flag in passed, f"no manifest passes {flag}: remove it from PENDING_FLAGS"
+        _parse(container["args"])
 
 
 def _assert_structural(schema: dict[str, Any], where: str) -> None:

@@ -1,4 +1,5 @@
-"""Pure units: mountinfo parsing, state files, request assembly, proto loading, kube config."""
+"""Pure units: mountinfo parsing, state files, the mounter registry, request assembly, proto loading,
+kube config."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE, token_for_audienc
 from kvfs.csi import request
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError
 from kvfs.csi.mountinfo import Health, find_mount, is_kvfs_mount, parse_mountinfo, probe_mount
+from kvfs.csi.mounters import ORPHAN_AGE, MounterInfo, MounterRegistry
+from kvfs.daemon import jsonline
 from kvfs.csi.state import StateStore, new_state, process_alive, process_start_time, volume_key
+from kvfs.csi.status import main as status_main
 
 MOUNTINFO = (
     "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
@@ -58,7 +62,7 @@ def test_state_store_round_trip_and_no_secret_fields(tmp_path: Path) -> None:
     assert store.load("/pods/x/mount") == state
     assert oct(os.stat(tmp_path / "state").st_mode & 0o777) == "0o700"
     raw = json.loads((store.volume_dir("/pods/x/mount") / "state.json").read_text())
-    identifiers = {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created"}
+    identifiers = {"volume_id", "target_path", "phase", "pid", "pid_start", "uid", "gid", "created", "mounter"}
     pod = {"pod_namespace", "pod_name", "pod_uid", "secret_provider_class"}
     assert set(raw) == identifiers | pod  # ids only: never a token, a secret or the parameters
     assert [s.volume_id for s in store.all()] == ["vol-1"]
@@ -260,3 +264,37 @@ def test_the_daemon_applies_the_plugins_cloud_env_folder_itself(tmp_path: Path, 
     assert os.read(ready_r, 4096).startswith(b"error cloudName AzureStackCloud is not valid, error: cloudEnvFileName")
     os.close(ready_r)
     os.close(ready_w)
+
+
+def test_the_mounter_registry_lists_the_newest_first_and_prunes_only_the_dead_and_unused(tmp_path: Path) -> None:
+    registry = MounterRegistry(tmp_path)
+    me = os.getpid()
+    alive = {"pid": me, "pid_start": process_start_time(me) or 0, "version": "0.2.0"}
+    dead = {"pid": me, "pid_start": 1, "version": "0.1.0"}  # a start time that is not this process's
+    for mounter_id, fields, started in (
+        ("old-dead", dead, 1.0), ("old-used", dead, 2.0), ("new", alive, 3.0), ("listening", dead, 4.0)
+    ):  # fmt: skip
+        registry.prepare(mounter_id)
+        registry.register(MounterInfo(mounter_id, started=started, **fields))  # type: ignore[arg-type]
+    listener = jsonline.listen(registry.socket_path("listening"), backlog=1)  # pid unseen, socket alive
+    (tmp_path / "mounters" / "never-registered").mkdir()
+    (tmp_path / "mounters" / "starting").mkdir()
+    os.utime(tmp_path / "mounters" / "never-registered", (0, 0))
+    try:
+        assert [m.id for m in registry.all()] == ["listening", "new", "old-used", "old-dead"]
+        assert [m.id for m in registry.live()] == ["new"]
+        removed = registry.prune({"old-used"}, now=ORPHAN_AGE + 1)
+    finally:
+        listener.close()
+    assert sorted(removed) == ["never-registered", "old-dead"]
+    assert sorted(p.name for p in (tmp_path / "mounters").iterdir()) == ["listening", "new", "old-used", "starting"]
+
+
+def test_csi_status_names_a_folder_without_state_and_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert status_main(str(tmp_path / "nowhere"), as_json=True) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--state-dir" in err and "nowhere" in err and "plugin's --state-dir" in err
+    MounterRegistry(tmp_path).prepare("m-1")  # a node where only a mounter has started: no volumes yet
+    assert status_main(str(tmp_path), as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["mounters"], report["volumes"]) == ([], []) and not (tmp_path / "volumes").exists()

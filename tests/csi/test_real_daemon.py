@@ -38,6 +38,7 @@ from control_fuzz import answers_status, attack
 from csi_harness import AUDIENCE, FUSE_OK, TOKENS_KEY, Kubelet, PluginProcess, wait_for
 from fakekube import FakeKube
 from kvfs.csi.mountinfo import is_kvfs_mount, read_mountinfo
+from kvfs.csi.mounters import MounterRegistry
 from kvfs.csi.state import StateStore, VolumeState, process_alive, volume_key
 from kvfs.csi.volumes import DEFAULT_DAEMON_UID_RANGE
 from kvfs.emulator import entra
@@ -426,7 +427,8 @@ def test_each_volume_has_its_own_uid_and_nothing_else_on_the_node_can_touch_it(f
         # not even its own /proc files: daemons are non-dumpable, so those belong to root
         assert as_user(a.uid, lambda: open(f"/proc/{a.pid}/environ", "rb").close()) == errno.EACCES
         # nor the plugin's side: b's control socket (token, stop) or the mounter's socket
-        for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(kubelet.state_dir, "mounter.sock")):
+        mounter = MounterRegistry(kubelet.state_dir).socket_path(a.mounter)
+        for path in (StateStore(kubelet.state_dir).control_socket(pods[1].target), Path(mounter)):
             assert as_user(a.uid, lambda path=path: connect(path)) == errno.EACCES
         assert kubelet.control(pods[1].target).status()["ok"] is True  # root's plugin can
         assert process_alive(a.pid, a.pid_start) and process_alive(b.pid, b.pid_start)

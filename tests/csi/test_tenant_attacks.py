@@ -29,7 +29,11 @@ pytestmark = pytest.mark.mount
 
 TENANT, VICTIM = "tenant", "victim"
 DEADLINE = 5.0
-_TENANT_PATH = re.compile(rf"^/apis/secrets-store\.csi\.x-k8s\.io/v1/namespaces/{TENANT}/secretproviderclasses/[a-z0-9.-]+$")
+# the class a volume names, and its pods' SecretProviderClassPodStatus objects: all in the tenant's namespace
+_TENANT_PATH = re.compile(
+    rf"^/apis/secrets-store\.csi\.x-k8s\.io/v1/namespaces/{TENANT}/"
+    r"(secretproviderclasses/[a-z0-9.-]+|secretproviderclasspodstatuses(/[a-z0-9.-]+)?)$"
+)
 CLOUD_ENV = {
     "activeDirectoryEndpoint": "https://adfs.local.azurestack.external/adfs/",
     "keyVaultEndpoint": "https://vault.local.azurestack.external/",

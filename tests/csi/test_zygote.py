@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import INLINE
-from csi_harness import Kubelet, PluginProcess, wait_for
-from kvfs.csi.mounter import MounterClient
+from csi_harness import Kubelet, PluginProcess, newest_mounter, wait_for
 from kvfs.csi.state import process_alive
 
 pytestmark = [pytest.mark.mount, INLINE]
@@ -80,7 +79,7 @@ def test_a_dead_zygote_is_replaced_and_its_daemons_keep_serving(
     plugin = csi_process(allow_inline_parameters=True)
     kubelet = plugin.kubelet
     assert kubelet is not None
-    mounter = MounterClient(os.path.join(plugin.state_dir, "mounter.sock"))
+    mounter = newest_mounter(plugin.state_dir)
     first = kubelet.target(tmp_path, "first")
     kubelet.publish("vol-first", first)
     orphan = kubelet.state(first)

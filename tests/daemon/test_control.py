@@ -7,6 +7,7 @@ tests/csi/test_real_daemon.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -23,9 +24,13 @@ import trio.testing
 
 from kvfs.daemon import jsonline
 from kvfs.daemon.control import (
+    MAX_FETCH_BYTES,
+    BadRequest,
+    MAX_FETCH_FILES,
     ControlClient,
     ControlError,
     ControlServer,
+    FileError,
     Op,
     Refused,
     Request,
@@ -43,6 +48,15 @@ class FakeDaemon:
         self.tokens: list[str] = []
         self.stops = 0
         self.fail_status = False
+        self.contents = {"a": b"\x00binary\xff", "big": b"b" * (MAX_FETCH_BYTES - 10), "more": b"m" * 20}
+
+    async def fetch(self, files: Sequence[str]) -> tuple[dict[str, bytes], dict[str, FileError]]:
+        await trio.sleep(0)  # as a daemon awaiting its cache
+        missing = {"code": "NoSuchFile", "errno": "ENOENT", "message": "no such file"}
+        return (
+            {n: self.contents[n] for n in files if n in self.contents},
+            {n: missing for n in files if n not in self.contents},
+        )
 
     def push_token(self, token: str) -> None:
         if token == "refuse-me":
@@ -117,7 +131,7 @@ async def test_each_op_is_answered_one_request_at_a_time(served: tuple[ControlSe
         (b"\xff\xfe\x00", "request is not UTF-8 JSON"),
         (b"[1, 2]", "request is not a JSON object"),
         (b'"status"', "request is not a JSON object"),
-        (b"{}", "'op' None: expected one of token, status, events, metrics, stop"),
+        (b"{}", "'op' None: expected one of token, status, events, fetch, metrics, stop"),
         (b'{"op": 1}', "'op' 1: expected one of"),
         (b'{"op": "explode"}', "'op' 'explode': expected one of"),
         (b'{"op": "token"}', "'token' must be a non-empty string"),
@@ -127,6 +141,11 @@ async def test_each_op_is_answered_one_request_at_a_time(served: tuple[ControlSe
         (b'{"op": "events", "since": "3"}', "'since' '3': expected a whole number"),
         (b'{"op": "events", "since": true}', "'since' True: expected a whole number"),
         (b'{"op": "events", "since": 1e300}', "'since' 1e+300: expected a whole number"),
+        (b'{"op": "fetch"}', "'files' must list 1 to 64 file names"),
+        (b'{"op": "fetch", "files": []}', "'files' must list 1 to 64 file names"),
+        (b'{"op": "fetch", "files": "a"}', "'files' must list 1 to 64 file names"),
+        (b'{"op": "fetch", "files": ["a", 3]}', "'files' must list 1 to 64 file names"),
+        (b'{"op": "fetch", "files": [""]}', "'files' must list 1 to 64 file names"),
         (b"[" * 100_000, "request longer than 1024 bytes"),
         (b'{"op": "token", "token": "refuse-me"}', "this volume does not use workload identity"),
     ],
@@ -142,6 +161,29 @@ async def test_bad_requests_are_refused_with_the_field_and_the_connection_goes_o
     else:
         assert replies[1]["ok"] is True  # the same connection still answers
     assert daemon.tokens == [] and daemon.stops == 0
+
+
+async def test_fetch_answers_each_file_or_its_error_within_the_reply_limit(
+    served: tuple[ControlServer, FakeDaemon, str],
+) -> None:
+    _server, daemon, path = served
+    [reply] = await ask(path, b'{"op":"fetch","files":["a","nope","a"]}\n')
+    assert reply == {
+        "ok": True,
+        "files": {"a": base64.b64encode(daemon.contents["a"]).decode()},
+        "errors": {"nope": {"code": "NoSuchFile", "errno": "ENOENT", "message": "no such file"}},
+    }
+    [reply] = await ask(path, b'{"op":"fetch","files":["big","more"]}\n')  # together past the limit
+    assert list(reply["files"]) == ["big"] and reply["errors"]["more"]["code"] == "ReplyTooLarge"
+    assert "fetch more on its own" in reply["errors"]["more"]["message"]
+    client = ControlClient(path)
+    files, errors = await trio.to_thread.run_sync(client.fetch, ["more", "a", "gone"])
+    assert files == {"more": daemon.contents["more"], "a": daemon.contents["a"]} and list(errors) == ["gone"]
+    names = [f"f{i}" for i in range(MAX_FETCH_FILES)]
+    assert parse_request({"op": "fetch", "files": names}) == Request(Op.FETCH, files=tuple(names))
+    for files in ([*names, "one-more"], ["x" * 4097]):
+        with pytest.raises(BadRequest, match="'files' must list 1 to 64 file names"):
+            parse_request({"op": "fetch", "files": files})
 
 
 async def test_stop_runs_even_when_the_client_leaves_before_the_reply(

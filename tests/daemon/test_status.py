@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import random
 
 import pytest
@@ -125,12 +125,23 @@ async def test_a_failed_refresh_is_status_not_a_read_failure_and_success_clears_
 
 async def test_a_history_folder_reports_its_newest_version(autojump_clock: trio.testing.MockClock) -> None:
     vault = FakeVault()
-    vault.add("cert", "cert", "a")
+    oldest = vault.add("cert", "cert", "a")
     newest = vault.add("cert", "cert", "b")
     resolver, watch, ring = watched(vault, HISTORY)
     assert [v.version for v in await resolver.history(HISTORY)][0] == newest
     assert kinds(ring) == [("served", "cert", newest)]
     assert watch.to_json()[0]["history"] == 2 and watch.to_json()[0]["version"] == newest
+    assert ring.read(0)["events"][0]["versions"] == [newest, oldest]  # every entry of the folder, 0 first
+    vault.objects[("cert", "cert")][0].enabled = False  # the folder changes, its newest entry does not
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(resolver.run_refresh)
+        while not ring.read(2)["events"]:
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    rotated = ring.read(2)["events"]
+    assert [(e["kind"], e["old_version"], e["new_version"], e["versions"]) for e in rotated] == [
+        ("rotated", newest, newest, [newest])
+    ]
 
 
 def test_no_value_or_token_reaches_status_or_events() -> None:
@@ -153,7 +164,7 @@ async def test_a_failing_listener_never_fails_a_read(
     expect_logs(r"cache listener failed again", level=logging.DEBUG)
 
     class Broken:
-        def fetched(self, spec: ObjectSpec, version: Version | None) -> None:
+        def fetched(self, spec: ObjectSpec, version: Version | None, history: Sequence[Version] = ()) -> None:
             raise RuntimeError("listener bug")
 
         def failed(self, spec: ObjectSpec, error: KvfsError, *, background: bool) -> None:

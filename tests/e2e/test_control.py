@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+import certgen
 from control_fuzz import answers_status, attack
 from e2e.conftest import Mounter, errno_of, is_mounted, needs_fuse, read, wait_until, workload_parameters
 from kvfs.daemon.control import CONTROL_XATTR, ControlClient, socket_path_for
@@ -54,6 +55,40 @@ def test_status_and_events_tell_what_the_mount_serves(emu: Emulator, mounter: Mo
     assert client.events(events["next"])["events"] == []
     assert mount.stop() == 0
     assert not os.path.exists(path)  # removed at unmount
+
+
+def test_fetch_hands_over_the_bytes_a_read_gets_and_each_files_error(emu: Emulator, mounter: Mounter) -> None:
+    emu.set_secret("demo", "app", "fetched-" + os.urandom(4).hex())
+    for value in ("old", "new"):
+        emu.set_secret("demo", "hist", value)
+    chain = certgen.make_chain(2)
+    emu.import_certificate("demo", "web", pem=certgen.pem_bundle(chain.leaf_key, chain.certs))
+    mount = mounter.start(
+        workload_parameters(
+            emu,
+            {"objectName": "app", "objectType": "secret", "objectAlias": "conf/app"},
+            {"objectName": "web", "objectType": "secret"},
+            {"objectName": "hist", "objectType": "secret", "objectVersionHistory": 2},
+            {"objectName": "missing", "objectType": "secret"},
+            writeCertAndKeyInSeparateFiles="true",
+        )
+    )
+    client = ControlClient(os.getxattr(mount.path, CONTROL_XATTR).decode(), timeout=40)
+    wanted = ["conf/app", "web", "web.crt", "web.key", "hist/1", "missing", "app", "hist/2", "conf/app.crt"]
+    files, errors = client.fetch(wanted)
+    assert sorted(files) == ["conf/app", "hist/1", "web", "web.crt", "web.key"]
+    for name, data in files.items():
+        assert data == read(mount.path / name), name
+    assert files["hist/1"] == b"old"
+    assert {name: (e["code"], e["errno"]) for name, e in errors.items()} == {
+        "missing": ("SecretNotFound", "ENOENT"),  # Key Vault's answer, as a read gets it
+        "app": ("NoSuchFile", "ENOENT"),  # the file is named by its alias
+        "hist/2": ("NoSuchFile", "ENOENT"),  # a history of 2 has entries 0 and 1
+        "conf/app.crt": ("NoSuchFile", "ENOENT"),  # not a certificate-backed secret
+    }
+    served = {e["file"] for e in client.events(0)["events"] if e["kind"] == "served"}
+    assert served == {"conf/app", "web", "hist"}  # a fetch is a read: what it fetched is served and refreshed
+    assert mount.stop() == 0
 
 
 def test_no_client_can_stop_a_mount(emu: Emulator, mounter: Mounter) -> None:

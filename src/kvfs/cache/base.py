@@ -7,7 +7,7 @@ the real cache with a fake vault, or over a fake cache.
 from __future__ import annotations
 
 import collections
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,8 +55,9 @@ class CacheListener(Protocol):
     listener that raises is logged and ignored; it never fails a read.
     """
 
-    def fetched(self, spec: ObjectSpec, version: Version | None) -> None:
-        """Key Vault answered: `spec` shows `version` now (None: a history folder with no enabled version)."""
+    def fetched(self, spec: ObjectSpec, version: Version | None, history: Sequence[Version] = ()) -> None:
+        """Key Vault answered: `spec` shows `version` now (None: a history folder with no enabled
+        version); a history folder's load also gives all its versions, newest first."""
         ...
 
     def failed(self, spec: ObjectSpec, error: KvfsError, *, background: bool) -> None:

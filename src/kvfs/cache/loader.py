@@ -156,7 +156,7 @@ class Loader:
             start = lowered.index(spec.version.lower())
         versions = await self._fetch_versions(spec, ids[start : start + spec.version_history])
         old = self._store.set_history(spec, versions)
-        self._tell(lambda listener: listener.fetched(spec, versions[0] if versions else None))
+        self._tell(lambda listener: listener.fetched(spec, versions[0] if versions else None, versions))
         if not spec.pinned:
             self._on_loaded(Target(spec, history=True))
         if old is not None and [v.version for v in old] != [v.version for v in versions]:

@@ -108,6 +108,49 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class SecretObjectData:
+    """One `secretObjects[].data` entry: the Secret's `key` holds the bytes of the file `object_name`."""
+
+    object_name: str  # the file as the mount shows it: objectAlias or objectName, `.crt`/`.key`, `NAME/N`
+    key: str
+
+
+@dataclass(frozen=True)
+class SecretObject:
+    """One `secretObjects` entry of a SecretProviderClass: a Kubernetes Secret filled from files."""
+
+    secret_name: str
+    type: str  # e.g. Opaque, kubernetes.io/tls
+    data: tuple[SecretObjectData, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The file names its data reads, each once."""
+        return tuple(dict.fromkeys(d.object_name for d in self.data))
+
+
+@dataclass(frozen=True)
+class RenderDefaults:
+    """What upstream's node-wide provider flags set for every volume; a volume's own parameters
+    (writeCertAndKeyInSeparateFiles, constructPEMChain) override them. `kvfs csi node` takes them
+    as flags and hands them to each daemon with its spawn."""
+
+    split_cert_key: bool = False  # --write-cert-and-key-in-separate-files
+    construct_pem_chain: bool = True  # --construct-pem-chain
+
+    def to_json(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: object) -> RenderDefaults:
+        """As a spawn request carries them; what is missing (an older plugin sent none) is upstream's."""
+        given = value if isinstance(value, dict) else {}
+        return cls(**{f.name: bool(given[f.name]) for f in dataclasses.fields(cls) if f.name in given})
+
+
+@dataclass(frozen=True)
 class MountConfig:
     """Everything one volume needs; the output of parameter parsing."""
 

@@ -24,8 +24,9 @@ is used).
 kvfs extensions (not read by upstream, so manifests stay portable):
 
 - ``writeCertAndKeyInSeparateFiles``: ParseBool; per-volume form of upstream's
-  ``--write-cert-and-key-in-separate-files`` flag (default false).
-- ``constructPEMChain``: ParseBool; per-volume form of ``--construct-pem-chain`` (default true).
+  ``--write-cert-and-key-in-separate-files`` flag (default: the node's, else false).
+- ``constructPEMChain``: ParseBool; per-volume form of ``--construct-pem-chain`` (default: the
+  node's, else true). The node's defaults are `RenderDefaults` (`kvfs csi node` flags).
 - ``refreshInterval``: how often read objects are refreshed in the background, as seconds or a
   duration ("90", "30s", "2m", "1h", "1m30s", "500ms"); default 120 s, 0 disables.
 - ``maxStaleness``: how long the last good bytes may be served while Key Vault or Entra ID is
@@ -43,7 +44,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from kvfs.config.clouds import resolve_cloud
-from kvfs.config.model import DEFAULT_REFRESH_INTERVAL, AuthConfig, AuthMode, MountConfig
+from kvfs.config.model import DEFAULT_REFRESH_INTERVAL, AuthConfig, AuthMode, MountConfig, RenderDefaults
 from kvfs.config.objects import parse_objects
 from kvfs.errors import ConfigError
 
@@ -193,6 +194,7 @@ def parse_parameters(
     environ: Mapping[str, str] | None = None,
     default_cloud: str = "AzurePublicCloud",
     cloud_env_dir: str | None = None,
+    defaults: RenderDefaults = RenderDefaults(),
 ) -> MountConfig:
     """Validate everything a mount needs before any network call.
 
@@ -200,6 +202,7 @@ def parse_parameters(
     `environ` defaults to os.environ and is only read for AZURE_FEDERATED_TOKEN_FILE.
     `cloud_env_dir`: cloudEnvFileName must lie inside it; None means DEFAULT_CLOUD_ENV_DIR for
     "csi" and any path for "cli" (a workstation user names their own files).
+    `defaults`: the node-wide defaults of the two rendering switches (empty parameters take them).
     """
     if context not in ("csi", "cli"):
         raise ValueError(f"context must be 'csi' or 'cli', not {context!r}")
@@ -296,9 +299,11 @@ def parse_parameters(
         auth=auth,
         objects=objects,
         split_cert_key=parse_bool(
-            p.get("writeCertAndKeyInSeparateFiles"), "writeCertAndKeyInSeparateFiles"
+            p.get("writeCertAndKeyInSeparateFiles"), "writeCertAndKeyInSeparateFiles", defaults.split_cert_key
         ),
-        construct_pem_chain=parse_bool(p.get("constructPEMChain"), "constructPEMChain", True),
+        construct_pem_chain=parse_bool(
+            p.get("constructPEMChain"), "constructPEMChain", defaults.construct_pem_chain
+        ),
         refresh_interval=(
             parse_duration(refresh_text, "refreshInterval")
             if refresh_text

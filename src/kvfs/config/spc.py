@@ -14,6 +14,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 from yaml.nodes import ScalarNode
 
+from kvfs.config.model import SecretObject, SecretObjectData
 from kvfs.config.parameters import KNOWN_PARAMETERS
 from kvfs.errors import ConfigError
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("secrets-store.csi.x-k8s.io/v1", "secrets-store.csi.x-k8s.io/v1alpha1")
 KIND = "SecretProviderClass"
 PROVIDER = "azure"
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+TLS_KEYS = ("tls.crt", "tls.key")
+_DNS1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*$")
+_DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")  # what the API server takes as a Secret's data key
 
 
 class _RawScalarLoader(yaml.SafeLoader):
@@ -114,6 +120,12 @@ def load_manifest(path: str) -> dict[str, str]:
             "put each SecretProviderClass in its own file",
             "kind",
         )
+    if (spcs[0].get("spec") or {}).get("secretObjects"):
+        log.warning(
+            "%s: spec.secretObjects is ignored by kvfs mount: only the CSI plugin syncs Kubernetes Secrets"
+            " (kvfs csi node --sync-secrets)",
+            path,
+        )
     return spc_parameters(spcs[0], source=path)
 
 
@@ -154,10 +166,6 @@ def spc_parameters(spc_object: Mapping[str, Any], *, source: str = KIND) -> dict
         if isinstance(provider, str) and provider.strip().lower() == PROVIDER:
             fix = f"the provider name is case-sensitive: write provider: {PROVIDER}"
         raise _file_error(source, f"provider {provider!r} is not supported", fix, "spec.provider")
-    if spec.get("secretObjects"):
-        log.warning(
-            "%s: spec.secretObjects is ignored: kvfs does not sync Kubernetes Secrets", source
-        )
     raw = spec.get("parameters")
     if raw is None:
         return {}
@@ -172,6 +180,112 @@ def spc_parameters(spc_object: Mapping[str, Any], *, source: str = KIND) -> dict
     for key, value in raw.items():
         params[str(key)] = _parameter_text(source, str(key), value)
     return params
+
+
+def secret_objects(
+    spc_object: Mapping[str, Any], *, source: str = KIND
+) -> tuple[list[SecretObject], list[ConfigError]]:
+    """`spec.secretObjects`, as upstream's driver reads them: each entry checked on its own, so a
+    bad one is reported and the others are still synced. Names and keys are trimmed, as upstream."""
+    spec = spc_object.get("spec")
+    raw = spec.get("secretObjects") if isinstance(spec, Mapping) else None
+    if raw is None:
+        return [], []
+    if not isinstance(raw, list):
+        return [], [
+            _file_error(
+                source,
+                "spec.secretObjects must be a list",
+                "write one `- secretName: ...` entry per Secret",
+                "spec.secretObjects",
+            )
+        ]
+    objects: list[SecretObject] = []
+    errors: list[ConfigError] = []
+    for index, item in enumerate(raw):
+        try:
+            obj = _secret_object(item, f"spec.secretObjects[{index}]", source)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        if any(o.secret_name == obj.secret_name for o in objects):
+            errors.append(
+                _file_error(
+                    source,
+                    f"a second entry for Secret {obj.secret_name!r}",
+                    "give each Secret one entry, with all its keys under data",
+                    f"spec.secretObjects[{index}].secretName",
+                )
+            )
+            continue
+        objects.append(obj)
+    return objects, errors
+
+
+def _secret_object(item: Any, where: str, source: str) -> SecretObject:
+    if not isinstance(item, Mapping):
+        raise _file_error(source, "must be a mapping", "see secretName, type, data", where)
+    name = _entry_text(item, "secretName", where, source)
+    if not _DNS1123_SUBDOMAIN.match(name):
+        raise _file_error(
+            source,
+            f"{name[:80]!r} is not a Secret name",
+            "use lower-case letters, digits, '-' and '.', at most 253 characters",
+            f"{where}.secretName",
+        )
+    kind = _entry_text(item, "type", where, source, fix=f"set type: Opaque, or {TLS_SECRET_TYPE} for ingress TLS")
+    data = item.get("data")
+    if not isinstance(data, list) or not data:
+        raise _file_error(
+            source, "data is empty", "list the keys: data: [{objectName: FILE, key: KEY}]", f"{where}.data"
+        )
+    entries: list[SecretObjectData] = []
+    for index, entry in enumerate(data):
+        at = f"{where}.data[{index}]"
+        if not isinstance(entry, Mapping):
+            raise _file_error(source, "must be a mapping", "write objectName: FILE and key: KEY", at)
+        file = _entry_text(entry, "objectName", at, source, fix="name the mounted file (objectAlias, else objectName)")
+        key = _entry_text(entry, "key", at, source, fix="name the key of the Secret's data")
+        if not _DATA_KEY.match(key):
+            raise _file_error(
+                source,
+                f"{key[:80]!r} is not a Secret data key",
+                "use letters, digits, '-', '_' and '.' only",
+                f"{at}.key",
+            )
+        if kind == TLS_SECRET_TYPE and key not in TLS_KEYS:
+            raise _file_error(
+                source,
+                f"key {key!r} is not supported for a {TLS_SECRET_TYPE} Secret",
+                "only tls.crt and tls.key: the certificates and the private key of the file",
+                f"{at}.key",
+            )
+        if any(e.key == key for e in entries):
+            raise _file_error(source, f"key {key!r} appears twice", "give each key one file", f"{at}.key")
+        entries.append(SecretObjectData(file, key))
+    return SecretObject(
+        name,
+        kind,
+        tuple(entries),
+        labels=_string_map(item, "labels", where, source),
+        annotations=_string_map(item, "annotations", where, source),
+    )
+
+
+def _entry_text(item: Mapping[str, Any], key: str, where: str, source: str, *, fix: str = "") -> str:
+    value = item.get(key)
+    text = value.strip() if isinstance(value, str) else ""
+    if not text:
+        raise _file_error(source, f"{key} is empty", fix or f"set {key}", f"{where}.{key}")
+    return text
+
+
+def _string_map(item: Mapping[str, Any], key: str, where: str, source: str) -> tuple[tuple[str, str], ...]:
+    value = item.get(key) or {}
+    texts = {str(k): _scalar_text(v) for k, v in value.items()} if isinstance(value, Mapping) else None
+    if texts is None or any(v is None for v in texts.values()):
+        raise _file_error(source, f"{key} must map names to strings", 'quote the values: name: "..."', f"{where}.{key}")
+    return tuple(sorted((k, v) for k, v in texts.items() if v is not None))
 
 
 def _scalar_text(value: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""`kvfs csi node` and `kvfs csi mounter`: argument parsing only.
+"""`kvfs csi node`, `kvfs csi mounter` and `kvfs csi status`: argument parsing only.
 
 The lead's `kvfs` CLI calls `add_arguments(subparsers)`; `python -m kvfs.csi.cli ...` works too.
 """
@@ -11,17 +11,18 @@ import os
 import sys
 from typing import Any
 
-from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR
+from kvfs.config.model import RenderDefaults
+from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, GO_FALSE, GO_TRUE
 from kvfs.daemon.entry import DEFAULT_ENTRY
 from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger(__name__)
 
-HELP = "the Kubernetes CSI node plugin and its mounter"
+HELP = "the Kubernetes CSI node plugin, its mounters, and their status"
 DESCRIPTION = (
     "Serve kvfs volumes to pods: `kvfs csi node` runs the CSI node plugin kubelet calls (it starts a"
     " mounter unless --no-start-mounter); `kvfs csi mounter` runs, on its own, the process that starts"
-    " one daemon per volume."
+    " one daemon per volume; `kvfs csi status` shows the node's mounters and volumes."
 )
 NODE_DESCRIPTION = (
     "Run the CSI node plugin (Identity and Node services) on a unix socket for kubelet. Each published"
@@ -31,6 +32,13 @@ NODE_DESCRIPTION = (
 MOUNTER_DESCRIPTION = (
     "Run a mounter on its own (e.g. in another container): it takes spawn requests from the plugin on"
     " its socket and forks one daemon per volume from a clean zygote. Daemons outlive it."
+)
+
+STATUS_DESCRIPTION = (
+    "Show the mounters registered in the state folder (id, pid, version, start time, alive, volumes) and"
+    " every volume (pod, volume id, mounter, daemon pid, uid, health, target), probing each mount with a"
+    " deadline. Run it where the plugin runs (it reads the state folder only); an old mounter generation"
+    " may be deleted once it serves no volume."
 )
 
 UID_MAX = 2**31 - 1  # uids at or above 2^31 confuse tools that keep them signed
@@ -49,6 +57,17 @@ def uid_range(text: str) -> tuple[int, int]:
             " (one uid per mounted volume; keep it clear of the node's users and subuid ranges)"
         )
     return start, end
+
+
+def go_bool(text: str) -> bool:
+    """A boolean flag's value in Go's syntax (strconv.ParseBool), as upstream's provider flags take it."""
+    if text in GO_TRUE:
+        return True
+    if text in GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected true or false (also 1/0, t/f, TRUE/FALSE); write --FLAG=false to turn a flag off"
+    )
 
 
 class _Removed(argparse.Action):
@@ -85,6 +104,11 @@ def _run_node(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_format=args.log_format,
         max_volumes=args.max_volumes,
+        restart_failed_pods=args.restart_pods_with_failed_volumes,
+        sync_secrets=args.sync_secrets,
+        render_defaults=RenderDefaults(
+            split_cert_key=args.write_cert_and_key_in_separate_files, construct_pem_chain=args.construct_pem_chain
+        ),
     )
     if args.metrics_addr:
         from kvfs.daemon.metrics import parse_addr
@@ -114,15 +138,37 @@ def _run_node(args: argparse.Namespace) -> int:
 def _run_mounter(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, pid=True, fmt=args.log_format)
     from kvfs.csi.mounter import Mounter
+    from kvfs.csi.mounters import MounterRegistry, new_id
 
-    socket_path = args.socket or os.path.join(args.state_dir, "mounter.sock")
-    return Mounter(socket_path, args.daemon_entry, log_level=args.log_level, log_format=args.log_format).serve()
+    mounter_id, registry = new_id(), None
+    if args.socket:
+        socket_path = args.socket
+    else:  # one generation among others: its own folder in the state folder
+        registry = MounterRegistry(args.state_dir)
+        try:
+            socket_path = registry.prepare(mounter_id)
+        except (OSError, ValueError) as exc:
+            print(f"kvfs csi mounter: --state-dir {args.state_dir}: {exc}", file=sys.stderr)
+            return 2
+    options = {"log_level": args.log_level, "log_format": args.log_format}
+    return Mounter(socket_path, args.daemon_entry, mounter_id=mounter_id, registry=registry, **options).serve()
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _run_status(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, fmt=args.log_format)
+    from kvfs.csi.status import main as status
+
+    return status(args.state_dir, as_json=args.json)
+
+
+def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir", default="/var/lib/kvfs/csi", metavar="DIR", help="plugin state (default %(default)s)"
     )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _state_dir(parser)
     add_log_options(parser)
     parser.add_argument(
         "--daemon-entry",
@@ -157,7 +203,11 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     )
     for removed in ("--daemon-uid", "--daemon-gid"):
         node.add_argument(removed, action=_Removed, help=argparse.SUPPRESS)
-    node.add_argument("--mounter-socket", metavar="PATH", help="mounter socket (default DIR/mounter.sock of --state-dir)")
+    node.add_argument(
+        "--mounter-socket",
+        metavar="PATH",
+        help="use only the mounter on this socket (default: the newest live mounter registered in --state-dir)",
+    )
     node.add_argument(
         "--allow-node-identity",
         action="store_true",
@@ -168,6 +218,29 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         action="store_true",
         help="let volume attributes overlay the SecretProviderClass and volumes carry every parameter inline"
         " (development clusters and tests: pod authors then bypass policies on SecretProviderClasses)",
+    )
+    defaults = RenderDefaults()
+    for flag, default, meaning in (
+        (
+            "--write-cert-and-key-in-separate-files",
+            defaults.split_cert_key,
+            "certificate-backed secrets also get FILE.crt and FILE.key (default false; a class's"
+            " writeCertAndKeyInSeparateFiles overrides it)",
+        ),
+        (
+            "--construct-pem-chain",
+            defaults.construct_pem_chain,
+            "order a PFX's certificates leaf to root (default true; a class's constructPEMChain overrides it)",
+        ),
+    ):  # upstream's provider flags, with Go's boolean syntax: a bare flag is true
+        node.add_argument(
+            flag, type=go_bool, nargs="?", const=True, default=default, metavar="BOOL", help=f"node-wide: {meaning}"
+        )
+    node.add_argument(
+        "--sync-secrets",
+        action="store_true",
+        help="create and update the Kubernetes Secrets a class's secretObjects name, in the pod's namespace (needs"
+        " RBAC for Secrets: the sync-secrets component)",
     )
     node.add_argument(
         "--cloud-env-dir",
@@ -199,6 +272,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     node.add_argument(
         "--max-volumes", type=int, default=0, metavar="N", help="NodeGetInfo max_volumes_per_node (0 = no limit)"
     )
+    node.add_argument(
+        "--restart-pods-with-failed-volumes",
+        action="store_true",
+        help="delete the pod of a volume whose daemon died or whose mount stopped answering, so its controller"
+        " makes a fresh one (never a pod without a controller, at most once per pod per 5 minutes)",
+    )
     node.add_argument("--no-start-mounter", action="store_true", help="never start a mounter (it runs elsewhere)")
     node.add_argument(
         "--mounter-log",
@@ -211,9 +290,21 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     mounter = subparsers.add_parser(
         "mounter", help="run the mounter that starts one daemon per volume", description=MOUNTER_DESCRIPTION
     )
-    mounter.add_argument("--socket", metavar="PATH", help="listen here (default DIR/mounter.sock of --state-dir)")
+    mounter.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="listen here, unregistered (default: register in DIR/mounters/ of --state-dir beside other mounters)",
+    )
     _common(mounter)
     mounter.set_defaults(func=_run_mounter, command_parser=mounter)
+
+    status = subparsers.add_parser(
+        "status", help="show this node's mounter generations and volumes", description=STATUS_DESCRIPTION
+    )
+    _state_dir(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_log_options(status)
+    status.set_defaults(func=_run_status, command_parser=status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,7 @@
 """The mounter: a long-lived, single-threaded process that starts one daemon per volume.
 
+With `--state-dir` it registers itself as one mounter generation among any number
+(kvfs.csi.mounters); `--socket PATH` runs one at that address instead, unregistered.
 The plugin connects to the mounter socket and sends one `spawn` request with two fds (the
 mounted FUSE connection and the daemon's listening control socket) and the volume's
 configuration. The mounter never forks a daemon from itself (its memory holds earlier volumes'
@@ -10,10 +12,16 @@ FUSE_INIT, or `{"ok": false, "error": ...}` (the daemon is killed then). Daemons
 session, so they outlive both the plugin and the mounter; the mounter is a child subreaper, so
 daemons whose zygote died are still reaped. A zygote that dies is replaced by a new one for the
 next volume. Single-threaded on purpose (a selector loop): nothing here forks a threaded process.
+
+A mounter that does not fall over: a pipe, socketpair, fork or accept that fails because the
+mounter or the node ran out of processes, file descriptors or memory fails that one request,
+answered `{"ok": false, "code": "RESOURCE_EXHAUSTED", "error": ...}` (what failed, the errno, the
+limit to raise), and the mounter keeps serving. It lowers its own OOM score; daemons raise theirs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -25,15 +33,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import kvfs
+from kvfs.config.model import RenderDefaults
 from kvfs.csi import syscalls
+from kvfs.csi.mounters import MounterInfo, MounterRegistry
+from kvfs.csi.state import process_start_time
 from kvfs.daemon import jsonline
 from kvfs.daemon.entry import daemon_environment
 from kvfs.csi.zygote import FORK_FDS, reaped
 
 log = logging.getLogger(__name__)
 
+SPAWN_CODES = ("RESOURCE_EXHAUSTED", "INTERNAL")  # the gRPC codes a mounter may give a refused spawn
+
+
 class ZygoteError(Exception):
-    """The zygote could not be started or did not answer a fork command."""
+    """The zygote could not be started or did not answer a fork command; `code` is the gRPC code."""
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ForkRefused(ZygoteError):
+    """The zygote answered, but could not fork this daemon (it stays usable)."""
+
+
+def _failed(what: str, exc: OSError) -> ZygoteError:
+    code, message = syscalls.failure(what, exc, "mounter")
+    return ZygoteError(message, code)
 
 
 @dataclass
@@ -45,7 +73,10 @@ class _Zygote:
     @classmethod
     def start(cls, entry_name: str, log_level: str, log_format: str, timeout: float) -> _Zygote:
         """exec a fresh interpreter (-P: not even the working folder on sys.path); wait for its hello."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise _failed("socketpair for a new zygote", exc) from None
         try:
             theirs.set_inheritable(True)
             argv = [
@@ -54,6 +85,9 @@ class _Zygote:
             ]  # fmt: skip
             stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
             pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=stdin)
+        except OSError as exc:
+            ours.close()
+            raise _failed("starting a zygote", exc) from None
         finally:
             theirs.close()
         zygote = cls(pid, ours, jsonline.LineReader(ours))
@@ -76,8 +110,11 @@ class _Zygote:
         except (OSError, jsonline.ProtocolError) as exc:
             raise ZygoteError(f"the zygote (pid {self.pid}) did not answer: {exc}") from None
         pid = int(reply.get("pid") or 0)
+        if not reply.get("ok") and reply.get("error"):
+            code = reply.get("code")
+            raise ForkRefused(str(reply["error"]), code if code in SPAWN_CODES else "INTERNAL")
         if not reply.get("ok") or pid <= 0:
-            raise ZygoteError(str(reply.get("error") or f"unexpected zygote answer {reply!r}"))
+            raise ZygoteError(f"unexpected zygote answer {reply!r}")
         return pid
 
     def stop(self, *, kill: bool) -> None:
@@ -110,17 +147,34 @@ class _Client:
 
 
 class Mounter:
-    """Serve spawn requests on `socket_path` until SIGTERM/SIGINT (daemons keep running)."""
+    """Serve spawn requests on `socket_path` until SIGTERM/SIGINT (daemons keep running).
+
+    With a `registry`, announce this mounter there (as `mounter_id`) once it listens.
+    """
 
     REQUEST_TIMEOUT = 5.0
     ZYGOTE_TIMEOUT = 120.0  # imports on a loaded node
     CONFIG_TIMEOUT = 10.0
+    PAUSE = 0.1  # out of file descriptors with no reserve left: wait this long before accepting again
 
-    def __init__(self, socket_path: str, entry_name: str, *, log_level: str = "INFO", log_format: str = "text") -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        entry_name: str,
+        *,
+        log_level: str = "INFO",
+        log_format: str = "text",
+        mounter_id: str = "",
+        registry: MounterRegistry | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.entry_name = entry_name
         self.log_level = log_level
         self.log_format = log_format
+        self.id = mounter_id
+        self.registry = registry
+        self.started = time.time()
+        self.reserve = _reserve_fd()  # given up to answer one client when out of file descriptors
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # ready_r fd -> pending
         self.clients: dict[int, _Client] = {}  # conn fd -> client still sending its request
@@ -131,6 +185,7 @@ class Mounter:
     def serve(self) -> int:
         syscalls.set_dumpable(False)
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        _protect_from_oom()
         try:
             self.zygote = _Zygote.start(self.entry_name, self.log_level, self.log_format, self.ZYGOTE_TIMEOUT)
         except ZygoteError as exc:
@@ -140,7 +195,13 @@ class Mounter:
         self.sel.register(self.listener, selectors.EVENT_READ, "accept")
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        log.info("mounter listening on %s (daemon entry %s)", self.socket_path, self.entry_name)
+        if self.registry is not None:
+            pid = os.getpid()
+            info = MounterInfo(
+                self.id, pid, process_start_time(pid) or 0, kvfs.__version__, self.started, self.entry_name
+            )
+            self.registry.register(info)
+        log.info("mounter %s listening on %s (daemon entry %s)", self.id, self.socket_path, self.entry_name)
         while not self.stopping:
             for key, _ in self.sel.select(self._next_timeout()):
                 if key.data == "accept":
@@ -179,6 +240,12 @@ class Mounter:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                log.warning("accept failed: %s", exc)
+                return
+            self._shed(exc)
+            return
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid not in (0, os.getuid()):
@@ -189,10 +256,41 @@ class Mounter:
         self.clients[conn.fileno()] = _Client(conn, jsonline.LineReader(conn))
         self.sel.register(conn, selectors.EVENT_READ, "client")
 
+    def _shed(self, exc: OSError) -> None:
+        """Out of file descriptors: the reserve one takes the next client, which is told so and closed
+        (after its request, so that it is not refused a write first; fds riding along are dropped).
+        Without a reserve (the whole node is out of them), wait a moment: the selector would spin."""
+        assert self.listener is not None
+        code, message = syscalls.failure("accepting a connection", exc, "mounter")
+        log.error("%s", message)
+        if self.reserve < 0:
+            time.sleep(self.PAUSE)
+            self.reserve = _reserve_fd()
+            return
+        os.close(self.reserve)
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            pass
+        else:
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            try:
+                conn.recv(65536)
+            except OSError:
+                pass
+            _reply(conn, {"ok": False, "code": code, "error": message})
+            conn.close()
+        self.reserve = _reserve_fd()
+
     def _read_request(self, fd: int) -> None:
         client = self.clients[fd]
         try:
             message = client.reader.try_read()
+        except jsonline.FdsDropped as exc:
+            code, text = syscalls.failure("receiving the volume's file descriptors", exc.cause, "mounter")
+            self._drop_client(fd, reply={"ok": False, "code": code, "error": text})
+            return
         except jsonline.ProtocolError as exc:
             self._drop_client(fd, reply={"ok": False, "error": f"bad request: {exc}"})
             return
@@ -216,7 +314,8 @@ class Mounter:
         if op == "ping":
             reader.close_fds()
             zygote = self.zygote.pid if self.zygote else 0
-            _reply(conn, {"ok": True, "pid": os.getpid(), "entry": self.entry_name, "zygote": zygote})
+            reply = {"ok": True, "pid": os.getpid(), "entry": self.entry_name, "zygote": zygote, "id": self.id}
+            _reply(conn, {**reply, "version": kvfs.__version__, "started": self.started})
             conn.close()
         elif op == "spawn":
             fds, reader.fds = reader.fds, []
@@ -241,6 +340,7 @@ class Mounter:
                 "env": None if req.get("env") is None else {str(k): str(v) for k, v in dict(req["env"]).items()},
                 "cloud_env_dir": str(req.get("cloud_env_dir") or ""),
                 "allow_node_identity": bool(req.get("allow_node_identity", False)),
+                "defaults": RenderDefaults.from_json(req.get("defaults")).to_json(),
             }
         except (KeyError, TypeError, ValueError) as exc:
             _reply(conn, {"ok": False, "error": f"bad spawn request: {type(exc).__name__} {exc}"})
@@ -250,8 +350,14 @@ class Mounter:
             _reply(conn, {"ok": False, "error": f"spawn needs 2 fds (fuse, control), got {len(fds)}"})
             conn.close()
             return
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        config_ours, config_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ready_r, ready_w, config_ours, config_theirs = _daemon_channels()
+        except OSError as exc:
+            code, message = syscalls.failure("creating the daemon's ready pipe and config socket", exc, "mounter")
+            log.error("volume %s: %s", volume_id, message)
+            _reply(conn, {"ok": False, "error": message, "code": code})
+            conn.close()
+            return
         command = {"op": "fork", "volume_id": volume_id, "uid": uid, "gid": gid, "entry": self.entry_name}
         try:
             pid = self._fork(command, [fds[0], fds[1], ready_w, config_theirs.fileno()])
@@ -259,7 +365,7 @@ class Mounter:
             log.error("volume %s: %s", volume_id, exc)
             os.close(ready_r)
             config_ours.close()
-            _reply(conn, {"ok": False, "error": str(exc)})
+            _reply(conn, {"ok": False, "error": str(exc), "code": exc.code})
             conn.close()
             return
         finally:
@@ -285,6 +391,8 @@ class Mounter:
             self.zygote = _Zygote.start(self.entry_name, self.log_level, self.log_format, self.ZYGOTE_TIMEOUT)
         try:
             return self.zygote.fork(command, fds)
+        except ForkRefused:
+            raise
         except ZygoteError:
             self.zygote.stop(kill=True)
             self.zygote = None
@@ -353,6 +461,40 @@ class Mounter:
                 pass
 
 
+def _protect_from_oom() -> None:
+    """Lower our OOM score (CAP_SYS_RESOURCE, which the mounter DaemonSet grants); one warning without it."""
+    try:
+        syscalls.set_oom_score_adj(syscalls.MOUNTER_OOM_SCORE_ADJ)
+    except OSError as exc:
+        log.warning(
+            "cannot lower the mounter's oom_score_adj to %d (%s; it needs CAP_SYS_RESOURCE): under memory"
+            " pressure the OOM killer may pick the mounter before a daemon, and in a mounter pod that ends"
+            " every volume the pod serves",
+            syscalls.MOUNTER_OOM_SCORE_ADJ,
+            exc.strerror,
+        )
+
+
+def _reserve_fd() -> int:
+    """An fd held only to be closed when the mounter runs out of them; -1 when none is free."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _daemon_channels() -> tuple[int, int, socket.socket, socket.socket]:
+    """The daemon's ready pipe (read, write) and its config socketpair (ours, theirs); none left open on failure."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        os.close(ready_r)
+        os.close(ready_w)
+        raise
+    return ready_r, ready_w, ours, theirs
+
+
 def _reply(conn: socket.socket, message: dict[str, Any]) -> None:
     try:
         jsonline.send(conn, message)
@@ -366,9 +508,15 @@ class MounterClient:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
 
+    def hello(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The mounter's answer to a ping: `ok` with its pid, id, version..., or a refusal with
+        `code` and `error` (out of file descriptors); jsonline.ProtocolError when none came."""
+        return jsonline.request(self.socket_path, {"op": "ping"}, timeout)
+
     def ping(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The answer of a mounter that serves, else None."""
         try:
-            reply = jsonline.request(self.socket_path, {"op": "ping"}, timeout)
+            reply = self.hello(timeout)
         except jsonline.ProtocolError:
             return None
         return reply if reply.get("ok") else None
@@ -387,6 +535,7 @@ class MounterClient:
         control_fd: int,
         timeout: float,
         on_forked: Any = None,
+        defaults: RenderDefaults = RenderDefaults(),
     ) -> int:
         """Hand both fds over (and close them here), wait for ready; the daemon pid.
 
@@ -407,6 +556,7 @@ class MounterClient:
                     "gid": gid,
                     "allow_node_identity": allow_node_identity,
                     "cloud_env_dir": cloud_env_dir,
+                    "defaults": defaults.to_json(),
                     "timeout": timeout,
                     "env": daemon_environment(),
                 }
@@ -421,7 +571,9 @@ class MounterClient:
             forked = reader.read(10.0)
             pid = int(forked.get("pid", 0))
             if forked.get("event") != "forked" or pid <= 0:
-                raise SpawnError(str(forked.get("error") or f"unexpected mounter answer {forked!r}"), 0)
+                code = str(forked.get("code") or "")
+                message = str(forked.get("error") or f"unexpected mounter answer {forked!r}")
+                raise SpawnError(message, 0, code=code if code in SPAWN_CODES else "")
             if on_forked is not None:
                 on_forked(pid)
             done = reader.read(timeout + 10.0)
@@ -435,9 +587,11 @@ class MounterClient:
 
 
 class SpawnError(Exception):
-    """The daemon did not come up; `pid` (0 if never forked) is already killed by the mounter."""
+    """The daemon did not come up; `pid` (0 if never forked) is already killed by the mounter.
+    `code`: the gRPC code the mounter gave (RESOURCE_EXHAUSTED), or ""."""
 
-    def __init__(self, message: str, pid: int, *, timed_out: bool = False) -> None:
+    def __init__(self, message: str, pid: int, *, timed_out: bool = False, code: str = "") -> None:
         super().__init__(message)
         self.pid = pid
         self.timed_out = timed_out
+        self.code = code

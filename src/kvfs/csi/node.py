@@ -140,6 +140,7 @@ def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0
         next_sweep = time.monotonic() + health_interval
         try:
             volumes.check_health()
+            volumes.restart_failed_pods()
         except Exception:  # noqa: BLE001 - keep serving
             log.exception("health sweep failed")
     log.info("stopping; mounted volumes keep being served by their daemons")

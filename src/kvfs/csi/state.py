@@ -41,6 +41,7 @@ class VolumeState:
     pod_name: str = ""
     pod_uid: str = ""
     secret_provider_class: str = ""  # "" when the parameters came inline
+    mounter: str = ""  # the id of the mounter generation that started the daemon (kvfs.csi.mounters)
 
     @property
     def pod(self) -> str:

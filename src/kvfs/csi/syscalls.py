@@ -1,4 +1,5 @@
-"""The privileged part of a publish: open /dev/fuse and mount(2) it at the target; unmount; prctl.
+"""The privileged part of a publish: open /dev/fuse and mount(2) it at the target; unmount; prctl;
+the OOM killer's preference; what a failed system call means for a publish.
 
 Python has no os.mount, so libc is called through ctypes. The data string is what libfuse's own
 `fuse_mount_sys` passes (see csi-and-fuse.md §7.2), so the daemon can serve `/dev/fd/N` without
@@ -23,6 +24,19 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
 SOURCE = "kvfs"
+
+# The OOM killer picks the process with the highest score: a daemon (one volume) before the
+# mounter (every new volume of its generation). Lowering a score needs CAP_SYS_RESOURCE.
+MOUNTER_OOM_SCORE_ADJ = -900
+DAEMON_OOM_SCORE_ADJ = 500
+
+# errno → what ran out, and where its limit is set
+_EXHAUSTED = {
+    errno.EAGAIN: "processes (the pids.max of its cgroup, the node's kernel.pid_max and kernel.threads-max)",
+    errno.EMFILE: "file descriptors (its RLIMIT_NOFILE: the container runtime's nofile limit)",
+    errno.ENFILE: "file descriptors of the whole node (fs.file-max)",
+    errno.ENOMEM: "memory (its container's memory limit)",
+}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -67,3 +81,24 @@ def prctl(option: int, value: int) -> None:
 def set_dumpable(on: bool) -> None:
     """Off: other users' processes (and other daemons) can neither ptrace this one nor read its /proc files."""
     prctl(PR_SET_DUMPABLE, int(on))
+
+
+def set_oom_score_adj(value: int) -> None:
+    """This process's /proc/self/oom_score_adj; PermissionError when lowering it without CAP_SYS_RESOURCE."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(value))
+
+
+def failure(what: str, exc: OSError, process: str) -> tuple[str, str]:
+    """(gRPC code, message) for a system call of `process` that failed while starting a volume:
+    RESOURCE_EXHAUSTED naming the limit and the fix when something ran out, else INTERNAL."""
+    number = exc.errno or 0
+    text = f"{what} failed: {os.strerror(number)} ({errno.errorcode.get(number, number)})"
+    limit = _EXHAUSTED.get(number)
+    if limit is None:
+        return "INTERNAL", text
+    return (
+        "RESOURCE_EXHAUSTED",
+        f"{text}: the {process} ran out of {limit}; raise that limit or run fewer volumes on this node"
+        " (kvfs csi node --max-volumes); the volumes already mounted keep serving",
+    )

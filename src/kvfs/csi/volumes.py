@@ -19,15 +19,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Literal, Protocol
 
+from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.events import EventRecorder
+from kvfs.csi.foreign import foreign_mount, remove_foreign_mounts
+from kvfs.csi.health import FailedVolumes, probe_volumes
 from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
+from kvfs.csi.mounters import MounterRegistry
 from kvfs.csi.podevents import ReadFailureEvents
+from kvfs.csi.podstatus import PodStatuses
 from kvfs.csi.request import (
     RequestError,
     VolumeInputs,
@@ -39,6 +44,7 @@ from kvfs.csi.request import (
     split_inputs,
 )
 from kvfs.csi.state import StateStore, VolumeState, new_state, process_alive, process_start_time
+from kvfs.csi.sync import SecretSync
 from kvfs.csi.watch import DEFAULT_INTERVAL as DEFAULT_WATCH_INTERVAL
 from kvfs.csi.watch import VolumeWatcher
 from kvfs.daemon import jsonline
@@ -48,6 +54,8 @@ from kvfs.daemon.preflight import parse_refusal
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT = 45.0  # seconds for a daemon's `fetch`: its reads answer within the 30 s read budget
 
 # Outside system (< 1000), user, nobody (65534), systemd-container (0x80000-0x6fffffff is
 # partly used by systemd-nspawn) and the usual subuid ranges (100000 + 65536 * n); below 2^31.
@@ -60,7 +68,7 @@ class NodeConfig:
     state_dir: str = "/var/lib/kvfs/csi"
     driver_name: str = "csi.kvfs.io"
     daemon_uid_range: tuple[int, int] = DEFAULT_DAEMON_UID_RANGE  # one uid (and gid) per volume's daemon
-    mounter_socket: str = ""  # default: <state_dir>/mounter.sock
+    mounter_socket: str = ""  # only this mounter; default: the newest live one registered in state_dir
     allow_node_identity: bool = False
     allow_inline_parameters: bool = False  # attributes overlay the class; volumes without a class
     cloud_env_dir: str = DEFAULT_CLOUD_ENV_DIR  # the only folder cloudEnvFileName may name files in
@@ -75,10 +83,9 @@ class NodeConfig:
     log_format: str = "text"  # passed on to a mounter this plugin starts (and so to its zygote and daemons)
     max_volumes: int = 0
     watch_interval: float = DEFAULT_WATCH_INTERVAL  # seconds between polls of the daemons' events
-
-    def __post_init__(self) -> None:
-        if not self.mounter_socket:
-            self.mounter_socket = os.path.join(self.state_dir, "mounter.sock")
+    restart_failed_pods: bool = False  # delete the pod of a failed volume (kvfs.csi.health)
+    render_defaults: RenderDefaults = RenderDefaults()  # upstream's provider flags, for every volume
+    sync_secrets: bool = False  # secretObjects become Kubernetes Secrets (upstream's syncSecret.enabled)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,20 @@ class PublishRequest:
     volume_mount_group: str = ""  # the pod's fsGroup, when kubelet delegates it to us
 
 
+class VolumeHook(Protocol):
+    """What acts on a volume's life through the Kubernetes API (status objects, Secret sync).
+
+    Called with the volume's lock held, after a publish's mount is ready, at each republish, and
+    before an unpublish's teardown; a failure is logged and never fails the call.
+    """
+
+    def published(self, state: VolumeState) -> None: ...
+
+    def republished(self, state: VolumeState) -> None: ...
+
+    def unpublished(self, state: VolumeState) -> None: ...
+
+
 @dataclass
 class _TargetLock:
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,7 +124,7 @@ class Volumes:
     def __init__(self, config: NodeConfig, *, kube_factory: Callable[[], KubeClient] | None = None) -> None:
         self.config = config
         self.store = StateStore(config.state_dir)
-        self.mounter = MounterClient(config.mounter_socket)
+        self.mounters = MounterRegistry(config.state_dir)
         self._kube_factory = kube_factory or self._default_kube
         self._kube: KubeClient | None = None
         self._kube_guard = threading.Lock()
@@ -113,26 +134,53 @@ class Volumes:
         self._uid_guard = threading.Lock()
         self.prober = Prober()
         self.health: dict[str, Probe] = {}  # target -> last reported probe
+        self._foreign: set[str] = set()  # targets holding another driver's mount, already logged
         self.recorder = EventRecorder(self.kube, config.node_id)  # Warning events on pods
-        # features that act on what daemons report (pod events, status objects) subscribe here
-        self.watcher = VolumeWatcher(self.store, [ReadFailureEvents(self.recorder)])
+        self.failures = FailedVolumes(self.store, self.recorder, self.kube, restart_pods=config.restart_failed_pods)
+        self.statuses = PodStatuses(self.kube, config.node_id)
+        self.hooks: list[VolumeHook] = [self.statuses]  # in publish order; unpublish goes backwards
+        sync = []
+        if config.sync_secrets:
+            sync = [SecretSync(self.kube, self.statuses, self.recorder, self._fetching, self._published)]
+            self.hooks.extend(sync)
+        # features that act on what daemons report (pod events, status objects, Secrets) subscribe here
+        self.watcher = VolumeWatcher(self.store, [self.statuses, *sync, ReadFailureEvents(self.recorder)])
 
     # ---- plumbing ----
 
     @contextmanager
-    def _lock(self, target: str) -> Iterator[None]:
-        """Serialise every operation on one target; the table holds only targets in use."""
+    def _lock(self, target: str, *, wait: bool = True) -> Iterator[bool]:
+        """Serialise every operation on one target; the table holds only targets in use. With
+        `wait=False`, yields False at once instead of waiting for another operation on it."""
         with self._locks_guard:
             entry = self._locks.setdefault(target, _TargetLock())
             entry.users += 1
         try:
-            with entry.lock:
-                yield
+            held = entry.lock.acquire(blocking=wait)
+            try:
+                yield held
+            finally:
+                if held:
+                    entry.lock.release()
         finally:
             with self._locks_guard:
                 entry.users -= 1
                 if entry.users == 0:
                     del self._locks[target]
+
+    @contextmanager
+    def _published(self, state: VolumeState) -> Iterator[bool]:
+        """Hold the volume's lock; True while it is still the same published volume."""
+        with self._lock(state.target_path):
+            now = self.store.load(state.target_path)
+            yield now is not None and now.volume_id == state.volume_id and now.phase == "ready"
+
+    def _tell(self, what: Literal["published", "republished", "unpublished"], state: VolumeState) -> None:
+        for hook in reversed(self.hooks) if what == "unpublished" else self.hooks:
+            try:
+                getattr(hook, what)(state)
+            except Exception:  # noqa: BLE001 - the API's troubles never fail a volume
+                log.exception("volume %s: %s failed when %s", state.volume_id, type(hook).__name__, what)
 
     def _default_kube(self) -> KubeClient:
         if self.config.kubeconfig:
@@ -146,26 +194,53 @@ class Volumes:
                 self._kube = self._kube_factory()
             return self._kube
 
-    def ensure_mounter(self) -> None:
-        """Start `kvfs csi mounter` detached when nobody answers on the mounter socket."""
+    def ensure_mounter(self) -> tuple[str, MounterClient]:
+        """The mounter new volumes go to, and its id: the most recently started one that answers
+        (or the one --mounter-socket names). Start `kvfs csi mounter` detached when none does."""
         with self._mounter_guard:
-            if self.mounter.ping() is not None:
-                return
+            found = self._answering_mounter()
+            if found is not None:
+                return found
+            where = self.config.mounter_socket or f"{self.mounters.root}/"
             if not self.config.start_mounter:
-                raise RequestError("UNAVAILABLE", f"no mounter answers on {self.config.mounter_socket}")
-            log.info("no mounter on %s: starting one", self.config.mounter_socket)
+                raise RequestError(
+                    "UNAVAILABLE",
+                    f"no mounter answers in {where}: start one (kvfs csi mounter --state-dir {self.config.state_dir})",
+                )
+            log.info("no mounter answers in %s: starting one", where)
             start_mounter_detached(self.config)
             deadline = time.monotonic() + 30.0
             while time.monotonic() < deadline:
-                if self.mounter.ping(timeout=1.0) is not None:
-                    return
+                found = self._answering_mounter(timeout=1.0)
+                if found is not None:
+                    return found
                 time.sleep(0.05)
-            raise RequestError("UNAVAILABLE", f"the mounter did not come up on {self.config.mounter_socket}")
+            raise RequestError("UNAVAILABLE", f"the mounter did not come up in {where}")
+
+    def _answering_mounter(self, timeout: float = 2.0) -> tuple[str, MounterClient] | None:
+        if self.config.mounter_socket:
+            sockets = [self.config.mounter_socket]
+        else:
+            sockets = [self.mounters.socket_path(m.id) for m in self.mounters.live()]
+        for path in sockets:
+            client = MounterClient(path)
+            try:
+                reply = client.hello(timeout)
+            except jsonline.ProtocolError as exc:
+                if not self.config.mounter_socket:  # registered and alive, yet silent
+                    log.warning("the mounter at %s does not answer (%s); trying an older one", path, exc)
+                continue
+            if reply.get("ok"):
+                return str(reply.get("id") or ""), client
+            if reply.get("code") == "RESOURCE_EXHAUSTED":  # it is the newest: no silent fallback
+                raise RequestError("RESOURCE_EXHAUSTED", f"the mounter at {path}: {reply.get('error')}")
+        return None
 
     # ---- publish ----
 
     def publish(self, req: PublishRequest) -> bool:
-        """Mount the volume (True), or hand a republish's token to its daemon (False)."""
+        """Mount the volume (True), or hand a republish's token to its daemon, or leave another
+        driver's mount as it is (False)."""
         _check_publish(req)
         target = self._target(req.target_path)
         inputs = split_inputs(req.volume_context, req.secrets)
@@ -181,18 +256,33 @@ class Volumes:
                     )
                 if state.phase == "ready" and mounted:
                     self._republish(state, inputs)
+                    self._tell("republished", state)
                     return False
                 log.info("volume %s: cleaning up an incomplete or unmounted publish first", req.volume_id)
                 self._teardown(state, mounted)
             elif mounted:
                 log.warning("target %s holds a kvfs mount without state: unmounting it first", target)
                 _umount_all(target, detach=True)
+            elif (other := foreign_mount(target)) is not None:
+                # a volume the driver before kvfs published (a node switched under the upstream name):
+                # kubelet republishes it; mounting over it would not reach the running pod
+                if target not in self._foreign:
+                    self._foreign.add(target)
+                    log.warning(
+                        "target %s holds a %s mount kvfs did not make: left as it is (the pod keeps those files"
+                        " until it is recreated; unpublish removes it)",
+                        target,
+                        other.fstype,
+                        extra={"volume": req.volume_id},
+                    )
+                return False
             params = self._params(inputs)
             if req.volume_mount_group:  # only kubelet decides the group, never a pod or a class
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
             check_node_identity(params, self.config.allow_node_identity)
             self._validate(params, inputs.secrets)
-            self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
+            state = self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
+            self._tell("published", state)
             return True
 
     def _target(self, path: str) -> str:
@@ -226,6 +316,7 @@ class Volumes:
                 context="csi",
                 allow_node_identity=cfg.allow_node_identity,
                 cloud_env_dir=cfg.cloud_env_dir,
+                defaults=cfg.render_defaults,
             )
         except ConfigError as exc:
             raise RequestError("INVALID_ARGUMENT", str(exc)) from None
@@ -283,6 +374,13 @@ class Volumes:
                 f" with {str(meta.get('namespace'))[:80]!r}/{str(meta.get('name'))[:80]!r}: refusing it (check the"
                 " API server address in the plugin's configuration and any proxy in front of it)",
             )
+        if (obj.get("spec") or {}).get("secretObjects") and not self.config.sync_secrets:
+            log.info(
+                'SecretProviderClass "%s" in namespace "%s" has secretObjects: this node does not sync Secrets'
+                " (kvfs csi node --sync-secrets)",
+                name,
+                namespace,
+            )
         try:
             return spc_parameters(obj)
         except ConfigError as exc:
@@ -292,12 +390,12 @@ class Volumes:
 
     def _mount_and_spawn(
         self, volume_id: str, target: str, params: dict[str, str], secrets: dict[str, str], *, spc: str
-    ) -> None:
+    ) -> VolumeState:
         cfg = self.config
-        self.ensure_mounter()
+        mounter_id, mounter = self.ensure_mounter()
         if os.path.islink(target):  # mount(2) would follow it out of kubelet's folder
             raise RequestError("INVALID_ARGUMENT", f"target_path {target} is a symbolic link")
-        state = self._allocate(volume_id, target, pod_fields(params, spc))
+        state = self._allocate(volume_id, target, {**pod_fields(params, spc), "mounter": mounter_id})
         control = fuse_fd = -1
         try:
             os.makedirs(target, mode=0o750, exist_ok=True)
@@ -309,7 +407,11 @@ class Volumes:
                 if fd >= 0:
                     os.close(fd)
             self.store.remove(target)
-            raise RequestError("INTERNAL", f"volume {volume_id}: mounting {target} failed: {exc}") from None
+            if isinstance(exc, OSError):
+                code, message = syscalls.failure(f"mounting {target}", exc, "plugin")
+            else:
+                code, message = "INTERNAL", f"mounting {target} failed: {exc}"
+            raise RequestError(code, f"volume {volume_id}: {message}") from None
 
         def on_forked(pid: int) -> None:
             nonlocal state
@@ -317,7 +419,7 @@ class Volumes:
             self.store.save(state)
 
         try:
-            self.mounter.spawn(
+            mounter.spawn(
                 volume_id=volume_id,
                 params=params,
                 secrets=secrets,
@@ -325,6 +427,7 @@ class Volumes:
                 gid=state.gid,
                 allow_node_identity=cfg.allow_node_identity,
                 cloud_env_dir=cfg.cloud_env_dir,
+                defaults=cfg.render_defaults,
                 fuse_fd=fuse_fd,
                 control_fd=control,
                 timeout=cfg.publish_timeout,
@@ -335,15 +438,14 @@ class Volumes:
             refused = parse_refusal(str(exc))
             if refused is not None:  # the identity preflight said no: the daemon's message as it is
                 raise RequestError(refused[0], f"volume {volume_id}: {refused[1]}") from None
-            raise RequestError(
-                "DEADLINE_EXCEEDED" if exc.timed_out else "INTERNAL",
-                f"volume {volume_id}: the kvfs daemon did not start: {exc}",
-            ) from None
+            code = getattr(exc, "code", "") or ("DEADLINE_EXCEEDED" if exc.timed_out else "INTERNAL")
+            raise RequestError(code, f"volume {volume_id}: the kvfs daemon did not start: {exc}") from None
         state = replace(state, phase="ready")
         self.store.save(state)
         self.health.pop(target, None)
         fields = {"volume": volume_id, "pod": pod_of(params), "daemon_pid": state.pid}
         log.info("volume %s: published at %s (daemon pid %d)", volume_id, target, state.pid, extra=fields)
+        return state
 
     def _allocate(self, volume_id: str, target: str, pod: dict[str, str]) -> VolumeState:
         """The volume's state with the lowest uid of the range no living volume uses, saved at once.
@@ -394,12 +496,15 @@ class Volumes:
         except jsonline.ProtocolError as exc:
             log.error(
                 "volume %s at %s: could not pass the fresh service account token to its daemon (%s); "
-                "the mount is left as it is",
+                "the mount is left as it is (the health sweep judges whether it still serves)",
                 state.volume_id,
                 state.target_path,
                 exc,
             )
-            self._report(state, Probe(Health.DEAD, f"control socket: {exc}"))
+
+    def _fetching(self, state: VolumeState) -> ControlClient:
+        """The daemon's client for `fetch`, which may wait for Key Vault."""
+        return self._control(state, timeout=FETCH_TIMEOUT)
 
     def _control(self, state: VolumeState, *, timeout: float) -> ControlClient:
         """The client of the volume's daemon (kvfs.daemon.control), on the socket in the state folder."""
@@ -424,10 +529,16 @@ class Volumes:
                 )
             mounted = is_kvfs_mount(target)
             if state is not None:
+                self._tell("unpublished", state)
                 self._teardown(state, mounted)
             elif mounted:
                 _umount_all(target, detach=True)
+            try:
+                remove_foreign_mounts(target)  # the upstream driver's tmpfs, after a switch-over
+            except OSError as exc:
+                raise RequestError("INTERNAL", f"cannot unmount {target}: {exc.strerror}") from None
             _remove_dir(target)
+            self._foreign.discard(target)
             self.health.pop(target, None)
             log.info("volume %s: unpublished from %s", volume_id, target, extra={"volume": volume_id})
 
@@ -482,32 +593,27 @@ class Volumes:
         return kept
 
     def check_health(self) -> dict[str, Probe]:
-        """Probe every ready volume (bounded); log each change once. Never repairs anything."""
+        """Probe every ready volume (bounded); report each failure once (kvfs.csi.health). Never
+        calls the API itself: kubelet's Probe runs this too."""
         states = [s for s in self.store.all() if s.phase == "ready"]
-        probes = self.prober.probe_many([s.target_path for s in states], self.config.probe_timeout)
+        # only the daemon holds the connection fd, so a statfs answer proves it serves
+        probes = probe_volumes(states, self.prober, self.config.probe_timeout)
         for state in states:
-            # only the daemon holds the connection fd, so a statfs answer proves it serves
-            self._report(state, probes[state.target_path])
+            # a target busy with a publish or unpublish is judged by the next sweep; kubelet's Probe must not wait
+            with self._lock(state.target_path, wait=False) as held:
+                if held and self.store.load(state.target_path) == state:  # not unpublished or republished meanwhile
+                    self.health[state.target_path] = probes[state.target_path]
+                    self.failures.report(state, probes[state.target_path])
         for target in set(self.health) - {s.target_path for s in states}:
             del self.health[target]
+        self.mounters.prune({s.mounter for s in self.store.all()})
         return dict(self.health)
 
-    def _report(self, state: VolumeState, probe: Probe) -> None:
-        previous = self.health.get(state.target_path)
-        self.health[state.target_path] = probe
-        if previous is not None and previous.health is probe.health:
-            return
-        if probe.health is Health.HEALTHY:
-            if previous is not None:
-                log.info("volume %s at %s is healthy again", state.volume_id, state.target_path)
-            return
-        log.error(
-            "volume %s at %s is %s: %s (pods using it get errors; recreate the pod to get a new mount)",
-            state.volume_id,
-            state.target_path,
-            probe.health.value,
-            probe.detail,
-        )
+    def restart_failed_pods(self) -> list[str]:
+        """With --restart-pods-with-failed-volumes, delete the pods of the volumes the last sweep found
+        failed (kvfs.csi.health); the pods deleted. Waits on the API: the sweep loop calls it."""
+        failed = {t for t, p in self.health.items() if p.health is not Health.HEALTHY}
+        return self.failures.restart(s for s in self.store.all() if s.target_path in failed)
 
 
 def _check_publish(req: PublishRequest) -> None:
@@ -574,14 +680,14 @@ def start_mounter_detached(config: NodeConfig) -> None:
     """
     import kvfs
 
+    where = ["--socket", config.mounter_socket] if config.mounter_socket else ["--state-dir", config.state_dir]
     cmd = [
         sys.executable,
         "-P",  # not even the working folder on sys.path
         "-m",
         "kvfs.csi.cli",
         "mounter",
-        "--socket",
-        config.mounter_socket,
+        *where,
         "--daemon-entry",
         config.daemon_entry,
         "--log-level",

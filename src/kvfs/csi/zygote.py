@@ -7,7 +7,7 @@ with every fork), and then serves fork commands on the socket the mounter passed
 
     mounter → zygote  {"op": "fork", "volume_id": ID, "uid": N, "gid": N, "entry": "MOD:FUNC"}
                       + fds (SCM_RIGHTS): fuse connection, control socket, ready pipe, config socket
-    zygote → mounter  {"ok": true, "pid": PID}  or  {"ok": false, "error": TEXT}
+    zygote → mounter  {"ok": true, "pid": PID}  or  {"ok": false, "error": TEXT[, "code": GRPC_CODE]}
 
 Nothing in a fork command is secret. The child reads its volume's configuration (parameters,
 secrets, environment, cloud env folder, node-identity flag) from the config socket, which the
@@ -31,6 +31,7 @@ from typing import Any
 
 import setproctitle
 
+from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.request import pod_of
@@ -87,7 +88,12 @@ class Zygote:
             return {"ok": False, "error": f"bad fork command: {exc}"}
         if len(fds) != FORK_FDS:
             return {"ok": False, "error": f"fork needs {FORK_FDS} fds (fuse, control, ready, config), got {len(fds)}"}
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: this volume fails, the zygote serves on
+            code, text = syscalls.failure("forking the daemon", exc, "mounter's zygote")
+            log.error("volume %s: %s", volume_id, text)
+            return {"ok": False, "error": text, "code": code}
         if pid == 0:  # pragma: no cover - runs in the child
             _child(self.entry, volume_id, uid, gid, *fds)
         log.debug("volume %s: forked daemon pid %d", volume_id, pid)
@@ -127,6 +133,7 @@ def _child(  # pragma: no cover - runs in the forked child
         apply_environment(spec.env)
         if entry.prepare is not None:
             entry.prepare(spec)  # read root-only files (CA bundle, cloud env file) before the drop
+        _prefer_as_oom_victim()
         drop_privileges(uid, gid)
         code = entry.run(spec)
     except BaseException as exc:  # noqa: BLE001 - report anything, then exit
@@ -158,7 +165,16 @@ def _read_spec(volume_id: str, fuse_fd: int, control_fd: int, ready_fd: int, con
         ready_fd=ready_fd,
         env=env,
         cloud_env_dir=str(config.get("cloud_env_dir") or ""),
+        defaults=RenderDefaults.from_json(config.get("defaults")),
     )
+
+
+def _prefer_as_oom_victim() -> None:  # pragma: no cover - runs in the forked child
+    """Raise our OOM score (always allowed, but only before the drop: /proc/self is root's then)."""
+    try:
+        syscalls.set_oom_score_adj(syscalls.DAEMON_OOM_SCORE_ADJ)
+    except OSError as exc:
+        log.warning("cannot raise the daemon's oom_score_adj: %s", exc)
 
 
 def drop_privileges(uid: int, gid: int) -> None:

@@ -7,6 +7,8 @@ per line each way (kvfs.daemon.jsonline), one request at a time per connection:
     {"op": "token", "token": JWT}   → {"ok": true}          a fresh service account token (CSI republish)
     {"op": "status"}                → {"ok": true, "pid": N, ...}   the mount's live state
     {"op": "events", "since": N}    → {"ok": true, "next": M, "dropped": K, "events": [...]}
+    {"op": "fetch", "files": [NAME, ...]}
+                                    → {"ok": true, "files": {NAME: base64}, "errors": {NAME: {...}}}
     {"op": "metrics"}               → {"ok": true, "counters": {...}, "histograms": {...}}   (kvfs.daemon.metrics)
     {"op": "stop"}                  → {"ok": true}, then the daemon unmounts and exits
     anything else                   → {"ok": false, "error": TEXT}
@@ -14,6 +16,10 @@ per line each way (kvfs.daemon.jsonline), one request at a time per connection:
 Nothing a client does can stop the mount: a request is bounded in size (MAX_REQUEST) and time
 (IDLE_TIMEOUT), a reply nobody reads is dropped after SEND_TIMEOUT, at most MAX_CONNECTIONS
 are served at once, and every failure ends only its own connection.
+
+`fetch` hands the bytes of named files to the CSI plugin, which syncs them into Kubernetes
+Secrets (secretObjects): the daemon reads them from its cache, fetching what is not cached with
+the volume's own identity. Only the plugin (root) and the daemon's own uid can connect.
 
 Where the socket is: in CSI, `<state dir>/volumes/<key>/control.sock`, made by the plugin; for
 `kvfs mount`, `socket_path_for(MOUNTPOINT)` (0600, in `/run/kvfs/` for root, else in
@@ -26,8 +32,11 @@ import enum
 import hashlib
 import logging
 import os
+import base64
+import binascii
 import socket
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,12 +53,16 @@ IDLE_TIMEOUT = 10.0  # seconds for a connection to send one whole request
 SEND_TIMEOUT = 10.0  # seconds for a client to take one reply
 MAX_CONNECTIONS = 16  # served at once; more are told "busy" and closed
 CONTROL_XATTR = "user.kvfs.control"  # on the root of a `kvfs mount`: the control socket's path
+MAX_FETCH_FILES = 64  # file names in one fetch request
+MAX_FETCH_BYTES = 2 * 1024 * 1024  # file bytes in one fetch reply (base64 takes it to 2.7 MiB < MAX_REPLY)
+MAX_NAME = 4096  # characters of one file name (PATH_MAX)
 
 
 class Op(str, enum.Enum):
     TOKEN = "token"
     STATUS = "status"
     EVENTS = "events"
+    FETCH = "fetch"
     METRICS = "metrics"
     STOP = "stop"
 
@@ -59,6 +72,7 @@ class Request:
     op: Op
     token: str = ""  # TOKEN
     since: int = 0  # EVENTS
+    files: tuple[str, ...] = ()  # FETCH
 
     def to_json(self) -> dict[str, Any]:
         message: dict[str, Any] = {"op": self.op.value}
@@ -66,6 +80,8 @@ class Request:
             message["token"] = self.token
         elif self.op is Op.EVENTS:
             message["since"] = self.since
+        elif self.op is Op.FETCH:
+            message["files"] = list(self.files)
         return message
 
 
@@ -89,7 +105,41 @@ def parse_request(message: dict[str, Any]) -> Request:
         if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since < 2**63:
             raise BadRequest(f"'since' {repr(since)[:40]}: expected a whole number >= 0 (the last reply's 'next')")
         return Request(kind, since=since)
+    if kind is Op.FETCH:
+        files = message.get("files")
+        if (
+            not isinstance(files, list)
+            or not 0 < len(files) <= MAX_FETCH_FILES
+            or not all(isinstance(f, str) and 0 < len(f) <= MAX_NAME for f in files)
+        ):
+            raise BadRequest(
+                f"'files' must list 1 to {MAX_FETCH_FILES} file names of the volume (strings of at most {MAX_NAME}"
+                " characters)"
+            )
+        return Request(kind, files=tuple(dict.fromkeys(files)))
     return Request(kind)
+
+
+FileError = dict[str, str]  # {"code", "errno", "message"}: why one file could not be fetched
+
+
+def fetch_reply(files: Mapping[str, bytes], errors: Mapping[str, FileError]) -> dict[str, Any]:
+    """A fetch's answer (without "ok"): file bytes base64-encoded, up to MAX_FETCH_BYTES in all;
+    the files beyond that are errors, and a client asks for them again on their own."""
+    encoded: dict[str, str] = {}
+    failed = dict(errors)
+    total = 0
+    for name, data in files.items():
+        total += len(data)
+        if total > MAX_FETCH_BYTES:
+            failed[name] = {
+                "code": "ReplyTooLarge",
+                "errno": "EFBIG",
+                "message": f"the files asked for exceed {MAX_FETCH_BYTES} bytes in one reply: fetch {name} on its own",
+            }
+            continue
+        encoded[name] = base64.b64encode(data).decode("ascii")
+    return {"files": encoded, "errors": failed}
 
 
 def ok(**fields: Any) -> dict[str, Any]:
@@ -115,6 +165,10 @@ class ControlHandler(Protocol):
 
     def status(self) -> dict[str, Any]:
         """The mount's live state (without "ok")."""
+        ...
+
+    async def fetch(self, files: Sequence[str]) -> tuple[dict[str, bytes], dict[str, FileError]]:
+        """The bytes of the named files of the volume (fetched if not cached), and why others failed."""
         ...
 
     def metrics(self) -> dict[str, Any]:
@@ -176,7 +230,7 @@ class ControlServer:
                     line = await self._read_line(stream, buffer)
                     if line is None:
                         return
-                    reply, request = self._answer(line)
+                    reply, request = await self._answer(line)
                     if request is not None and request.op is Op.STOP:
                         try:
                             await self._send(stream, reply)
@@ -220,7 +274,7 @@ class ControlServer:
         log.debug("control client did not read its reply within %g s: closing", self.send_timeout)
         return False
 
-    def _answer(self, line: bytes) -> tuple[dict[str, Any], Request | None]:
+    async def _answer(self, line: bytes) -> tuple[dict[str, Any], Request | None]:
         """The reply to one line; never raises."""
         try:
             request = parse_request(jsonline.decode(line, "request"))
@@ -234,6 +288,8 @@ class ControlServer:
                 return ok(**self.handler.status()), request
             if request.op is Op.EVENTS:
                 return ok(**self.handler.events.read(request.since)), request
+            if request.op is Op.FETCH:
+                return ok(**fetch_reply(*await self.handler.fetch(request.files))), request
             if request.op is Op.METRICS:
                 return ok(**self.handler.metrics()), request
             return ok(), request  # STOP: the caller stops after replying
@@ -281,6 +337,21 @@ class ControlClient:
 
     def events(self, since: int = 0) -> dict[str, Any]:
         return self.call(Request(Op.EVENTS, since=since))
+
+    def fetch(self, files: Sequence[str]) -> tuple[dict[str, bytes], dict[str, FileError]]:
+        """The named files' bytes, and why the others failed; ProtocolError on a garbled answer."""
+        reply = self.call(Request(Op.FETCH, files=tuple(files)))
+        got, errors = reply.get("files"), reply.get("errors")
+        if not isinstance(got, dict) or not isinstance(errors, dict):
+            raise jsonline.ProtocolError("fetch: the reply has no 'files' and 'errors' mappings")
+        try:
+            data = {str(name): base64.b64decode(str(text), validate=True) for name, text in got.items()}
+        except binascii.Error:
+            raise jsonline.ProtocolError("fetch: a file in the reply is not base64") from None
+        if not all(isinstance(err, dict) for err in errors.values()):
+            raise jsonline.ProtocolError("fetch: an error in the reply is not a mapping")
+        failed = {str(name): {str(k): str(v) for k, v in err.items()} for name, err in errors.items()}
+        return data, failed
 
     def metrics(self) -> dict[str, Any]:
         return self.call(Request(Op.METRICS))

@@ -17,6 +17,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kvfs.config.model import RenderDefaults
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENTRY = "kvfs.daemon.entry:run_volume"
@@ -35,6 +37,7 @@ class DaemonSpec:
     ready_fd: int  # write b"ready\n" or b"error <message>\n", then close
     env: dict[str, str] | None = field(default=None, repr=False)  # the plugin's DAEMON_ENV values; None = keep the mounter's
     cloud_env_dir: str = ""  # cloudEnvFileName must lie inside it (the plugin's --cloud-env-dir)
+    defaults: RenderDefaults = RenderDefaults()  # the plugin's node-wide provider flags
 
     @property
     def mountpoint(self) -> str:
@@ -116,6 +119,7 @@ def prepare(spec: DaemonSpec) -> None:
                 context="csi",
                 allow_node_identity=spec.allow_node_identity,
                 cloud_env_dir=spec.cloud_env_dir or None,
+                defaults=spec.defaults,
             )
         ]
     except KvfsError as exc:

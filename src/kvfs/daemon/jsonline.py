@@ -7,6 +7,7 @@ unprivileged and its answers are not trusted.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -23,6 +24,15 @@ class ProtocolError(Exception):
     def __init__(self, message: str, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+
+
+class FdsDropped(ProtocolError):
+    """The kernel dropped fds sent with a message (MSG_CTRUNC): more than MAX_FDS, or this process
+    has no free file descriptor; `cause` is the OSError that says so (EMFILE)."""
+
+    def __init__(self) -> None:
+        super().__init__("file descriptors sent with the message were dropped (MSG_CTRUNC)")
+        self.cause = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -94,12 +104,14 @@ class LineReader:
     def _receive(self, what: str) -> None:
         """One recv into the buffer; timeouts and would-block pass through for the caller to judge."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+            data, fds, flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
         except (socket.timeout, BlockingIOError):
             raise
         except OSError as exc:
             raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
         self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise FdsDropped()
         if not data:
             raise ProtocolError(f"connection closed before a full {what}")
         self.buf += data

@@ -17,13 +17,14 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 import pyfuse3
 import trio
 
 from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
-from kvfs.daemon.control import ControlServer
+from kvfs.daemon.control import ControlServer, FileError
 from kvfs.daemon.entry import DaemonSpec, report_error
 from kvfs.daemon.events import EventRing
 from kvfs.daemon.session import serve_session
@@ -99,6 +100,7 @@ class _Control:
 
     def __init__(self, spec: DaemonSpec, files: dict[str, bytes], token: str) -> None:
         self.volume_id = spec.volume_id
+        self.contents = files
         self.files = sorted(files)
         self.events = EventRing()  # nothing is ever fetched, so nothing happens
         self.token_hash = _token_hash(token)
@@ -120,6 +122,13 @@ class _Control:
             "token_sha256": self.token_hash,
             "token_updates": self.token_updates,
         }
+
+    async def fetch(self, files: Sequence[str]) -> tuple[dict[str, bytes], dict[str, FileError]]:
+        missing = {"code": "NoSuchFile", "errno": "ENOENT", "message": "no such file in this volume"}
+        return (
+            {name: self.contents[name] for name in files if name in self.contents},
+            {name: missing for name in files if name not in self.contents},
+        )
 
     def metrics(self) -> dict[str, Any]:
         return {"counters": {}, "histograms": {}}  # it never reads Key Vault

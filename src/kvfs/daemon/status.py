@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvfs.cache.base import Version
@@ -28,6 +28,15 @@ class Failure:
     message: str  # safe by contract (KvfsError), redacted again, clipped
     at: float  # wall clock
 
+    @classmethod
+    def of(cls, error: KvfsError) -> Failure:
+        return cls(
+            code=error_code(error),
+            errno=errno.errorcode.get(error.errno, str(error.errno)),
+            message=clipped(redact(str(error))),
+            at=time.time(),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {"code": self.code, "errno": self.errno, "message": self.message, "at": wall_time(self.at)}
 
@@ -40,6 +49,7 @@ class _ObjectState:
     refreshed_at: float | None = None  # wall clock: Key Vault's last successful answer
     error: Failure | None = None  # the last load's failure; None once a load succeeds
     served: bool = False
+    history: list[str] = field(default_factory=list)  # a history folder's versions, newest first
     read_failure: str = ""  # the code of the read failure last reported as an event
 
 
@@ -53,32 +63,31 @@ class ObjectWatch:
 
     # -- kvfs.cache.base.CacheListener ------------------------------------------------------
 
-    def fetched(self, spec: ObjectSpec, version: Version | None) -> None:
+    def fetched(self, spec: ObjectSpec, version: Version | None, history: Sequence[Version] = ()) -> None:
         state = self._state(spec)
         now = time.time()
         shown = version.version if version is not None else None
-        where = {"object": spec.object_id, "file": spec.file_name}
+        where: dict[str, Any] = {"object": spec.object_id, "file": spec.file_name}
+        versions = [v.version for v in history]
+        if spec.version_history >= 2:
+            where["versions"] = versions  # a history folder's entries 0, 1, ...: newest first
         if not state.served:
             state.served = True
             self._events.add(EventKind.SERVED, **where, version=shown)
-        elif shown != state.version:
+        elif shown != state.version or versions != state.history:
             self._events.add(EventKind.ROTATED, **where, old_version=state.version, new_version=shown)
             self.rotations += 1
         if shown != state.version or state.fetched_at is None:
             state.fetched_at = now
         state.version = shown
+        state.history = versions
         state.refreshed_at = now
         state.error = None
         state.read_failure = ""
 
     def failed(self, spec: ObjectSpec, error: KvfsError, *, background: bool) -> None:
         state = self._state(spec)
-        failure = Failure(
-            code=error_code(error),
-            errno=errno.errorcode.get(error.errno, str(error.errno)),
-            message=clipped(redact(str(error))),
-            at=time.time(),
-        )
+        failure = Failure.of(error)
         state.error = failure
         if not background and failure.code != state.read_failure:
             state.read_failure = failure.code

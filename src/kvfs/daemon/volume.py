@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -24,8 +25,9 @@ from kvfs.auth.tokensource import PushedTokenSource
 from kvfs.cache.base import CacheStats, Version
 from kvfs.cache.resolver import Resolver
 from kvfs.config.model import MountConfig, ObjectSpec
-from kvfs.daemon.control import ControlServer, Refused, listen_for_mount
+from kvfs.daemon.control import ControlServer, FileError, Refused, listen_for_mount
 from kvfs.daemon.events import EventRing, wall_time
+from kvfs.daemon.files import VolumeFiles
 from kvfs.daemon.jsonline import AddressInUse
 from kvfs.daemon.metrics import (
     CountedCredential,
@@ -158,6 +160,7 @@ class Volume:
         self.events = EventRing()
         self.watch = ObjectWatch(config.objects, self.events)
         self.core: FilesystemCore | None = None
+        self.files: VolumeFiles | None = None
         self.credential: CachingCredential | None = None
         self.resolver: Resolver | None = None
         self.counters = DaemonMetrics()
@@ -191,6 +194,7 @@ class Volume:
                 self.config.vault_url, credential, self.config.cloud.scope, http, tenant_id=self.config.auth.tenant_id
             )
             self.resolver = resolver = Resolver(client, self.config, on_change=self._on_change, listener=self.watch)
+            self.files = VolumeFiles(self.config, resolver)
             uid, gid = self.owner or (None, self.config.file_group)
             self.core = MeteredCore(
                 self.config,
@@ -254,6 +258,11 @@ class Volume:
             "objects": self.watch.to_json(),
             "errors": dict(self.core.errors) if self.core is not None else {},
         }
+
+    async def fetch(self, files: Sequence[str]) -> tuple[dict[str, bytes], dict[str, FileError]]:
+        if self.files is None:
+            raise Refused("the volume is not serving yet: ask again once it is ready")
+        return await self.files.read(files)
 
     def _token_expiry(self) -> float | None:
         """The Key Vault access token's expiry, as wall-clock time."""
