@@ -183,3 +183,11 @@ def test_a_bad_metrics_address_is_named_with_the_fix(addr: str) -> None:
         parse_addr(addr)
     assert parse_addr(":8095") == ("0.0.0.0", 8095) and parse_addr("[::1]:9") == ("::1", 9)
 
+
+
+def test_every_volume_state_the_plugin_knows_is_a_label_value() -> None:
+    """kvfs_volumes{state} shows a publish under way and each verdict of the plugin's health probe."""
+    from kvfs.csi.mountinfo import Health
+    from kvfs.daemon.metrics import VOLUME_STATES
+
+    assert set(VOLUME_STATES) == {"starting"} | {health.value for health in Health}
