@@ -4,15 +4,17 @@ Acts as kubelet against a real `kvfs csi node` process (which starts its mounter
 publishing N inline volumes one after the other. Needs root and /dev/fuse. Default daemon: the
 stand-in (no Key Vault); `--real` runs the real daemon (kvfs.daemon.entry:run_volume) against an
 emulator started in this process: every volume has its own service account, federated app and
-token, and reads its K objects through FUSE (the first read is a token exchange + a GET).
+token, and reads its K objects through FUSE (the identity preflight exchanged the token during
+the publish, so a first read is a Key Vault GET).
 
 Reported: publish latency p50/p99/max; first and cached reads; memory of every kvfs process on
 the node (plugin, mounter, zygote, daemons: the sum of PSS is the honest total, USS what each
 process alone holds) and of one volume's daemon; with `--real`, the Key Vault request rate,
 measured over a window at a short refresh interval and compared with the formula
 (N·K / (0.95 · interval) GETs per second: refreshes are jittered to 90-100 % of the interval;
-plus N / (token lifetime - refresh margin) token exchanges), then scaled to the default interval. `--smaps` adds where one daemon's private pages are, per mapping,
-before and after its first reads.
+plus N / (token lifetime - refresh margin) token exchanges), then scaled to the default
+interval. `--smaps` adds where one daemon's private pages are, per mapping, before and after
+its first reads.
 
     python bench/bench_csi.py --real [--volumes 50] [--objects 10] [--smaps]
 """
@@ -332,7 +334,7 @@ def run(
     if real is not None:
         rows += [
             ("objects read per volume", f"{len(real.names)}"),
-            ("first read (token exchange + GET) p50", f"{statistics.median(first_reads):.1f} ms"),
+            ("first read (GET; the token came with the publish) p50", f"{statistics.median(first_reads):.1f} ms"),
             ("first read max", f"{max(first_reads):.1f} ms"),
             ("cached re-read p50", f"{statistics.median(cached_reads):.2f} ms"),
         ]

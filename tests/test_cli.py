@@ -259,9 +259,10 @@ def mounted(path: Path) -> bool:
 
 
 def start_mount(spc: Path, mnt: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
-    # VM managed identity mounts without any network call; nothing is read here.
+    # VM managed identity without the identity preflight mounts without any network call; nothing is read here.
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvfs", "mount", "--spc", str(spc), "--param", "useVMManagedIdentity=true", str(mnt)],
+        [sys.executable, "-m", "kvfs", "mount", "--spc", str(spc), "--param", "useVMManagedIdentity=true",
+         "--no-preflight", str(mnt)],  # fmt: skip
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "mount.log", "wb"),
     )
     deadline = time.monotonic() + 20

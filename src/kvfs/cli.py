@@ -38,7 +38,13 @@ environment:
   KVFS_LOG_LEVEL            default for --log-level
   KVFS_LOG_FORMAT           default for --log-format (text or json)
 
+before mounting, kvfs gets the volume's Key Vault token and reaches the vault host once (no
+object is fetched): a refused identity, a vault host that does not exist or a TLS certificate
+that is not trusted fails the mount with the service's code and the fix; a timeout or an
+unreachable service does not (the first read tries again). --no-preflight skips the check.
+
 exit status: 0 after a clean unmount, 2 for bad input (nothing mounted), 1 when mounting failed
+(the preflight's refusal included)
 
 a mount whose process was killed (files answer "Transport endpoint is not connected"):
   fusermount3 -u MOUNTPOINT   (as root also: umount MOUNTPOINT), then mount again
@@ -86,6 +92,18 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="also show <name>.crt and <name>.key for certificate-backed secrets (like the Azure provider's flag)",
     )
     parser.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="mount without first getting the Key Vault token and reaching the vault host"
+        " (identity mistakes then show as EACCES/EIO on read instead of failing the mount)",
+    )
+    parser.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        default="",
+        help="serve Prometheus metrics on HOST:PORT while mounted (docs/METRICS.md; default off)",
+    )
+    parser.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)",
@@ -125,14 +143,33 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     )
 
 
+def _beneath_real_parent(given: str) -> str:
+    """The absolute path with its parent's symlinks resolved, as the mount table names mounts; the
+    path itself is never touched (its daemon may hang)."""
+    absolute = os.path.abspath(given)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
 def _check_mountpoint(given: str) -> str:
     """The absolute mountpoint, if it is an existing, empty, live directory; else a ConfigError.
 
     Checked before mounting because libfuse3 mounts over anything: a non-empty folder's files
-    would silently vanish under the mount, and a dead mount left by a killed process only says
-    "Transport endpoint is not connected".
+    would silently vanish under the mount, a dead mount left by a killed process only says
+    "Transport endpoint is not connected", and a live kvfs mount is named with its process.
     """
+    from kvfs.csi.mountinfo import is_kvfs_mount
+    from kvfs.daemon.report import serving_pid
+
     mountpoint = os.path.abspath(given)
+    if is_kvfs_mount(_beneath_real_parent(given)):
+        pid = serving_pid(mountpoint)
+        if pid is not None:
+            raise ConfigError(
+                "MOUNTPOINT",
+                given,
+                f"is already mounted by kvfs (pid {pid})",
+                f"stop that mount first (Ctrl-C in its terminal, or kill {pid}), or choose another folder",
+            )
     try:
         entries = os.listdir(mountpoint)
     except FileNotFoundError:
@@ -160,10 +197,79 @@ def _check_mountpoint(given: str) -> str:
 
 def _run_mount(args: argparse.Namespace) -> int:
     config = _mount_config(args)
+    if args.metrics_addr:
+        from kvfs.daemon.metrics import parse_addr
+
+        parse_addr(args.metrics_addr)  # a bad address is refused before anything is mounted
     mountpoint = _check_mountpoint(args.mountpoint)
     from kvfs.daemon.volume import run_mount
 
-    return run_mount(config, mountpoint, allow_other=args.allow_other)
+    return run_mount(
+        config, mountpoint, allow_other=args.allow_other, preflight=not args.no_preflight, metrics_addr=args.metrics_addr
+    )
+
+
+STATUS_EPILOG = """\
+examples:
+  kvfs status ./secrets                  a kvfs mount of this user
+  kvfs status --json ./secrets | jq '.objects[] | select(.error)'
+  kvfs status /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount    on a node, as root
+
+exit status: 0 shown, 2 not a kvfs mount, 1 its daemon did not answer
+"""
+
+
+def _add_status(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "status",
+        help="show what one mount serves: each object's version, fetch times and last error; its identity",
+        description="Ask the daemon serving MOUNTPOINT (a `kvfs mount` folder or a CSI volume's target path)"
+        " for its live state: per object the file, the version served, when it was fetched and last refreshed,"
+        " the last error and its time; the identity in use and its token's expiry.",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a kvfs mount's folder, or a CSI target path")
+    parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    parser.add_argument(
+        "--state-dir",
+        default="/var/lib/kvfs/csi",
+        metavar="DIR",
+        help="the CSI plugin's state folder, where volumes' control sockets are (default %(default)s)",
+    )
+    add_log_options(parser)
+    parser.set_defaults(func=_run_status, command_parser=parser)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import json
+
+    from kvfs.csi.mountinfo import is_kvfs_mount
+    from kvfs.csi.state import control_socket_of
+    from kvfs.daemon import jsonline
+    from kvfs.daemon.report import daemon_status, find_control_socket, render
+
+    mountpoint = _beneath_real_parent(args.mountpoint)
+    if not is_kvfs_mount(mountpoint):
+        raise ConfigError(
+            "MOUNTPOINT", args.mountpoint, "is not a kvfs mount", "give the folder of a kvfs mount or a CSI target path"
+        )
+    path = find_control_socket(mountpoint, [str(control_socket_of(args.state_dir, mountpoint))])
+    if path is None:
+        print(
+            f"kvfs status: {args.mountpoint}: no control socket found for this mount (its process was killed, or it"
+            " is another user's; a CSI volume's is in the plugin's --state-dir, readable by root)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        status = daemon_status(path)
+    except jsonline.ProtocolError as exc:
+        print(f"kvfs status: {args.mountpoint}: its daemon did not answer on {path}: {exc}", file=sys.stderr)
+        return 1
+    status.pop("ok", None)
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_options(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_mount(subparsers)
+    _add_status(subparsers)
 
     from kvfs.emulator import cli as emulator_cli
 

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # csi_harness, f
 from fakekube import FakeKube
 
 from csi_harness import (
+    Clock,
     FUSE_OK,
     STANDIN,
     Kubelet,
@@ -31,6 +32,8 @@ from csi_harness import (
     short_tmpdir,
     wait_for,
 )
+from kvfs.csi.events import EventRecorder
+from kvfs.csi.kube import KubeClient
 from kvfs.csi.mounter import MounterClient
 
 
@@ -135,3 +138,17 @@ def fake_kube(tmp_path: Path) -> Iterator[FakeKube]:
     kube = FakeKube(tmp_path / "kube")
     yield kube
     kube.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def recorder(fake_kube: FakeKube, clock: Clock, tmp_path: Path) -> Iterator[EventRecorder]:
+    """An EventRecorder posting to `fake_kube` as node `node-a`, on `clock`."""
+    config = str(fake_kube.kubeconfig(tmp_path / "kubeconfig"))
+    events = EventRecorder(lambda: KubeClient.from_kubeconfig(config), "node-a", clock=clock)
+    yield events
+    events.close()

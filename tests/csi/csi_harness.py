@@ -57,6 +57,16 @@ def inline_params(**overrides: str) -> dict[str, str]:
     return params
 
 
+class Clock:
+    """A clock the test moves (the event recorder's rate limit)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def short_tmpdir() -> str:
     """unix socket paths are limited to 107 bytes: keep state folders short."""
     return tempfile.mkdtemp(prefix="kvfscsi-", dir="/tmp")

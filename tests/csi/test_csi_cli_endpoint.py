@@ -82,3 +82,13 @@ def test_a_provider_flag_with_a_bad_value_is_named_with_the_fix() -> None:
     assert result.returncode == 2
     assert "--construct-pem-chain: invalid go_bool value" not in result.stderr
     assert "'yes': expected true or false" in result.stderr and "--FLAG=false" in result.stderr
+
+
+def test_a_bad_metrics_address_is_refused_with_the_fix() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfs", "csi", "node", "--node-id", "n1", "--metrics-addr", "8095", "--no-start-mounter"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "kvfs csi node: --metrics-addr '8095': expected HOST:PORT (e.g. 127.0.0.1:8095" in result.stderr
+    assert "Traceback" not in result.stderr

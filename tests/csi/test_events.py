@@ -4,44 +4,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from csi_harness import Clock
 from fakekube import FakeKube
 
 from kvfs.csi.events import INTERVAL, EventRecorder, Reason
 from kvfs.csi.kube import KubeClient, KubeConfigError, PodRef
 from kvfs.logsafe import register_secret
 
-NODE = "node-a"
+NODE = "node-a"  # conftest's recorder posts as this node
 DEADLINE = 30.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def fake(fake_kube: FakeKube) -> FakeKube:
     return fake_kube
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def recorder(fake: FakeKube, clock: Clock, tmp_path: Path) -> Iterator[EventRecorder]:
-    config = str(fake.kubeconfig(tmp_path / "kubeconfig"))
-    events = EventRecorder(lambda: KubeClient.from_kubeconfig(config), NODE, clock=clock)
-    yield events
-    events.close()
 
 
 def pod(fake: FakeKube, name: str = "web") -> PodRef:

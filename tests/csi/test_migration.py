@@ -27,7 +27,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 import certgen
-from csi_harness import FUSE_OK, Kubelet, _kill_leftover_daemons, _stop_mounter, short_tmpdir, tokens_json, wait_for
+from csi_harness import (
+    FUSE_OK,
+    Kubelet,
+    _kill_leftover_daemons,
+    _stop_mounters,
+    newest_mounter,
+    short_tmpdir,
+    tokens_json,
+    wait_for,
+)
 from fakekube import FakeKube
 from kvfs.config.model import RenderDefaults
 from kvfs.emulator.server import Emulator, EmulatorThread
@@ -175,7 +184,7 @@ def plugin(world: World, **overrides: Any) -> Iterator[Node]:
         volumes.recorder.close()
         _kill_leftover_daemons(state_dir)
         if config.start_mounter:
-            _stop_mounter(config.mounter_socket)
+            _stop_mounters(state_dir)
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -400,7 +409,8 @@ def test_without_sync_secrets_nothing_is_written_but_the_status_objects(node: No
     add_synced_class(world, "quiet", "quiet", "quiet-copy", "quiet-src")
     pod = world.pod("quiet", "quiet-1", "quiet")
     already = len(world.kube.requests)
-    with plugin(world, sync_secrets=False, mounter_socket=node.volumes.config.mounter_socket, start_mounter=False) as other:
+    mounter = newest_mounter(node.volumes.config.state_dir).socket_path
+    with plugin(world, sync_secrets=False, mounter_socket=mounter, start_mounter=False) as other:
         other.publish(pod)
         assert Path(pod.target, "quiet-src").read_bytes() == b"stays-in-the-volume"
         assert pod_status(world, pod) is not None  # always on

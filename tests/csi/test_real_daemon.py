@@ -660,7 +660,7 @@ def test_a_killed_daemon_breaks_only_its_volume_and_is_reported(fleet: Fleet) ->
     daemon = fleet.daemon(victim)
     pid = daemon.pid
     assert kubelet.probe() is True
-    assert metric(fleet.metrics_url, "kvfs_csi_volumes", 'health="dead"') == 0
+    assert metric(fleet.metrics_url, "kvfs_volumes", 'state="dead"') == 0
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not process_alive(pid, daemon.pid_start), 10, "the daemon to die")
     with pytest.raises(OSError) as info:
@@ -674,8 +674,8 @@ def test_a_killed_daemon_breaks_only_its_volume_and_is_reported(fleet: Fleet) ->
             assert read_secret(pod) == pod.value
     # reported: Probe sweeps, the log names the volume, the metrics count one dead volume
     assert kubelet.probe() is True
-    assert metric(fleet.metrics_url, "kvfs_csi_volumes", 'health="dead"') == 1
-    assert metric(fleet.metrics_url, "kvfs_csi_volumes", 'health="healthy"') == len(fleet.pods)  # + intruder - victim
+    assert metric(fleet.metrics_url, "kvfs_volumes", 'state="dead"') == 1
+    assert metric(fleet.metrics_url, "kvfs_volumes", 'state="healthy"') == len(fleet.pods)  # + intruder - victim
     dead = [line for line in plugin.log().splitlines() if " is dead" in line]
     assert dead and all(victim.volume_id in line for line in dead)
     # kubelet's republish of the broken volume: OK, reported, the mount stays (no empty folder)
@@ -685,4 +685,4 @@ def test_a_killed_daemon_breaks_only_its_volume_and_is_reported(fleet: Fleet) ->
     assert_gone(kubelet, victim, daemon)
     fleet.remove(victim)
     assert kubelet.probe() is True
-    assert metric(fleet.metrics_url, "kvfs_csi_volumes", 'health="dead"') == 0
+    assert metric(fleet.metrics_url, "kvfs_volumes", 'state="dead"') == 0

@@ -131,7 +131,7 @@ async def test_each_op_is_answered_one_request_at_a_time(served: tuple[ControlSe
         (b"\xff\xfe\x00", "request is not UTF-8 JSON"),
         (b"[1, 2]", "request is not a JSON object"),
         (b'"status"', "request is not a JSON object"),
-        (b"{}", "'op' None: expected one of token, status, events, fetch, stop"),
+        (b"{}", "'op' None: expected one of token, status, events, fetch, metrics, stop"),
         (b'{"op": 1}', "'op' 1: expected one of"),
         (b'{"op": "explode"}', "'op' 'explode': expected one of"),
         (b'{"op": "token"}', "'token' must be a non-empty string"),

@@ -3,6 +3,8 @@
 Each identity mode reads a secret through `kvfs mount`; bad identity settings are refused before
 any network call; every Entra ID / IMDS / NMI failure we can provoke shows as EACCES on read plus
 one daemon log line naming the code, what kvfs presented and the fix (never a token or secret).
+Those mounts skip the identity preflight (`--no-preflight`): they show what a read answers when an
+identity breaks after mounting. The preflight itself is tests/e2e/test_preflight.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from guards import LogCheck
+from loopback import LoopbackServer
 from e2e.conftest import (
     Mount,
     Mounter,
@@ -160,30 +162,20 @@ def short_mounter(short_emu: Emulator, tmp_path: Path, checklogs: LogCheck) -> I
         mounter.close()
 
 
-class SentinelProxy:
+class SentinelProxy(LoopbackServer):
     """A proxy that forwards nothing and records who tried to use it: any public-Azure call shows."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.requests: list[str] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    self.requests.append(conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1"))
-                except OSError:
-                    self.requests.append("(connection without a request line)")
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(2)
+        try:
+            self.requests.append(conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1"))
+        except OSError:
+            self.requests.append("(connection without a request line)")
 
     def env(self, env: dict[str, str], no_proxy: str = "") -> dict[str, str]:
         """`env` with every proxy variable pointing here (and NO_PROXY = `no_proxy`)."""
@@ -192,14 +184,6 @@ class SentinelProxy:
             env[name] = self.url
         env["NO_PROXY"] = env["no_proxy"] = no_proxy
         return env
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -413,7 +397,10 @@ def test_a_token_file_that_does_not_exist_is_refused_at_mount(emu: Emulator, mou
 def test_a_token_file_that_disappears_is_named_on_read(emu: Emulator, mounter: Mounter, tmp_path: Path) -> None:
     token = tmp_path / "vanishing-token"
     token.write_text(emu.identity.mint_sa_token("default", "workload"))
-    mount = mounter.start(workload_parameters(emu, SECRET), env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token)))
+    # without the preflight's token in the cache, the first read needs the file
+    mount = mounter.start(
+        workload_parameters(emu, SECRET), "--no-preflight", env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token))
+    )
     token.unlink()
     emu.reset_counts()
     assert_refused(mount, "token_file_missing", str(token), fix="check AZURE_FEDERATED_TOKEN_FILE")
@@ -459,7 +446,7 @@ def test_federated_credential_mismatch(
     token_file = tmp_path / "sa-token"
     token_file.write_text(token + "\n")
     mount = mounter.start(
-        workload_parameters(emu, SECRET), env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token_file))
+        workload_parameters(emu, SECRET), "--no-preflight", env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token_file))
     )
     assert_refused(mount, code, emu.identity.default_app.client_id, *presented,
                    fix="az ad app federated-credential", secrets=(token,))
@@ -472,7 +459,9 @@ def test_a_refused_identity_recovers_once_its_federated_credential_exists(
     emu.set_secret("demo", "demo-secret", VALUE)
     token_file = tmp_path / "sa-token"
     token_file.write_text(emu.identity.mint_sa_token("shop", "web"))
-    mount = mounter.start(workload_parameters(emu, SECRET), env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token_file)))
+    mount = mounter.start(
+        workload_parameters(emu, SECRET), "--no-preflight", env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token_file))
+    )
     assert_refused(mount, "AADSTS70021", "system:serviceaccount:shop:web", fix="az ad app federated-credential")
     emu.identity.add_federated_credential(
         emu.identity.default_app.client_id, issuer=emu.oidc_issuer, subject="system:serviceaccount:shop:web"
@@ -490,7 +479,7 @@ def test_a_refused_identity_recovers_once_its_federated_credential_exists(
 
 def test_unknown_client_id_is_700016(emu: Emulator, mounter: Mounter) -> None:
     unknown = str(uuid.uuid4())
-    mount = mounter.start(workload_parameters(emu, SECRET, clientID=unknown))
+    mount = mounter.start(workload_parameters(emu, SECRET, clientID=unknown), "--no-preflight")
     assert_refused(mount, "AADSTS700016", unknown, emu.tenant_id,
                    fix="set clientID to the identity's client (application) id")
     assert emu.count(route="token", client_id=unknown) == 1
@@ -500,7 +489,7 @@ def test_bad_client_secret_is_7000215(emu: Emulator, mounter: Mounter, tmp_path:
     app = emu.identity.default_app
     wrong = "not-the-secret-" + uuid.uuid4().hex
     secrets = write_secrets(tmp_path / "sp.yaml", {"clientid": app.client_id, "clientsecret": wrong})
-    mount = mounter.start(stack_parameters(emu), "--secrets", secrets, env=clean_env(mounter))
+    mount = mounter.start(stack_parameters(emu), "--secrets", secrets, "--no-preflight", env=clean_env(mounter))
     assert_refused(mount, "AADSTS7000215", app.client_id, emu.tenant_id,
                    fix="must be the secret's Value, not its Secret ID", secrets=(wrong, str(app.client_secret)))
 
@@ -511,7 +500,7 @@ def test_expired_assertion_is_700024(emu: Emulator, mounter: Mounter, tmp_path: 
     token_file = tmp_path / "expired-token"
     token_file.write_text(token)
     mount = mounter.start(
-        workload_parameters(emu, SECRET), env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token_file))
+        workload_parameters(emu, SECRET), "--no-preflight", env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(token_file))
     )
     assert_refused(mount, "AADSTS700024", f"iat={claims['iat']}", f"exp={claims['exp']}",
                    fix="check the node's clock", secrets=(token,))
@@ -519,7 +508,7 @@ def test_expired_assertion_is_700024(emu: Emulator, mounter: Mounter, tmp_path: 
 
 def test_unknown_tenant_is_90002(emu: Emulator, mounter: Mounter) -> None:
     tenant = str(uuid.uuid4())
-    mount = mounter.start(workload_parameters(emu, SECRET, tenantId=tenant))
+    mount = mounter.start(workload_parameters(emu, SECRET, tenantId=tenant), "--no-preflight")
     assert_refused(mount, "AADSTS90002", tenant, fix="set tenantID to the directory (tenant) id")
 
 
@@ -527,6 +516,7 @@ def test_imds_unknown_user_assigned_identity(emu: Emulator, mounter: Mounter) ->
     unknown = str(uuid.uuid4())
     mount = mounter.start(
         stack_parameters(emu, useVMManagedIdentity="true", userAssignedIdentityID=unknown),
+        "--no-preflight",
         env=clean_env(mounter, AZURE_POD_IDENTITY_AUTHORITY_HOST=emu.imds_url),
     )
     assert_refused(mount, "imds_identity_not_found", unknown, "Identity not found",
@@ -539,6 +529,7 @@ def test_nmi_unbound_pod(emu: Emulator, mounter: Mounter) -> None:
         stack_parameters(emu, usePodIdentity="true"),
         "--param", "csi.storage.k8s.io/pod.name=web-0",
         "--param", "csi.storage.k8s.io/pod.namespace=shop",
+        "--no-preflight",
         env=clean_env(mounter, KVFS_NMI_URL=emu.nmi_url),
     )
     assert_refused(mount, "nmi_404", "shop/web-0", fix="check that an AzureIdentityBinding selects this pod")

@@ -35,7 +35,7 @@ def test_status_and_events_tell_what_the_mount_serves(emu: Emulator, mounter: Mo
     assert status["mountpoint"] == str(mount.path) and status["vault_url"].startswith("https://demo.vault.localhost")
     assert status["identity"]["mode"] == "workload_identity"
     assert status["identity"]["client_id"] == emu.identity.default_app.client_id
-    assert status["identity"]["token_expires_at"] is None  # nothing was fetched yet
+    assert status["identity"]["token_expires_at"]  # the preflight's token, kept for the first read
     assert [(o["file"], o["version"]) for o in status["objects"]] == [("app", None), ("missing", None)]
 
     assert read(mount.path / "app") == b"one"

@@ -61,14 +61,16 @@ class CachingCredential:
     def __repr__(self) -> str:
         return f"CachingCredential({self.inner!r})"
 
-    async def get_token(self, scope: str) -> AccessToken:
+    async def get_token(self, scope: str, *, cooldown: bool = True) -> AccessToken:
+        """The cached token for `scope`, refreshed if due; `cooldown=False` (a mount's preflight)
+        neither answers from a remembered failure nor remembers this one."""
         entry = self._entries.setdefault(scope, _Entry())
         now = trio.current_time()
         token = entry.token
         if token is not None and now < token.expires_at:
             if now < entry.refresh_at or now < entry.retry_not_before or self._flights.running(scope):
                 return token  # still good; a refresh is not due, not allowed yet, or under way
-        return await self._flights.run(scope, lambda: self._refresh(scope, entry))
+        return await self._flights.run(scope, lambda: self._refresh(scope, entry), cooldown=cooldown)
 
     async def _refresh(self, scope: str, entry: _Entry) -> AccessToken:
         started = trio.current_time()

@@ -91,5 +91,6 @@ class CacheStats:
 
     errors: collections.Counter[str] = field(default_factory=collections.Counter)  # by error code
     hits: int = 0  # reads answered from cache
+    refreshes: int = 0  # background refreshes that got Key Vault's answer
     refresh_failures: int = 0  # background refreshes that failed (the last good bytes stay served)
     evictions: int = 0  # objects forgotten to keep the cache within its byte limit

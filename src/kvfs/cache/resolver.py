@@ -103,6 +103,7 @@ class Resolver:
         except Exception:
             self.statistics.refresh_failures += 1
             raise
+        self.statistics.refreshes += 1
 
     async def run_refresh(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Forever: re-fetch what was read, when due; a new version reaches `on_change`."""

@@ -110,6 +110,15 @@ def _run_node(args: argparse.Namespace) -> int:
             split_cert_key=args.write_cert_and_key_in_separate_files, construct_pem_chain=args.construct_pem_chain
         ),
     )
+    if args.metrics_addr:
+        from kvfs.daemon.metrics import parse_addr
+        from kvfs.errors import ConfigError
+
+        try:
+            parse_addr(args.metrics_addr)
+        except ConfigError as exc:
+            print(f"kvfs csi node: {exc}", file=sys.stderr)
+            return 2
     try:
         socket_path = endpoint_path(args.endpoint)
     except ValueError as exc:

@@ -19,6 +19,7 @@ import grpc
 
 from kvfs.csi import syscalls
 from kvfs.csi.identity import IdentityServicer
+from kvfs.csi.metrics import NodeMetrics
 from kvfs.csi.proto import load
 from kvfs.csi.request import RequestError
 from kvfs.csi.volumes import NodeConfig, PublishRequest, Volumes
@@ -32,8 +33,9 @@ def _abort(context: grpc.ServicerContext, exc: RequestError) -> None:
 
 
 class NodeServicer(pb2_grpc.NodeServicer):  # type: ignore[misc, name-defined]
-    def __init__(self, volumes: Volumes) -> None:
+    def __init__(self, volumes: Volumes, metrics: NodeMetrics) -> None:
         self.volumes = volumes
+        self.publish = metrics.observe_publish(volumes.publish)
 
     def NodePublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         cap = request.volume_capability if request.HasField("volume_capability") else None
@@ -48,7 +50,7 @@ class NodeServicer(pb2_grpc.NodeServicer):  # type: ignore[misc, name-defined]
             volume_mount_group=cap.mount.volume_mount_group if cap is not None and cap.HasField("mount") else "",
         )
         log.debug("NodePublishVolume volume=%s target=%s", req.volume_id, req.target_path)
-        self._call(context, self.volumes.publish, req)
+        self._call(context, self.publish, req)
         return pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -87,8 +89,9 @@ def endpoint_path(endpoint: str) -> str:
     return endpoint
 
 
-def serve(volumes: Volumes, endpoint: str, *, workers: int = 16) -> grpc.Server:
-    """Start Identity + Node on `endpoint` (a stale socket file is removed first)."""
+def serve(volumes: Volumes, endpoint: str, *, workers: int = 16, metrics: NodeMetrics | None = None) -> grpc.Server:
+    """Start Identity + Node on `endpoint` (a stale socket file is removed first); `metrics`
+    counts the publishes (a NodeMetrics of its own, not served, if None)."""
     path = endpoint_path(endpoint)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
@@ -99,7 +102,7 @@ def serve(volumes: Volumes, endpoint: str, *, workers: int = 16) -> grpc.Server:
     pb2_grpc.add_IdentityServicer_to_server(
         IdentityServicer(volumes.config.driver_name, on_probe=volumes.check_health), server
     )
-    pb2_grpc.add_NodeServicer_to_server(NodeServicer(volumes), server)
+    pb2_grpc.add_NodeServicer_to_server(NodeServicer(volumes, metrics or NodeMetrics(volumes)), server)
     if server.add_insecure_port(f"unix://{path}") == 0:
         raise OSError(f"cannot listen on unix://{path}")
     server.start()
@@ -115,12 +118,10 @@ def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0
     except RequestError as exc:
         log.error("%s (publishes will retry starting it)", exc)
     volumes.recover()
+    metrics = NodeMetrics(volumes)
     if metrics_addr:
-        from prometheus_client import start_http_server
-
-        host, _, port = metrics_addr.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0")
-    server = serve(volumes, endpoint)
+        metrics.serve(metrics_addr)
+    server = serve(volumes, endpoint, metrics=metrics)
     stop_watching = volumes.watcher.start(config.watch_interval) if volumes.watcher.subscribers else None
     log.info("kvfs CSI node plugin %s serving on %s (node %s)", config.driver_name, endpoint, config.node_id)
     # the C-level handler writes to the wakeup fd from whichever thread got the signal, so the

@@ -53,6 +53,11 @@ def volume_key(target_path: str) -> str:
     return hashlib.sha256(os.path.normpath(target_path).encode()).hexdigest()[:16]
 
 
+def control_socket_of(state_dir: str | os.PathLike[str], target_path: str) -> Path:
+    """Where a volume's control socket is; touches nothing (`kvfs status` on a node)."""
+    return Path(state_dir) / "volumes" / volume_key(target_path) / "control.sock"
+
+
 class StateStore:
     """`<root>/volumes/<sha256(target)[:16]>/{state.json,control.sock}`, root-only (0700)."""
 
@@ -67,7 +72,7 @@ class StateStore:
         return self.volumes / volume_key(target_path)
 
     def control_socket(self, target_path: str) -> Path:
-        path = self.volume_dir(target_path) / "control.sock"
+        path = control_socket_of(self.root, target_path)
         if len(os.fsencode(str(path))) > SUN_PATH_MAX:
             raise ValueError(
                 f"state directory {self.root} is too long for unix socket paths "

@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Protocol
 
-from prometheus_client import Gauge
-
 from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
 from kvfs.csi import syscalls
@@ -33,6 +31,7 @@ from kvfs.csi.kube import KubeClient, KubeConfigError, KubeError, spc_parameters
 from kvfs.csi.mountinfo import Health, Probe, Prober, is_kvfs_mount, read_mountinfo
 from kvfs.csi.mounter import MounterClient, SpawnError
 from kvfs.csi.mounters import MounterRegistry
+from kvfs.csi.podevents import ReadFailureEvents
 from kvfs.csi.podstatus import PodStatuses
 from kvfs.csi.request import (
     RequestError,
@@ -51,6 +50,7 @@ from kvfs.csi.watch import VolumeWatcher
 from kvfs.daemon import jsonline
 from kvfs.daemon.control import ControlClient
 from kvfs.daemon.entry import DEFAULT_ENTRY
+from kvfs.daemon.preflight import parse_refusal
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class Volumes:
             sync = [SecretSync(self.kube, self.statuses, self.recorder, self._fetching, self._published)]
             self.hooks.extend(sync)
         # features that act on what daemons report (pod events, status objects, Secrets) subscribe here
-        self.watcher = VolumeWatcher(self.store, [self.statuses, *sync])
+        self.watcher = VolumeWatcher(self.store, [self.statuses, *sync, ReadFailureEvents(self.recorder)])
 
     # ---- plumbing ----
 
@@ -238,7 +238,9 @@ class Volumes:
 
     # ---- publish ----
 
-    def publish(self, req: PublishRequest) -> None:
+    def publish(self, req: PublishRequest) -> bool:
+        """Mount the volume (True), or hand a republish's token to its daemon, or leave another
+        driver's mount as it is (False)."""
         _check_publish(req)
         target = self._target(req.target_path)
         inputs = split_inputs(req.volume_context, req.secrets)
@@ -255,7 +257,7 @@ class Volumes:
                 if state.phase == "ready" and mounted:
                     self._republish(state, inputs)
                     self._tell("republished", state)
-                    return
+                    return False
                 log.info("volume %s: cleaning up an incomplete or unmounted publish first", req.volume_id)
                 self._teardown(state, mounted)
             elif mounted:
@@ -273,7 +275,7 @@ class Volumes:
                         other.fstype,
                         extra={"volume": req.volume_id},
                     )
-                return
+                return False
             params = self._params(inputs)
             if req.volume_mount_group:  # only kubelet decides the group, never a pod or a class
                 params[VOLUME_MOUNT_GROUP_KEY] = req.volume_mount_group
@@ -281,6 +283,7 @@ class Volumes:
             self._validate(params, inputs.secrets)
             state = self._mount_and_spawn(req.volume_id, target, params, inputs.secrets, spc=inputs.spc_name)
             self._tell("published", state)
+            return True
 
     def _target(self, path: str) -> str:
         """The normalised target, if it lies in kubelet's pod folders, also after resolving symlinks.
@@ -432,6 +435,9 @@ class Volumes:
             )
         except (SpawnError, jsonline.ProtocolError) as exc:
             self._teardown(state, True)
+            refused = parse_refusal(str(exc))
+            if refused is not None:  # the identity preflight said no: the daemon's message as it is
+                raise RequestError(refused[0], f"volume {volume_id}: {refused[1]}") from None
             code = getattr(exc, "code", "") or ("DEADLINE_EXCEEDED" if exc.timed_out else "INTERNAL")
             raise RequestError(code, f"volume {volume_id}: the kvfs daemon did not start: {exc}") from None
         state = replace(state, phase="ready")
@@ -601,7 +607,6 @@ class Volumes:
         for target in set(self.health) - {s.target_path for s in states}:
             del self.health[target]
         self.mounters.prune({s.mounter for s in self.store.all()})
-        _metrics_update(self.health)
         return dict(self.health)
 
     def restart_failed_pods(self) -> list[str]:
@@ -703,12 +708,3 @@ def start_mounter_detached(config: NodeConfig) -> None:
     )
     subprocess.run([sys.executable, "-c", launcher, log_target, *cmd], env=env, check=True, timeout=30)
 
-
-# ---- metrics ----
-
-_VOLUMES = Gauge("kvfs_csi_volumes", "Published kvfs volumes by health", ["health"])
-
-
-def _metrics_update(health: dict[str, Probe]) -> None:
-    for h in Health:
-        _VOLUMES.labels(health=h.value).set(sum(1 for p in health.values() if p.health is h))

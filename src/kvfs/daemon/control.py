@@ -9,6 +9,7 @@ per line each way (kvfs.daemon.jsonline), one request at a time per connection:
     {"op": "events", "since": N}    → {"ok": true, "next": M, "dropped": K, "events": [...]}
     {"op": "fetch", "files": [NAME, ...]}
                                     → {"ok": true, "files": {NAME: base64}, "errors": {NAME: {...}}}
+    {"op": "metrics"}               → {"ok": true, "counters": {...}, "histograms": {...}}   (kvfs.daemon.metrics)
     {"op": "stop"}                  → {"ok": true}, then the daemon unmounts and exits
     anything else                   → {"ok": false, "error": TEXT}
 
@@ -62,6 +63,7 @@ class Op(str, enum.Enum):
     STATUS = "status"
     EVENTS = "events"
     FETCH = "fetch"
+    METRICS = "metrics"
     STOP = "stop"
 
 
@@ -167,6 +169,10 @@ class ControlHandler(Protocol):
 
     async def fetch(self, files: Sequence[str]) -> tuple[dict[str, bytes], dict[str, FileError]]:
         """The bytes of the named files of the volume (fetched if not cached), and why others failed."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """The daemon's counters, a kvfs.daemon.metrics snapshot (without "ok")."""
         ...
 
     def stop(self) -> None:
@@ -284,6 +290,8 @@ class ControlServer:
                 return ok(**self.handler.events.read(request.since)), request
             if request.op is Op.FETCH:
                 return ok(**fetch_reply(*await self.handler.fetch(request.files))), request
+            if request.op is Op.METRICS:
+                return ok(**self.handler.metrics()), request
             return ok(), request  # STOP: the caller stops after replying
         except Refused as exc:
             return refused(str(exc)), request
@@ -344,6 +352,9 @@ class ControlClient:
             raise jsonline.ProtocolError("fetch: an error in the reply is not a mapping")
         failed = {str(name): {str(k): str(v) for k, v in err.items()} for name, err in errors.items()}
         return data, failed
+
+    def metrics(self) -> dict[str, Any]:
+        return self.call(Request(Op.METRICS))
 
     def stop(self) -> None:
         self.call(Request(Op.STOP))

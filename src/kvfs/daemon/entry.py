@@ -137,6 +137,7 @@ def warm_up() -> None:
 def run_volume(spec: DaemonSpec) -> int:
     """Default entry: kvfs.config parameters → kvfs.daemon.volume.serve_volume on /dev/fd/N."""
     from kvfs.config.model import MountConfig
+    from kvfs.daemon.preflight import PreflightError
     from kvfs.daemon.volume import serve_volume
     from kvfs.errors import KvfsError
 
@@ -149,14 +150,18 @@ def run_volume(spec: DaemonSpec) -> int:
     assert isinstance(config, MountConfig)
     # files belong to root, as upstream's tmpfs files do; the group is the pod's fsGroup if any
     owner = (0, 0 if config.file_group is None else config.file_group)
-    return serve_volume(
-        config,
-        spec.mountpoint,
-        ready_fd=spec.ready_fd,
-        control=socket.socket(fileno=spec.control_fd),
-        owner=owner,
-        volume_id=spec.volume_id,
-    )
+    try:
+        return serve_volume(
+            config,
+            spec.mountpoint,
+            ready_fd=spec.ready_fd,
+            control=socket.socket(fileno=spec.control_fd),
+            owner=owner,
+            volume_id=spec.volume_id,
+        )
+    except PreflightError:
+        return 1  # the ready line already told the plugin why
+
 
 
 def load_entry(name: str) -> DaemonEntry:
@@ -190,6 +195,7 @@ def preload() -> None:
         "h11",
         "h2.connection",
         "certifi",
+        "importlib.readers",  # certifi.where(), for the default TLS context of the IMDS/NMI client
         "encodings.idna",
         "kvfs.config.parameters",
         "kvfs.daemon.volume",

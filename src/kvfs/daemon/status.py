@@ -59,6 +59,7 @@ class ObjectWatch:
     def __init__(self, objects: Sequence[ObjectSpec], events: EventRing) -> None:
         self._states = {spec: _ObjectState(spec) for spec in objects}
         self._events = events
+        self.rotations = 0  # objects that started showing another version (kvfs_rotations_total)
 
     # -- kvfs.cache.base.CacheListener ------------------------------------------------------
 
@@ -75,6 +76,7 @@ class ObjectWatch:
             self._events.add(EventKind.SERVED, **where, version=shown)
         elif shown != state.version or versions != state.history:
             self._events.add(EventKind.ROTATED, **where, old_version=state.version, new_version=shown)
+            self.rotations += 1
         if shown != state.version or state.fetched_at is None:
             state.fetched_at = now
         state.version = shown

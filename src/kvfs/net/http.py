@@ -181,30 +181,36 @@ class LoopbackTransport(httpx.AsyncBaseTransport):
         self._loopback.clear()
 
 
+def make_transport(*, trust_env: bool = True) -> CircuitTransport:
+    """The network under the shared client: pooled, verified TLS, `*.localhost` on loopback, host circuits.
+
+    With `trust_env`, `SSL_CERT_FILE` adds CAs and `HTTPS_PROXY`/`NO_PROXY` are honoured (never
+    for loopback names). The daemon wraps it to count Key Vault requests (kvfs.daemon.metrics).
+    """
+    proxy = urllib.request.getproxies_environment().get("https") if trust_env else None
+    return CircuitTransport(
+        LoopbackTransport(
+            ssl_context=(
+                _preloaded_context if trust_env and _preloaded_context else make_ssl_context(trust_env=trust_env)
+            ),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=60.0),
+            proxy=proxy or None,
+        )
+    )
+
+
 def make_http_client(
     *,
     timeout: float = HTTP_TIMEOUT,
     trust_env: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """Build the shared client: HTTP/1.1, pooled, verified TLS, `*.localhost` on loopback, host circuits.
+    """Build the shared client: HTTP/1.1 over `transport`, by default `make_transport(trust_env=...)`.
 
-    `transport` replaces the network entirely (tests pass `httpx.MockTransport`); it is used as
-    given. With `trust_env`, `SSL_CERT_FILE` adds CAs and `HTTPS_PROXY`/`NO_PROXY` are honoured
-    (never for loopback names).
+    `transport` replaces the network (tests pass `httpx.MockTransport`); it is used as given.
     """
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=60.0)
     if transport is None:
-        proxy = urllib.request.getproxies_environment().get("https") if trust_env else None
-        transport = CircuitTransport(
-            LoopbackTransport(
-                ssl_context=(
-                    _preloaded_context if trust_env and _preloaded_context else make_ssl_context(trust_env=trust_env)
-                ),
-                limits=limits,
-                proxy=proxy or None,
-            )
-        )
+        transport = make_transport(trust_env=trust_env)
     return httpx.AsyncClient(
         transport=transport,
         timeout=httpx.Timeout(timeout),
