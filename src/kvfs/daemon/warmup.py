@@ -9,8 +9,8 @@ Nothing of it is a request: the parameters are constant, "Entra ID" and "Key Vau
 HTTPS server on loopback inside this warm-up, whose throwaway certificate only this warm-up
 trusts, nothing is logged, and everything it built is collected before the zygote freezes its
 heap. It runs what a volume runs before and at its first read: parameters, the HTTP client over
-TLS, the token exchange, a Key Vault GET, the cache, the file tree's lookup/open/read/release,
-the status answer. A failure costs memory, never the zygote.
+TLS, the identity preflight, the token exchange, a Key Vault GET, the cache, the file tree's
+lookup/open/read/release, the status and metrics answers. A failure costs memory, never the zygote.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ from kvfs.cache.resolver import Resolver
 from kvfs.config.model import CloudConfig, MountConfig
 from kvfs.config.parameters import parse_parameters
 from kvfs.daemon.events import EventRing
+from kvfs.daemon.files import VolumeFiles
+from kvfs.daemon.metrics import CountedCredential, CountingTransport, DaemonMetrics, MeteredCore
+from kvfs.daemon.preflight import check_volume
 from kvfs.daemon.status import ObjectWatch
 from kvfs.fs.adapter import FuseAdapter
-from kvfs.fs.core import FilesystemCore
 from kvfs.fs.tree import ROOT_INODE
 from kvfs.net.circuit import CircuitTransport
 from kvfs.net.http import LoopbackTransport, make_http_client
@@ -131,14 +133,20 @@ async def _warm(config: MountConfig) -> bytes:
 async def _one_volume(config: MountConfig, client_ctx: ssl.SSLContext) -> bytes:
     """What a volume's daemon runs up to its first read, over the loopback server; the bytes read."""
     async with AsyncExitStack() as stack:
-        transport = CircuitTransport(LoopbackTransport(ssl_context=client_ctx, limits=httpx.Limits()))
-        http = make_http_client(transport=transport)
+        metrics = DaemonMetrics()
+        network = CircuitTransport(LoopbackTransport(ssl_context=client_ctx, limits=httpx.Limits()))
+        http = make_http_client(transport=CountingTransport(network, config.vault_url, metrics))
         stack.push_async_callback(http.aclose)
         credential = build_credential(config, http, token_source=PushedTokenSource(config.auth.sa_token))
+        credential.inner = CountedCredential(credential.inner, metrics)
         stack.push_async_callback(credential.aclose)
         vault = VaultClient(config.vault_url, credential, config.cloud.scope, http, tenant_id=config.auth.tenant_id)
         watch = ObjectWatch(config.objects, EventRing())
-        adapter = FuseAdapter(FilesystemCore(config, Resolver(vault, config, listener=watch)))
+        resolver = Resolver(vault, config, listener=watch)
+        VolumeFiles(config, resolver)
+        if await check_volume(credential, config.cloud.scope, config.vault_url, http) is not None:
+            raise RuntimeError("the made-up volume's preflight was refused")
+        adapter = FuseAdapter(MeteredCore(config, resolver, metrics=metrics))
         ctx = pyfuse3.RequestContext()
         entry = await adapter.lookup(ROOT_INODE, SECRET.encode(), ctx)
         await adapter.getattr(entry.st_ino, ctx)
@@ -146,6 +154,7 @@ async def _one_volume(config: MountConfig, client_ctx: ssl.SSLContext) -> bytes:
         data = await adapter.read(info.fh, 0, 4096)
         await adapter.release(info.fh)
         json.dumps(watch.to_json())
+        metrics.snapshot(resolver.statistics, watch.rotations)
         return data
 
 
