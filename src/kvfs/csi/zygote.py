@@ -2,8 +2,9 @@
 
 The mounter starts it by exec (`python -P -m kvfs.csi.zygote --fd N ...`), so it inherits nothing
 from the mounter's memory: no earlier volume's parameters, client secret or token. It imports
-what a daemon needs, freezes those objects for the garbage collector (their pages stay shared
-with every fork), and then serves fork commands on the socket the mounter passed:
+what a daemon needs, parses the system CAs (kvfs.net.http.share_system_trust), runs the entry's
+warm-up (kvfs.daemon.warmup), freezes those objects for the garbage collector (their pages stay
+shared with every fork), and then serves fork commands on the socket the mounter passed:
 
     mounter → zygote  {"op": "fork", "volume_id": ID, "uid": N, "gid": N, "entry": "MOD:FUNC"}
                       + fds (SCM_RIGHTS): fuse connection, control socket, ready pipe, config socket
