@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import errno
 import logging
 import os
-import platform
 import re
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 from kvfs import __version__
@@ -307,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def libfuse_version() -> str:
     """The libfuse 3 that pyfuse3 loads, asked directly (importing pyfuse3 would slow every command)."""
+    import ctypes  # --version only, as below: `kvfs mount` starts without them
+
     try:
         lib = ctypes.CDLL("libfuse3.so.3")
     except OSError:
@@ -320,6 +319,9 @@ def libfuse_version() -> str:
 
 
 def version_text() -> str:
+    import platform
+    from importlib import metadata
+
     try:
         pyfuse3 = metadata.version("pyfuse3")
     except metadata.PackageNotFoundError:

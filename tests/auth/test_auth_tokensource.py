@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
+import jwt
 import pytest
 import trio
 import trio.testing
 
-from kvfs.auth.tokensource import FileTokenSource, PushedTokenSource
+from kvfs.auth.tokensource import FileTokenSource, PushedTokenSource, unverified_claims
 from kvfs.errors import AuthError
 
 
@@ -141,3 +142,18 @@ async def test_pushed_opaque_token_passes_through() -> None:
     source = PushedTokenSource("a")
     source.push("   ")  # ignored
     assert await source.get() == "a"
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "opaque", "a.b", "a.b.c.d", "x.!!!.y", "x." + "bm90IGpzb24" + ".y", "x." + "WzEsMl0" + ".y", "x.gA.y"],
+)
+def test_claims_that_cannot_be_read_are_none(token: str) -> None:
+    """Not JWT-shaped, not base64, not JSON, not an object (`[1,2]`), not UTF-8: no claims, no error."""
+    assert unverified_claims(token) == {}
+
+
+def test_claims_are_read_as_pyjwt_reads_them() -> None:
+    claims = {"iss": "https://issuer", "sub": "system:serviceaccount:ns:sa", "aud": ["api://AzureADTokenExchange"], "exp": 17}
+    token = jwt.encode(claims, "a key long enough for HMAC-SHA256 checks", algorithm="HS256")
+    assert unverified_claims(token) == jwt.decode(token, options={"verify_signature": False}) == claims

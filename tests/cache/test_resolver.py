@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -239,6 +240,34 @@ async def test_object_read_during_sleep_is_refreshed_within_one_interval(
         nursery.cancel_scope.cancel()
 
 
+async def test_volumes_started_together_do_not_refresh_together(autojump_clock: trio.testing.MockClock) -> None:
+    """A rollout's 50 pods read the same object at the same moment: their volumes' refreshes spread
+    over half an interval instead of hitting the vault as one burst every interval, and each volume
+    still refreshes within one interval of its last fetch (a new version shows within one)."""
+    interval = 120.0
+    vaults = [FakeVault() for _ in range(50)]
+    for vault in vaults:
+        vault.add("secret", "db", "one")
+    volumes = [
+        Resolver(vault, config(SECRET, refresh=interval), render=fake_render, rng=random.Random(seed))
+        for seed, vault in enumerate(vaults)
+    ]  # each daemon has its own random generator
+    async with trio.open_nursery() as nursery:
+        for volume in volumes:
+            await nursery.start(volume.run_refresh)
+        for volume in volumes:
+            await volume.current(SECRET)  # all at t=0
+        await trio.sleep(interval * 5 + 1)
+        nursery.cancel_scope.cancel()
+    first = sorted(vault.get_times["db"][1] for vault in vaults)
+    assert interval / 2 <= first[0] and first[-1] <= interval
+    assert first[-1] - first[0] >= interval / 3  # spread, not in step
+    assert max(Counter(int(t) for t in first).values()) <= 4  # no second sees more than 4 of the 50
+    for vault in vaults:
+        gaps = [b - a for a, b in zip(vault.get_times["db"][1:], vault.get_times["db"][2:], strict=False)]
+        assert gaps and all(0.9 * interval <= gap <= interval for gap in gaps)
+
+
 async def test_refresh_failure_serves_stale_backs_off_and_recovers(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -279,12 +308,12 @@ async def test_refresh_honours_retry_after(autojump_clock: trio.testing.MockCloc
         await nursery.start(resolver.run_refresh)
         await resolver.current(SECRET)
         vault.fail = VaultError("throttled", status=429, code="Throttled", retry_after=45.0)
-        await trio.sleep(60.5)  # the first refresh fails at t=60
-        assert vault.calls["get"] == 2
-        await trio.sleep(44)  # t=104.5: not yet
-        assert vault.calls["get"] == 2
-        await trio.sleep(1)  # t=105.5: retried at 60 + 45
-        assert vault.calls["get"] == 3
+        await trio.sleep(60.5)  # the first refresh (within one interval) fails
+        (failed_at,) = vault.get_times["db"][1:]
+        await trio.sleep_until(failed_at + 44.5)
+        assert len(vault.get_times["db"]) == 2  # not yet
+        await trio.sleep_until(failed_at + 45.5)
+        assert vault.get_times["db"][2:] == [failed_at + 45]
         nursery.cancel_scope.cancel()
 
 
@@ -446,8 +475,12 @@ async def test_a_throttled_object_does_not_delay_another_objects_refresh(
         vault.latency_only["slow"] = 1000.0
         await trio.sleep(75)
         nursery.cancel_scope.cancel()
-    assert vault.get_times["db"] == [0, 10, 20, 30, 40, 50, 60, 70]
-    assert vault.get_times["slow"][:2] == [0, 10]  # its own refresh is stuck in the 28 s deadline
+    times = vault.get_times["db"]
+    assert times[0] == 0 and 5 <= times[1] <= 10 and len(times) >= 8  # every 9-10 s after a first within 10 s
+    assert all(9 <= later - earlier <= 10 for earlier, later in zip(times[1:], times[2:], strict=False))
+    slow_times = vault.get_times["slow"]
+    assert slow_times[0] == 0 and 5 <= slow_times[1] <= 10
+    assert all(later - earlier >= 28 for earlier, later in zip(slow_times[1:], slow_times[2:], strict=False))  # stuck
     assert resolver.statistics.refresh_failures >= 2
 
 
@@ -462,12 +495,12 @@ async def test_background_retry_after_is_clamped_to_the_refresh_interval(
         await nursery.start(resolver.run_refresh)
         await resolver.current(SECRET)
         vault.fail = VaultError("throttled", status=429, code="Throttled", retry_after=999_999_999.0)
-        await trio.sleep(60.5)  # the first refresh fails at t=60 and asks for 31 years
-        assert vault.get_times["db"] == [0, 60]
+        await trio.sleep(60.5)  # the first refresh (within one interval) fails and asks for 31 years
+        (failed_at,) = vault.get_times["db"][1:]
         vault.fail = None
         v2 = vault.add("secret", "db", "two")
-        await trio.sleep(60)  # retried one interval later, not in 31 years
-        assert vault.get_times["db"] == [0, 60, 120]
+        await trio.sleep_until(failed_at + 60.5)  # retried one interval later, not in 31 years
+        assert vault.get_times["db"] == [0, failed_at, failed_at + 60]
         assert [v.version for _, v in changes.seen] == [v2]
         nursery.cancel_scope.cancel()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import yaml
 
 from kvfs.config.objects import MAX_VERSION_HISTORY, parse_objects
 from kvfs.errors import ConfigError
@@ -110,6 +111,18 @@ def test_mapping_items_instead_of_strings_explain_block_literal() -> None:
 def test_yaml_syntax_error() -> None:
     msg = error_of("array: [unclosed\n")
     assert msg.startswith("failed to yaml unmarshal objects, error: yaml: line ")
+
+
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML built without libyaml words syntax errors its own way")
+def test_yaml_syntax_errors_are_worded_as_upstreams() -> None:
+    """Upstream's messages quote Go's yaml.v2, a port of libyaml; kvfs parses with libyaml too."""
+    assert error_of("array:\n  - objectName: a: b\n").startswith(
+        "failed to yaml unmarshal objects, error: yaml: line 2: mapping values are not allowed in this context"
+    )
+    assert error_of(objects_yaml("objectName: a: b")).startswith(
+        "unmarshal failed for keyVaultObjects at index 0, error: yaml: line 1: mapping values are not allowed"
+        " in this context"
+    )
 
 
 def test_object_that_is_not_a_mapping_names_its_index() -> None:

@@ -22,9 +22,9 @@ from kvfs.daemon import standin
 
 def test_an_entry_brings_its_own_root_step() -> None:
     default = entry.load_entry(entry.DEFAULT_ENTRY)
-    assert (default.run, default.prepare) == (entry.run_volume, entry.prepare)
+    assert (default.run, default.prepare, default.warm_up) == (entry.run_volume, entry.prepare, entry.warm_up)
     stand_in = entry.load_entry("kvfs.daemon.standin:run")
-    assert (stand_in.run, stand_in.prepare) == (standin.run, None)  # no other entry's prepare runs
+    assert (stand_in.run, stand_in.prepare, stand_in.warm_up) == (standin.run, None, None)  # nor its warm-up
     with pytest.raises(ValueError, match="expected MODULE:FUNCTION"):
         entry.load_entry("kvfs.daemon.standin")
 

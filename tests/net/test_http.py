@@ -23,6 +23,7 @@ from kvfs.auth.base import AccessToken
 from kvfs.errors import ConfigError, VaultError
 from kvfs.vault.client import VaultClient
 from kvfs.errors import is_tls_verification_error
+from kvfs.net import http as http_module
 from kvfs.net.http import is_localhost, make_http_client, make_ssl_context
 
 SECRET_VALUE = "s3cr3t-over-tls"
@@ -239,6 +240,35 @@ def test_ssl_cert_file_adds_to_system_cas(pki: Pki, monkeypatch: pytest.MonkeyPa
     ctx = make_ssl_context()
     assert ctx.cert_store_stats()["x509_ca"] == base + 1
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def test_a_fork_adds_its_ssl_cert_file_to_the_shared_system_cas(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zygote parses the system CAs once; each daemon adds its own SSL_CERT_FILE to its copy,
+    and a system bundle that changed under a long-lived zygote is parsed again before a fork."""
+    bundle = tmp_path / "system.pem"
+    bundle.write_bytes(Path(ssl.get_default_verify_paths().openssl_cafile).read_bytes())
+    monkeypatch.setattr(http_module, "_system_ca_paths", lambda: (str(bundle), ""))
+    monkeypatch.setattr(http_module, "_shared_system", None)
+    monkeypatch.setattr(http_module, "_preloaded_context", None)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    http_module.share_system_trust()
+    shared = http_module._shared_system
+    assert shared is not None
+    system_cas = shared[1].cert_store_stats()["x509_ca"]
+    http_module.share_system_trust()  # before the next fork: unchanged, not parsed again
+    assert http_module._shared_system is shared
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))  # the daemon's environment
+    http_module.preload_ssl_context()
+    ctx = http_module._preloaded_context
+    assert ctx is shared[1] and ctx.cert_store_stats()["x509_ca"] == system_cas + 1
+    assert http_module._shared_system is None  # taken by this process, never handed to another client
+
+    bundle.write_bytes(pki.ca_file.read_bytes())  # ca-certificates changed under the zygote
+    http_module.share_system_trust()
+    assert http_module._shared_system is not None and http_module._shared_system[1].cert_store_stats()["x509_ca"] == 1
 
 
 def test_bad_ssl_cert_file_is_a_clear_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,18 +18,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from kvfs.errors import RenderError
 from kvfs.vault import pem
-from kvfs.vault.pem import (
-    CHAIN_INCOMPLETE_WARNING,
-    b64decode_std,
-    cer_to_pem,
-    jwk_to_pem,
-    order_chain,
-    pem_blocks,
-    pem_decode,
-    pem_encode,
-    pfx_to_pem,
-    split_pem,
-)
+from kvfs.vault.pem import b64decode_std, cer_to_pem, pem_blocks, pem_decode, pem_encode, split_pem
+from kvfs.vault.pkix import CHAIN_INCOMPLETE_WARNING, jwk_to_pem, order_chain, pfx_to_pem
 
 WARNING_START = "certificate chain is not complete due to missing intermediate"
 
@@ -222,7 +212,7 @@ def test_order_chain_incomplete_returns_input_and_warns(
     ec_chain: g.Chain, order: tuple[int, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     text = blank_line_blocks([ec_chain.certs[i] for i in order])  # server + root only
-    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pem"):
+    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pkix"):
         assert order_chain(text, label="secret/web") == text
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(messages) == 1
@@ -233,14 +223,14 @@ def test_order_chain_incomplete_returns_input_and_warns(
 def test_order_chain_unrelated_certificates_fall_back(caplog: pytest.LogCaptureFixture) -> None:
     a, b = g.self_signed(g.ec_key(), "a"), g.self_signed(g.ec_key(), "b")
     text = g.certs_pem([a, b])
-    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pem"):
+    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pkix"):
         assert order_chain(text) == text
     assert any(r.getMessage().startswith(WARNING_START) for r in caplog.records)
 
 
 def test_order_chain_single_self_signed_cert_is_reencoded(caplog: pytest.LogCaptureFixture) -> None:
     cert = g.self_signed(g.ec_key())
-    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pem"):
+    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pkix"):
         assert order_chain(b"\n\n" + g.cert_pem(cert) + b"\n") == g.cert_pem(cert)
     assert not caplog.records
 
@@ -297,7 +287,7 @@ def test_pfx_incomplete_chain_keeps_bag_order_and_warns(
     ec_chain: g.Chain, caplog: pytest.LogCaptureFixture
 ) -> None:
     bags = [ec_chain.root, ec_chain.leaf]
-    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pem"):
+    with caplog.at_level(logging.WARNING, logger="kvfs.vault.pkix"):
         out = pfx_to_pem(g.pfx_b64(ec_chain.leaf_key, bags), label="secret/web")
     assert out == g.key_pem(ec_chain.leaf_key) + g.certs_pem(bags)
     assert [r.getMessage() for r in caplog.records] == [CHAIN_INCOMPLETE_WARNING + " (secret/web)"]

@@ -22,10 +22,10 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import jwt
 import trio
 
 from kvfs.auth.base import AccessToken, TokenSource
+from kvfs.auth.tokensource import unverified_claims
 from kvfs.auth.messages import (
     EntraContext,
     entra_error,
@@ -236,10 +236,7 @@ class _EntraCredential:
 
 def _assertion_claims(assertion: str) -> dict[str, object]:
     """Non-secret claims of the SA token, for error messages only (never verified, never logged whole)."""
-    try:
-        claims = jwt.decode(assertion, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return {}
+    claims = unverified_claims(assertion)
     return {k: claims[k] for k in ("iss", "sub", "aud", "exp", "iat") if k in claims}
 
 

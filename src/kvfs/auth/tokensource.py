@@ -7,12 +7,15 @@ every `get()` and never cache one forever.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno as _errno
+import json
 import logging
 import os
 import time
+from typing import Any
 
-import jwt
 import trio
 
 from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE
@@ -69,12 +72,25 @@ class FileTokenSource:
         return self._token
 
 
+def unverified_claims(token: str) -> dict[str, Any]:
+    """A JWT's claims, not verified (only Entra ID verifies them): {} when they cannot be read.
+
+    For an expiry check and error messages. By hand rather than PyJWT, whose import pulls in
+    `cryptography`: a mount of plain secrets then starts ~20 ms sooner (README, Performance).
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
 def _expired(token: str, now: float) -> bool:
     """True when the token's `exp` claim has passed; tokens without a readable exp never expire here."""
-    try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return False
+    exp = unverified_claims(token).get("exp")
     return isinstance(exp, (int, float)) and exp <= now
 
 

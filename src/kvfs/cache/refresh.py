@@ -4,6 +4,11 @@ Each due object gets its own task, so one object stuck behind throttling or a sl
 never delays another's refresh. A failed refresh is retried with jittered exponential backoff
 up to the interval, or after the server's `Retry-After`, clamped to the interval: a
 `Retry-After: 999999999` must not stop an object's refresh for decades.
+
+Refresh times are spread: the pods of a rollout read their objects at the same moment, and
+without jitter their volumes would refresh in step, every interval, as one burst against the
+vault. An object's first refresh comes after a random 50-100 % of the interval, each later one
+after 90-100 %: never later than the interval, so a new version still shows within one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from kvfs.errors import KvfsError, error_code
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
+
+FIRST_REFRESH = (0.5, 1.0)  # fractions of the interval: the first refresh after a read's load
+NEXT_REFRESH = (0.9, 1.0)  # each later one
 
 
 class RefreshScheduler(Generic[K]):
@@ -42,10 +50,11 @@ class RefreshScheduler(Generic[K]):
         self._wake = trio.Event()
 
     def loaded(self, key: K) -> None:
-        """`key` was just fetched: refresh it one interval from now."""
+        """`key` was just fetched: refresh it within one interval from now (jittered, see above)."""
         if self.interval <= 0:
             return
-        self._due[key] = trio.current_time() + self.interval
+        low, high = NEXT_REFRESH if key in self._due else FIRST_REFRESH
+        self._due[key] = trio.current_time() + self.interval * self._rng.uniform(low, high)
         self._failures.pop(key, None)
         self._wake.set()  # the loop may be sleeping past this new due time
 

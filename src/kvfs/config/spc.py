@@ -23,6 +23,7 @@ import yaml
 from yaml.nodes import ScalarNode
 
 from kvfs.config.model import SecretObject, SecretObjectData
+from kvfs.config.objects import SafeLoader
 from kvfs.config.parameters import KNOWN_PARAMETERS
 from kvfs.errors import ConfigError
 
@@ -37,7 +38,7 @@ _DNS1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(
 _DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")  # what the API server takes as a Secret's data key
 
 
-class _RawScalarLoader(yaml.SafeLoader):
+class _RawScalarLoader(SafeLoader):
     """SafeLoader that keeps numbers and timestamps as the text written; bools as true/false."""
 
 

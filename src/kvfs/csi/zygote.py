@@ -2,8 +2,9 @@
 
 The mounter starts it by exec (`python -P -m kvfs.csi.zygote --fd N ...`), so it inherits nothing
 from the mounter's memory: no earlier volume's parameters, client secret or token. It imports
-what a daemon needs, freezes those objects for the garbage collector (their pages stay shared
-with every fork), and then serves fork commands on the socket the mounter passed:
+what a daemon needs, parses the system CAs (kvfs.net.http.share_system_trust), runs the entry's
+warm-up (kvfs.daemon.warmup), freezes those objects for the garbage collector (their pages stay
+shared with every fork), and then serves fork commands on the socket the mounter passed:
 
     mounter → zygote  {"op": "fork", "volume_id": ID, "uid": N, "gid": N, "entry": "MOD:FUNC"}
                       + fds (SCM_RIGHTS): fuse connection, control socket, ready pipe, config socket
@@ -36,7 +37,9 @@ from kvfs.config.parameters import SA_TOKENS_KEY, token_for_audience
 from kvfs.csi import syscalls
 from kvfs.csi.request import pod_of
 from kvfs.daemon import jsonline
-from kvfs.daemon.entry import DaemonEntry, DaemonSpec, apply_environment, load_entry, preload, report_error
+from kvfs.daemon.entry import (
+    DaemonEntry, DaemonSpec, apply_environment, before_fork, load_entry, preload, report_error,
+)  # fmt: skip
 from kvfs.logsafe import LOG_FORMATS, LOG_LEVELS, redact, register_secret, set_log_context, setup_logging
 
 log = logging.getLogger("kvfs.csi.zygote")  # not __main__: it runs as `python -m`
@@ -88,6 +91,7 @@ class Zygote:
             return {"ok": False, "error": f"bad fork command: {exc}"}
         if len(fds) != FORK_FDS:
             return {"ok": False, "error": f"fork needs {FORK_FDS} fds (fuse, control, ready, config), got {len(fds)}"}
+        before_fork()
         try:
             pid = os.fork()
         except OSError as exc:  # out of processes or memory: this volume fails, the zygote serves on
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvfs zygote: {message}", file=sys.stderr)
         jsonline.send(sock, {"ok": False, "event": "ready", "error": message})
         return 2
+    if entry.warm_up is not None:
+        entry.warm_up()  # code and state a daemon would build on first use, built once to be shared
     gc.freeze()  # objects imported so far are never written by the collector: shared with every fork
     return Zygote(sock, entry).serve()
 

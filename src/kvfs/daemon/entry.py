@@ -51,6 +51,7 @@ class DaemonEntry:
     name: str
     run: Callable[[DaemonSpec], int]
     prepare: Callable[[DaemonSpec], None] | None = None
+    warm_up: Callable[[], None] | None = None  # run once in the zygote, before it freezes its heap
 
 
 # Settings the daemon reads from its environment. The plugin sends its own values with every spawn
@@ -126,6 +127,13 @@ def prepare(spec: DaemonSpec) -> None:
         _prepared[:] = [exc]
 
 
+def warm_up() -> None:
+    """In the zygote: run a made-up volume through this entry's code once (kvfs.daemon.warmup)."""
+    from kvfs.daemon.warmup import warm_up as run_made_up_volume
+
+    run_made_up_volume()
+
+
 def run_volume(spec: DaemonSpec) -> int:
     """Default entry: kvfs.config parameters → kvfs.daemon.volume.serve_volume on /dev/fd/N."""
     from kvfs.config.model import MountConfig
@@ -166,7 +174,10 @@ def load_entry(name: str) -> DaemonEntry:
     if not callable(run):
         raise ValueError(f"--daemon-entry {name!r}: {func_name} is not callable")
     prepare_step = getattr(module, "prepare", None)
-    return DaemonEntry(name, run, prepare_step if callable(prepare_step) else None)
+    warm_up_step = getattr(module, "warm_up", None)
+    return DaemonEntry(
+        name, run, prepare_step if callable(prepare_step) else None, warm_up_step if callable(warm_up_step) else None
+    )
 
 
 def preload() -> None:
@@ -190,7 +201,7 @@ def preload() -> None:
         "kvfs.daemon.volume",
         "kvfs.vault.client",
         "kvfs.vault.render",
-        "kvfs.vault.pem",
+        "kvfs.vault.pkix",
         "cryptography.hazmat.primitives.serialization.pkcs12",
         "kvfs.auth.factory",
     ):
@@ -198,3 +209,11 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError as exc:
             log.warning("mounter could not pre-load %s: %s", name, exc)
+    before_fork()
+
+
+def before_fork() -> None:
+    """In the zygote, before each fork: what forks share is parsed and current (the system CAs)."""
+    from kvfs.net.http import share_system_trust
+
+    share_system_trust()

@@ -21,12 +21,13 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cachetools
 import httpx
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+if TYPE_CHECKING:  # prometheus_client loads where metrics are exposed, not in every daemon (start-up time)
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from kvfs.auth.base import AccessToken, Credential
 from kvfs.cache.base import CacheStats
@@ -298,6 +299,8 @@ class Totals:
 
     def families(self) -> list[Metric]:
         """Every series of the spec, zeros included (dashboards and alerts see them from the start)."""
+        from prometheus_client.core import CounterMetricFamily
+
         out: list[Metric] = []
         for name, (text, spec) in COUNTERS.items():
             family = CounterMetricFamily(name, text, labels=[label for label, _ in spec])
@@ -317,6 +320,8 @@ def _combinations(spec: Sequence[tuple[str, tuple[str, ...]]]) -> list[Labels]:
 
 
 def histogram_family(name: str, text: str, histogram: Histogram) -> HistogramMetricFamily:
+    from prometheus_client.core import HistogramMetricFamily
+
     cumulative, running = [], 0
     for bound, count in zip([*map(str, histogram.buckets), "+Inf"], histogram.counts):
         running += count
@@ -326,6 +331,8 @@ def histogram_family(name: str, text: str, histogram: Histogram) -> HistogramMet
 
 def volume_family(states: Iterable[str]) -> GaugeMetricFamily:
     """`kvfs_volumes{state}`: how many volumes are in each state (every state, zeros included)."""
+    from prometheus_client.core import GaugeMetricFamily
+
     counted = Counter(states)
     family = GaugeMetricFamily("kvfs_volumes", "Volumes by state", labels=["state"])
     for state in VOLUME_STATES:
@@ -352,6 +359,8 @@ class MountCollector:
         self._ready = ready  # seconds from start to FUSE_INIT, None before
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         totals = Totals()
         totals.add(self._snapshot())
         ready = self._ready()
@@ -371,6 +380,8 @@ def serve_mount_metrics(addr: str, collector: MountCollector) -> Callable[[], No
 
     Only the metrics: the listener answers nothing else (no debug or profiling endpoints).
     """
+    from prometheus_client import CollectorRegistry, start_http_server
+
     host, port = parse_addr(addr)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)

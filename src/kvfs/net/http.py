@@ -39,35 +39,58 @@ def is_localhost(host: str) -> bool:
 _bypasses_proxy = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
 
 _preloaded_context: ssl.SSLContext | None = None
+# The system CAs, parsed before a fork (kvfs.csi.zygote): OpenSSL's store of ~150 certificates is
+# then shared by every forked daemon instead of parsed into each one's private memory.
+_shared_system: tuple[tuple[tuple[int, int, int], ...], ssl.SSLContext] | None = None
+
+
+def _system_ca_paths() -> tuple[str, str]:
+    """The compiled-in system CA file and folder (not SSL_CERT_FILE, which only adds trust here)."""
+    paths = ssl.get_default_verify_paths()
+    return paths.openssl_cafile or "", paths.openssl_capath or ""
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def share_system_trust() -> None:
+    """In a process about to fork: parse the system CAs now, once, for every fork to share.
+
+    Called again before each fork, it parses them anew only if the system bundle changed
+    (a ca-certificates update under a long-lived zygote reaches the next daemon).
+    """
+    global _shared_system
+    stamp = tuple(_stamp(path) for path in _system_ca_paths())
+    if _shared_system is None or _shared_system[0] != stamp:
+        _shared_system = (stamp, make_ssl_context(trust_env=False))
 
 
 def preload_ssl_context() -> None:
     """Read the trusted CAs now, for a process about to lose the rights to read them.
 
     The CSI daemon drops to an unprivileged uid right after it starts; the file named by
-    SSL_CERT_FILE may only be readable by root. Later clients reuse this context.
+    SSL_CERT_FILE may only be readable by root. Later clients reuse this context. A forked
+    daemon takes the system CAs its zygote parsed (`share_system_trust`) and adds its own
+    SSL_CERT_FILE to them: the context is this process's copy, no other daemon sees the change.
     """
-    global _preloaded_context
-    _preloaded_context = make_ssl_context()
+    global _preloaded_context, _shared_system
+    shared, _shared_system = _shared_system, None
+    _preloaded_context = make_ssl_context(system=shared[1] if shared else None)
 
 
-def make_ssl_context(*, trust_env: bool = True) -> ssl.SSLContext:
+def make_ssl_context(*, trust_env: bool = True, system: ssl.SSLContext | None = None) -> ssl.SSLContext:
     """System CAs plus the CA file named by `SSL_CERT_FILE`.
 
     OpenSSL's "default verify paths" are *replaced* by SSL_CERT_FILE when it is set, so the
     compiled-in system bundle is loaded explicitly as well: the extra file adds trust, it never
-    removes the public CAs.
+    removes the public CAs. `system`: a context holding the system CAs already, completed here.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    paths = ssl.get_default_verify_paths()
-    if paths.openssl_cafile and os.path.isfile(paths.openssl_cafile):
-        try:
-            ctx.load_verify_locations(cafile=paths.openssl_cafile)
-        except (ssl.SSLError, OSError):  # a broken system bundle must not stop the mount
-            log.warning("could not load the system CA bundle %s", paths.openssl_cafile)
-    if paths.openssl_capath and os.path.isdir(paths.openssl_capath):
-        ctx.load_verify_locations(capath=paths.openssl_capath)
+    ctx = system or _system_context()
     extra = os.environ.get("SSL_CERT_FILE", "") if trust_env else ""
     if extra:
         try:
@@ -79,6 +102,20 @@ def make_ssl_context(*, trust_env: bool = True) -> ssl.SSLContext:
                 f"cannot load trusted CA certificates ({exc.__class__.__name__}: {exc.strerror or exc})",
                 "point SSL_CERT_FILE at a readable PEM file of CA certificates, or unset it",
             ) from None
+    return ctx
+
+
+def _system_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cafile, capath = _system_ca_paths()
+    if cafile and os.path.isfile(cafile):
+        try:
+            ctx.load_verify_locations(cafile=cafile)
+        except (ssl.SSLError, OSError):  # a broken system bundle must not stop the mount
+            log.warning("could not load the system CA bundle %s", cafile)
+    if capath and os.path.isdir(capath):
+        ctx.load_verify_locations(capath=capath)
     return ctx
 
 

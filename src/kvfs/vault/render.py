@@ -22,14 +22,7 @@ from typing import Any
 
 from kvfs.config.model import ObjectSpec
 from kvfs.errors import RenderError
-from kvfs.vault.pem import (
-    b64decode_std,
-    cer_to_pem,
-    go_string_bytes,
-    jwk_to_pem,
-    pfx_to_pem,
-    split_pem,
-)
+from kvfs.vault.pem import b64decode_std, cer_to_pem, go_string_bytes, split_pem
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +73,8 @@ def _decode(content: bytes, encoding: str) -> bytes:
 
 def _split_pfx(value: str, spec: ObjectSpec, construct_pem_chain: bool) -> tuple[bytes, bytes]:
     """`.crt` / `.key` for `objectFormat: pfx` (kvfs improvement over upstream's empty files)."""
+    from kvfs.vault.pkix import pfx_to_pem  # cryptography, only for objects that need it
+
     try:
         return split_pem(pfx_to_pem(value, construct_chain=construct_pem_chain, label=spec.object_id))
     except RenderError as err:
@@ -115,6 +110,8 @@ def _render_secret(
         if spec.format.lower() == "pfx":
             verbatim_pfx = True
         else:
+            from kvfs.vault.pkix import pfx_to_pem
+
             content = pfx_to_pem(value, construct_chain=construct_pem_chain, label=spec.object_id)
     else:
         raise RenderError(f"failed to get certificate. unknown content type '{content_type}'")
@@ -148,6 +145,8 @@ def render_object(
         if spec.type == "secret":
             return _render_secret(spec, bundle, split_cert_key, construct_pem_chain)
         if spec.type == "key":
+            from kvfs.vault.pkix import jwk_to_pem
+
             return {"": jwk_to_pem(bundle.get("key"))}
         if spec.type == "cert":
             cer = bundle.get("cer")
