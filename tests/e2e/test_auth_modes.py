@@ -546,7 +546,8 @@ def test_mount_keeps_reading_across_token_lifetimes(short_emu: Emulator, short_m
     emu.reset_counts()
     assert read(mount.path / "demo-secret") == b"v0"
     started = time.monotonic()
-    reads = failures = 0
+    read_at: list[float] = []  # seconds since `started` of each successful read
+    failures = 0
     rotation = 0
     seen: set[bytes] = set()
     while time.monotonic() - started < 13:
@@ -556,12 +557,15 @@ def test_mount_keeps_reading_across_token_lifetimes(short_emu: Emulator, short_m
             emu.set_secret("demo", "demo-secret", f"v{rotation}")
         try:
             seen.add(read(mount.path / "demo-secret"))
-            reads += 1
+            read_at.append(elapsed)
         except OSError:
             failures += 1
         time.sleep(0.2)
     duration = time.monotonic() - started
-    assert failures == 0 and reads > 40
+    assert failures == 0
+    # Reads succeeded within every token lifetime of the run, however slow the machine is.
+    lifetimes_with_reads = {int(at / lifetime) for at in read_at}
+    assert lifetimes_with_reads >= set(range(int(duration / lifetime))), sorted(read_at)
     assert len(seen) >= rotation, f"the refresh stopped following rotations: saw {sorted(seen)}"
     # No request ever reached Key Vault with an expired or missing token (those count as client None).
     assert unauthenticated(emu) == 0
