@@ -2,11 +2,12 @@
 
 A node that ran the Secrets Store CSI driver and now runs kvfs under the upstream driver name gets
 kubelet's calls for volumes the upstream driver published: their targets hold its tmpfs. Unpublish
-removes them as upstream does (csi-and-fuse.md §4.3): first the files, then the unmount, then the
-folder. Only what lies on the target's own filesystem is deleted (a file system mounted inside it
-is never entered) and nothing is read or followed outside the target: the caller checked that the
-target lies in kubelet's pod folders. A mount of another type (not a tmpfs) is only detached,
-never read: it may be a dead FUSE mount that would hang a reader.
+removes them as upstream's NodeUnpublishVolume does: first the files (upstream found deleting them
+before the unmount necessary, its issue #546), then the unmount, then the folder. Only what lies
+on the target's own filesystem is deleted (a file system mounted inside it is never entered) and
+nothing is read or followed outside the target: the caller checked that the target lies in
+kubelet's pod folders. A mount of another type (not a tmpfs) is only detached, never read: it may
+be a dead FUSE mount that would hang a reader.
 """
 
 from __future__ import annotations
