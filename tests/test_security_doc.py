@@ -6,8 +6,14 @@ from __future__ import annotations
 import argparse
 import re
 
+import pytest
+
 from doc_citations import CITATION, ROOT, citations, missing_tests
 from kvfs.cli import build_parser
+from kvfs.config.objects import MAX_VERSION_HISTORY
+from kvfs.net.body import TOKEN_BODY_CAP, VAULT_BODY_CAP
+from kvfs.net.deadlines import READ_BUDGET
+from kvfs.vault.client import MAX_PAGES
 
 
 def _doc() -> str:
@@ -24,6 +30,27 @@ def test_every_boundary_cites_a_test() -> None:
     assert len(sections) >= 10
     for section in sections:
         assert CITATION.search(section), f"no test cited for: {section.splitlines()[0]}"
+
+
+def _boundary(title: str) -> str:
+    """One boundary's text, on one line."""
+    return " ".join(_doc().split(f"### {title}", 1)[1].split("\n### ", 1)[0].split())
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value"),
+    [
+        (r"(\d+) MiB for Key Vault", VAULT_BODY_CAP // 2**20),
+        (r"(\d+) MiB for a token endpoint", TOKEN_BODY_CAP // 2**20),
+        (r"a read's (\d+) s budget", READ_BUDGET),
+        (r"\(at most (\d+), refused at publish", MAX_VERSION_HISTORY),
+        (r"at most (\d+) pages", MAX_PAGES),
+    ],
+)
+def test_the_bounds_on_answers_are_the_codes(pattern: str, value: int) -> None:
+    found = re.search(pattern, _boundary("15. "))
+    assert found, f"boundary 15 no longer says {pattern!r}"
+    assert int(found.group(1)) == value
 
 
 def test_readme_links_the_security_model_and_lists_every_csi_node_flag() -> None:

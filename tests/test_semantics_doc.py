@@ -9,7 +9,6 @@ read from the document itself.
 
 from __future__ import annotations
 
-import ast
 import errno
 import os
 import re
@@ -20,7 +19,7 @@ import trio
 import trio.testing
 
 from cache.fakevault import FakeVault, fake_render
-from doc_citations import ROOT, citations, missing_tests
+from doc_citations import ROOT, citations, missing_tests, names_in
 from kvfs.cache.resolver import Resolver
 from kvfs.config.model import DEFAULT_CACHE_LIMIT, AuthConfig, CloudConfig, MountConfig, ObjectSpec
 from kvfs.config.objects import MAX_VERSION_HISTORY, parse_objects
@@ -54,6 +53,19 @@ def test_every_statement_cites_tests_that_exist() -> None:
     for number, text in texts.items():
         assert citations(text), f"statement {number} cites no test"
     assert missing_tests(DOC) == []
+
+
+def test_statement_numbers_cited_in_tests_and_the_intro_are_right() -> None:
+    """Renumbering the document must rename `test_statement_N_…` and fix the intro's list."""
+    texts = statements()
+    here = "tests/test_semantics_doc.py"
+    for name in sorted(names_in(Path(__file__))):
+        if found := re.fullmatch(r"test_statement_(\d+)_\w+", name):
+            assert (here, name) in citations(texts[int(found.group(1))]), f"{name} is not cited by its statement"
+    intro = re.search(r"it runs statements ([\d, and]+)\s+itself", DOC)
+    assert intro, "the intro no longer lists the statements this file runs"
+    listed = {int(number) for number in re.findall(r"\d+", intro.group(1))}
+    assert listed == {number for number, text in texts.items() if any(path == here for path, _ in citations(text))}
 
 
 @pytest.mark.parametrize(
@@ -169,7 +181,7 @@ async def test_statement_12_a_read_answers_within_the_stated_budget(autojump_clo
     assert info.value.errno == errno.EIO
 
 
-async def test_statement_14_what_the_kernel_may_cache_and_for_how_long(autojump_clock: trio.testing.MockClock) -> None:
+async def test_statement_16_what_the_kernel_may_cache_and_for_how_long(autojump_clock: trio.testing.MockClock) -> None:
     name_seconds = float(stated(16, r"name's entry for (\d+) s"))
     inode_seconds = float(stated(16, r"cached for (\d+) s"))
     vault = FakeVault()
@@ -177,7 +189,7 @@ async def test_statement_14_what_the_kernel_may_cache_and_for_how_long(autojump_
     first = vault.add("secret", "s1", "pinned")
     core, _ = volume(vault, PLAIN[0], ObjectSpec(name="s1", type="secret", version=first))
     placeholder = dict(await core.readdir(ROOT_INODE))["s0"]
-    assert (placeholder.entry_timeout, placeholder.attr_timeout) == (0, 0)  # statement 15
+    assert (placeholder.entry_timeout, placeholder.attr_timeout) == (0, 0)  # statement 17
     latest = await core.lookup(ROOT_INODE, "s0")
     assert (latest.entry_timeout, latest.attr_timeout) == (name_seconds, inode_seconds)
     pinned = await core.lookup(ROOT_INODE, "s1")

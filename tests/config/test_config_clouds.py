@@ -77,8 +77,12 @@ def test_unknown_cloud_keeps_upstream_prefix_and_lists_names(name: str) -> None:
         f"cloudName {name} is not valid, error: autorest/azure: There is no cloud environment"
         f' matching the name "{name.upper()}"'
     )
-    for valid in VALID_CLOUD_NAMES:
-        assert valid in msg
+    assert msg.endswith("(valid cloudName values (case-insensitive): " + ", ".join(VALID_CLOUD_NAMES) + ")")
+
+
+def test_valid_cloud_names_are_the_cloud_tables_in_display_order_and_azure_stack() -> None:
+    assert VALID_CLOUD_NAMES == (*CLOUDS, "AzureStackCloud")
+    assert [resolve_cloud(name).name for name in CLOUDS] == list(CLOUDS)
 
 
 def _stack_file(tmp_path: Path, doc: object, name: str = "env.json") -> str:

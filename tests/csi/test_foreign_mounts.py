@@ -86,3 +86,24 @@ def test_republish_of_an_upstream_volume_leaves_it_to_the_pod_until_unpublish(
     finally:
         for point in reversed(mounts_below(tmp_path)):
             subprocess.run(["umount", "-l", point], check=False)
+
+
+def test_an_upstream_tmpfs_nested_deeper_than_python_recurses_is_still_unpublished(
+    csi_plugin: Kubelet, tmp_path: Path
+) -> None:
+    """A tenant's objectAlias made the folders (upstream bounds only the path's length)."""
+    target = Path(csi_plugin.target(tmp_path, "deep-pod"))
+    upstream_volume(target)
+    fd = os.open(target / "..2026_01_01_00_00_00.000000001", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):  # Path.mkdir(parents=True) would itself recurse too deep
+        os.mkdir("d", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(os.open("secret", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    try:
+        csi_plugin.unpublish("csi-upstream-vol", str(target))
+        assert not target.exists() and mounts_below(tmp_path) == []
+    finally:
+        for point in reversed(mounts_below(tmp_path)):
+            subprocess.run(["umount", "-l", point], check=False)

@@ -221,6 +221,16 @@ def test_ids_are_checked_before_use(node: Node, field: str, value: str) -> None:
     node.assert_boundary_held()
 
 
+def test_a_huge_version_history_is_refused_naming_the_field_the_value_and_the_fix(node: Node) -> None:
+    """2^31-1 history files would be 2^31-1 version GETs and inodes in a daemon: refused at publish."""
+    objects = "array:\n  - |\n    objectName: s\n    objectType: secret\n    objectVersionHistory: 2147483647\n"
+    err = node.attack("history", node.tenant_class("history", objects=objects))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid objectVersionHistory: 2147483647, must be at most 100" in err.details()
+    assert "use a number from 2 to 100" in err.details()
+    node.assert_boundary_held()
+
+
 def test_target_paths_outside_kubelets_pod_folders_are_refused(node: Node, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -16,7 +16,7 @@ import trio
 import kvfs
 from kvfs.auth.base import AccessToken
 from kvfs.errors import ConfigError, VaultError
-from kvfs.vault.client import VaultClient, challenge_tenant
+from kvfs.vault.client import MAX_PAGES, VaultClient, challenge_tenant
 from kvfs.net.http import make_http_client
 from kvfs.net.retry import RetryPolicy
 
@@ -498,9 +498,26 @@ async def test_repeating_next_link_stops() -> None:
     link = "https://demo.vault.azure.net/secrets/db/versions?$skiptoken=SAME"
     rec = Recorder(httpx.Response(200, json={"value": [], "nextLink": link}))
     client, _ = make_client(rec)
-    with pytest.raises(VaultError):
+    with pytest.raises(VaultError) as caught:
         await client.list_versions("secret", "db")
     assert len(rec.requests) == 2
+    assert caught.value.code == "PagingLoop" and "nextLink repeats" in str(caught.value)
+
+
+async def test_endless_next_links_stop_after_the_page_cap() -> None:
+    """A vault answering a fresh nextLink forever gets MAX_PAGES requests, not a request loop."""
+
+    async def serve(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params.get("$skiptoken", "0")) + 1
+        link = f"https://demo.vault.azure.net/secrets/db/versions?$skiptoken={page}"
+        return httpx.Response(200, json={"value": [item(f"{page:032x}", page)], "nextLink": link})
+
+    rec = Recorder(serve)
+    client, _ = make_client(rec)
+    with pytest.raises(VaultError) as caught:
+        await client.list_versions("secret", "db")
+    assert caught.value.code == "PagingLoop" and f"over {MAX_PAGES} pages" in str(caught.value)
+    assert len(rec.requests) == MAX_PAGES
 
 
 async def test_invalid_json_body_is_eio() -> None:

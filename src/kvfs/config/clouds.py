@@ -28,36 +28,36 @@ _PUBLIC = CloudConfig(
     authority_host="https://login.microsoftonline.com",
 )
 
+# The named clouds, keyed by upper-case name (names are case-insensitive), in display order.
 _CLOUDS: dict[str, CloudConfig] = {
-    "AZUREPUBLICCLOUD": _PUBLIC,
-    "AZUREUSGOVERNMENTCLOUD": CloudConfig(
-        name="AzureUSGovernmentCloud",
-        keyvault_dns_suffix="vault.usgovcloudapi.net",
-        keyvault_resource="https://vault.usgovcloudapi.net",
-        authority_host="https://login.microsoftonline.us",
-    ),
-    "AZURECHINACLOUD": CloudConfig(
-        name="AzureChinaCloud",
-        keyvault_dns_suffix="vault.azure.cn",
-        keyvault_resource="https://vault.azure.cn",
-        authority_host="https://login.chinacloudapi.cn",
-    ),
-    "AZUREGERMANCLOUD": CloudConfig(
-        name="AzureGermanCloud",
-        keyvault_dns_suffix="vault.microsoftazure.de",
-        keyvault_resource="https://vault.microsoftazure.de",
-        authority_host="https://login.microsoftonline.de",
-    ),
+    cloud.name.upper(): cloud
+    for cloud in (
+        _PUBLIC,
+        CloudConfig(
+            name="AzureUSGovernmentCloud",
+            keyvault_dns_suffix="vault.usgovcloudapi.net",
+            keyvault_resource="https://vault.usgovcloudapi.net",
+            authority_host="https://login.microsoftonline.us",
+        ),
+        CloudConfig(
+            name="AzureChinaCloud",
+            keyvault_dns_suffix="vault.azure.cn",
+            keyvault_resource="https://vault.azure.cn",
+            authority_host="https://login.chinacloudapi.cn",
+        ),
+        CloudConfig(
+            name="AzureGermanCloud",
+            keyvault_dns_suffix="vault.microsoftazure.de",
+            keyvault_resource="https://vault.microsoftazure.de",
+            authority_host="https://login.microsoftonline.de",
+        ),
+    )
 }
-_STACK = "AZURESTACKCLOUD"
+# AzureStackCloud has no fixed endpoints: they come from its cloudEnvFileName.
+_STACK_NAME = "AzureStackCloud"
+_STACK = _STACK_NAME.upper()
 
-VALID_CLOUD_NAMES: tuple[str, ...] = (
-    "AzurePublicCloud",
-    "AzureUSGovernmentCloud",
-    "AzureChinaCloud",
-    "AzureGermanCloud",
-    "AzureStackCloud",
-)
+VALID_CLOUD_NAMES: tuple[str, ...] = (*(cloud.name for cloud in _CLOUDS.values()), _STACK_NAME)
 
 # host[:port], the form a Key Vault DNS suffix takes in a vault URL
 _DNS_SUFFIX = re.compile(
@@ -198,7 +198,7 @@ def _load_stack(name: str, env_file: str, allowed_dir: str | None) -> CloudConfi
             'write it like "vault.local.azurestack.external" (no scheme, no leading dot, no path)',
         )
     return CloudConfig(
-        name="AzureStackCloud",
+        name=_STACK_NAME,
         keyvault_dns_suffix=suffix,
         keyvault_resource=resource,
         authority_host=authority,

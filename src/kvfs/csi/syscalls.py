@@ -2,8 +2,9 @@
 the OOM killer's preference; what a failed system call means for a publish.
 
 Python has no os.mount, so libc is called through ctypes. The data string is what libfuse's own
-`fuse_mount_sys` passes (see csi-and-fuse.md §7.2), so the daemon can serve `/dev/fd/N` without
-any mount privilege.
+`fuse_mount_sys` (lib/mount.c) passes: `fd=N,rootmode=40000,user_id=U,group_id=G` and the kernel
+options `allow_other,default_permissions` (a privileged caller needs no `user_allow_other` for
+them). So the daemon can serve `/dev/fd/N` without any mount privilege.
 """
 
 from __future__ import annotations

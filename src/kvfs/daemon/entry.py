@@ -17,7 +17,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvfs.config.model import RenderDefaults
+from kvfs.config.model import MountConfig, RenderDefaults
+from kvfs.errors import KvfsError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class DaemonSpec:
     env: dict[str, str] | None = field(default=None, repr=False)  # the plugin's DAEMON_ENV values; None = keep the mounter's
     cloud_env_dir: str = ""  # cloudEnvFileName must lie inside it (the plugin's --cloud-env-dir)
     defaults: RenderDefaults = RenderDefaults()  # the plugin's node-wide provider flags
+    # What the default entry's `prepare` parsed as root (or why it could not), for `run_volume` after the drop.
+    prepared: MountConfig | KvfsError | None = field(default=None, repr=False)
 
     @property
     def mountpoint(self) -> str:
@@ -97,9 +100,6 @@ def report_error(ready_fd: int, message: str) -> None:
         pass
 
 
-_prepared: list[object] = []  # the MountConfig or the KvfsError parsing raised (one volume per process)
-
-
 def prepare(spec: DaemonSpec) -> None:
     """Runs in the forked child while it is still root: read what the volume names on disk.
 
@@ -108,23 +108,20 @@ def prepare(spec: DaemonSpec) -> None:
     is read only inside the plugin's --cloud-env-dir, as the plugin itself checked it.
     """
     from kvfs.config.parameters import parse_parameters
-    from kvfs.errors import KvfsError
     from kvfs.net.http import preload_ssl_context
 
     try:
         preload_ssl_context()
-        _prepared[:] = [
-            parse_parameters(
-                spec.params,
-                spec.secrets,
-                context="csi",
-                allow_node_identity=spec.allow_node_identity,
-                cloud_env_dir=spec.cloud_env_dir or None,
-                defaults=spec.defaults,
-            )
-        ]
+        spec.prepared = parse_parameters(
+            spec.params,
+            spec.secrets,
+            context="csi",
+            allow_node_identity=spec.allow_node_identity,
+            cloud_env_dir=spec.cloud_env_dir or None,
+            defaults=spec.defaults,
+        )
     except KvfsError as exc:
-        _prepared[:] = [exc]
+        spec.prepared = exc
 
 
 def warm_up() -> None:
@@ -136,14 +133,12 @@ def warm_up() -> None:
 
 def run_volume(spec: DaemonSpec) -> int:
     """Default entry: kvfs.config parameters → kvfs.daemon.volume.serve_volume on /dev/fd/N."""
-    from kvfs.config.model import MountConfig
     from kvfs.daemon.preflight import PreflightError
     from kvfs.daemon.volume import serve_volume
-    from kvfs.errors import KvfsError
 
-    if not _prepared:
+    if spec.prepared is None:
         prepare(spec)
-    config = _prepared.pop()
+    config = spec.prepared
     if isinstance(config, KvfsError):
         report_error(spec.ready_fd, str(config))
         return 2

@@ -42,7 +42,7 @@ from kvfs.auth.factory import build_credential
 from kvfs.auth.tokensource import PushedTokenSource
 from kvfs.cache.resolver import Resolver
 from kvfs.config.model import CloudConfig, MountConfig
-from kvfs.config.parameters import parse_parameters
+from kvfs.config.parameters import WORKLOAD_IDENTITY_AUDIENCE, parse_parameters
 from kvfs.daemon.events import EventRing
 from kvfs.daemon.files import VolumeFiles
 from kvfs.daemon.metrics import CountedCredential, CountingTransport, DaemonMetrics, MeteredCore
@@ -92,7 +92,7 @@ def _quiet() -> Iterator[None]:
 
 def _config() -> MountConfig:
     sa_token = jwt.encode(
-        {"iss": "https://warmup.invalid", "sub": "system:serviceaccount:warmup:warmup", "aud": ["api://AzureADTokenExchange"]},
+        {"iss": "https://warmup.invalid", "sub": "system:serviceaccount:warmup:warmup", "aud": [WORKLOAD_IDENTITY_AUDIENCE]},
         "warm-up key, long enough for HMAC-SHA256",
         algorithm="HS256",
     )
@@ -104,7 +104,7 @@ def _config() -> MountConfig:
         "csi.storage.k8s.io/pod.name": "warmup",
         "csi.storage.k8s.io/pod.namespace": "warmup",
         "csi.storage.k8s.io/serviceAccount.tokens": json.dumps(
-            {"api://AzureADTokenExchange": {"token": sa_token, "expirationTimestamp": "2099-01-01T00:00:00Z"}}
+            {WORKLOAD_IDENTITY_AUDIENCE: {"token": sa_token, "expirationTimestamp": "2099-01-01T00:00:00Z"}}
         ),
     }
     return parse_parameters(params, {}, context="csi")

@@ -5,7 +5,8 @@ emulator in a background thread mutate it. No method awaits, so holding the lock
 After every change the store calls `on_change(vault, version)` under that lock, for the vault
 itself (version None: it is new or its grants changed) or each version added or updated, so the
 emulator journals the changes in order (`state.py`).
-JSON shapes follow Key Vault's wire format (`docs/EMULATOR.md`, reference keyvault-wire §3).
+JSON shapes are Key Vault's (bundles and list items as its REST API defines them: unset optional
+fields absent, not null; attributes in integer Unix seconds); `docs/EMULATOR.md` lists them.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ _RBAC_ROLE: dict[str, str] = {
     "key": "Key Vault Crypto User",
     "cert": "Key Vault Certificate User",
 }
-_MAX_PAGES = 1000
+# A version list longer than this many pages (25 versions each) is a fault or an attack, not a list.
+MAX_PAGES = 1000
 
 
 @runtime_checkable
@@ -182,10 +183,9 @@ class VaultClient:
         items: list[dict[str, Any]] = []
         seen: set[str] = set()
         while url is not None:
-            if len(seen) >= _MAX_PAGES or str(url) in seen:
-                raise VaultError(
-                    f"{what}: Key Vault paging did not end (nextLink repeats)", status=0, code="PagingLoop"
-                )
+            if len(seen) >= MAX_PAGES or str(url) in seen:
+                why = "nextLink repeats" if str(url) in seen else f"over {MAX_PAGES} pages"
+                raise VaultError(f"{what}: Key Vault paging did not end ({why})", status=0, code="PagingLoop")
             seen.add(str(url))
             page, link = check_page(await self._request(kind, route, url, what, deadline), what)
             items.extend(page)
