@@ -124,6 +124,25 @@ async def test_an_object_larger_than_the_limit_is_served_kept_alone_and_logged_o
     ]
 
 
+async def test_a_history_folder_over_the_limit_is_logged_with_how_many_versions_fit(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long history of large versions is what outgrows the limit: the fix is fewer versions."""
+    caplog.set_level(logging.INFO, logger="kvfs.cache")
+    vault = vault_of()
+    bundle = ObjectSpec(name="bundle", type="secret", version_history=8)
+    for letter in "abcdefgh":
+        vault.add("secret", "bundle", letter * 4 * KIB)
+    cache = make(vault, config(bundle, *SPECS))
+    assert len(await cache.history(bundle)) == 8  # served, never refused
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "object=secret/bundle takes 32 KiB, more than the cache limit of 10 KiB: served, and kept alone"
+        " while it is the most recently read (lower its objectVersionHistory, now 8: about 2 versions of this"
+        " size fit)"
+    ]
+
+
 async def test_inodes_the_kernel_remembers_do_not_hold_bytes(autojump_clock: trio.testing.MockClock) -> None:
     """The file tree keeps size, mtime and xattrs of every inode, and bytes only of open files."""
     vault = vault_of()

@@ -1,9 +1,9 @@
-"""Issue 10: dead volumes are visible (recorded, logged once naming the pod, a VolumeFailed event)
-and, with --restart-pods-with-failed-volumes, healed by deleting the pod so that its controller
+"""Issue 10: dead and hung volumes are visible (recorded, logged once naming the pod, a VolumeFailed
+event) and, with --restart-pods-with-failed-volumes, healed by deleting the pod so that its controller
 makes a fresh one: never a pod without a controller, never the same pod twice within 5 minutes.
 
-An in-process plugin with stand-in daemons (killed to make a volume dead) against the fake
-Kubernetes API; the pod deletion limit runs on a fake wall clock.
+An in-process plugin with stand-in daemons (killed to make a volume dead, stopped to make it hung)
+against the fake Kubernetes API; the pod deletion limit runs on a fake wall clock.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from kvfs.config.parameters import POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY
 from kvfs.csi.health import FAILURE_FILE, RESTART_INTERVAL
 from kvfs.csi.kube import KubeClient
 from kvfs.csi.state import process_alive
-from kvfs.csi.status import collect
+from kvfs.csi.status import collect, render
 from kvfs.csi.volumes import Volumes
 
 pytestmark = INLINE
@@ -41,8 +42,8 @@ class Clock:
 
 
 @pytest.fixture(autouse=True)
-def _dead_volumes_are_logged(expect_logs: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
-    expect_logs(r"is dead: its daemon \(pid \d+\) exited", level=logging.ERROR)
+def _failed_volumes_are_logged(expect_logs: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
+    expect_logs(r"is (dead: its daemon \(pid \d+\) exited|hung: statfs did not answer within 1s)", level=logging.ERROR)
     caplog.set_level(logging.INFO, logger="kvfs.csi")
 
 
@@ -186,3 +187,38 @@ def test_a_pod_replaced_under_its_name_is_not_deleted(
     replacement = fake_kube.add_pod(NS, "db-1", controller="StatefulSet")
     assert sweep(kubelet) == []
     assert fake_kube.get("pods", NS, "db-1") == replacement
+
+
+def test_a_stopped_daemons_volume_is_reported_hung_its_reads_wait_and_it_recovers(
+    plugin: Callable[..., Kubelet], fake_kube: FakeKube, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP on the daemon (a stuck process): statfs gets no answer, so the sweep reports the
+    volume hung, not dead. A read waits for the daemon instead of failing, and gets its bytes once
+    the daemon runs again; the next sweep finds the volume healthy."""
+    kubelet = plugin(restart=False)
+    uid = fake_kube.add_pod(NS, "stuck")["metadata"]["uid"]
+    target = kubelet.target(tmp_path, "stuck")
+    params = inline_params(**{POD_NAMESPACE_KEY: NS, POD_NAME_KEY: "stuck", POD_UID_KEY: uid, "standin.file.a": "A"})
+    kubelet.publish("vol-stuck", target, params)
+    daemon = kubelet.state(target)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        # a file never looked up: its read must reach the daemon (a process of its own: it may hang)
+        reader = subprocess.Popen(["cat", os.path.join(target, "a")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert sweep(kubelet) == []
+        assert reader.poll() is None  # waiting, not failed
+        [row] = [v for v in collect(kubelet.state_dir)["volumes"] if v["target"] == target]
+        assert (row["health"], row["detail"]) == ("hung", "statfs did not answer within 1s") and row["failed_since"]
+        assert "hung: statfs did not answer within 1s (since " in render(collect(kubelet.state_dir))
+        [logged] = failure_logs(caplog, "stuck")
+        assert " is hung: " in logged and "reads of its files wait" in logged and "fail until" not in logged
+        [event] = events(fake_kube, kubelet, "stuck")
+        assert event.startswith("VolumeFailed: kvfs volume vol-stuck") and "Reads of its files wait" in event
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    out, err = reader.communicate(timeout=30)
+    assert (reader.returncode, out, err) == (0, b"A", b"")  # the read waited, then got its bytes
+    volumes(kubelet).check_health()
+    assert volumes(kubelet).health[target].health.value == "healthy"
+    assert not (volumes(kubelet).store.volume_dir(target) / FAILURE_FILE).exists()
+    assert any(f"volume vol-stuck at {target} is healthy again" in r.getMessage() for r in caplog.records)

@@ -284,10 +284,14 @@ def test_two_pods_sync_secrets_that_follow_rotations_and_go_with_the_last_pod(
     world.emu.set_secret(VAULT, "shop-db", first_password)
     chain = certgen.make_chain(3, key_type="rsa")
     world.emu.import_certificate(VAULT, "shop-web", pfx=certgen.pfx(chain.leaf_key, chain.certs))  # PFX-backed
+    # in the class but in no secretObjects entry: never read, so never fetched. A key, so the
+    # emulator's per-route count tells whether anything fetched it
+    world.emu.import_key(VAULT, "shop-signing", certgen.make_key())
+    keys_fetched = world.emu.count(vault=VAULT, route="get_key")
     objects = [
         {"objectName": "shop-db", "objectType": "secret", "objectAlias": "conf/db"},
         {"objectName": "shop-web", "objectType": "secret", "objectAlias": "web"},
-        {"objectName": "unsynced", "objectType": "secret"},  # never read, never fetched
+        {"objectName": "shop-signing", "objectType": "key"},
     ]
     world.kube.add("secretproviderclasses", {
         "apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
@@ -318,6 +322,7 @@ def test_two_pods_sync_secrets_that_follow_rotations_and_go_with_the_last_pod(
     assert db["metadata"]["annotations"] == {"team": "payments"}
     both = [f"SecretProviderClassPodStatus/{p.name}-shop-shop" for p in (first, second)]
     assert owners(db) == owners(tls) == both
+    assert world.emu.count(vault=VAULT, route="get_key") == keys_fetched  # the sync fetched only what it syncs
 
     # a status object per pod, owned by the pod, listing the versions served (the sync read two objects)
     for pod in (first, second):
@@ -358,6 +363,7 @@ def test_two_pods_sync_secrets_that_follow_rotations_and_go_with_the_last_pod(
         "the status objects to list the new versions",
     )
 
+    assert world.emu.count(vault=VAULT, route="get_key") == keys_fetched  # nor at the rotation
     node.unpublish(first)  # one owner goes, the Secrets stay
     assert pod_status(world, first) is None
     assert owners(secret(world, "shop", "db")) == owners(secret(world, "shop", "web-tls")) == both[1:]

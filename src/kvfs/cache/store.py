@@ -39,6 +39,16 @@ def size_of(versions: Iterable[Version]) -> int:
     return sum(len(data) for v in unique.values() for data in v.files.values())
 
 
+def _within_limit(spec: ObjectSpec, versions: int, size: int, limit: int) -> str:
+    """How to bring an object over the limit back within it. One Key Vault answer (at most 4 MiB
+    is accepted) is far below the limit: a long history folder is what makes one object this
+    large, so its fix is fewer versions."""
+    if spec.version_history >= 2 and versions >= 2:
+        fit = limit * versions // size
+        return f"lower its objectVersionHistory, now {spec.version_history}: about {fit} versions of this size fit"
+    return "raise the cache limit"
+
+
 @dataclass(frozen=True)
 class _Pointer(Generic[T]):
     value: T
@@ -174,14 +184,16 @@ class VersionStore:
             if victim is None:
                 break  # only `spec` is left: kept, over the limit
             self._evict(victim)
-        if size > limit and spec not in self._warned:
+        shown = spec in self._current or spec in self._history  # a history's renders arrive one by one first
+        if size > limit and shown and spec not in self._warned:
             self._warned.add(spec)
             log.warning(
                 "object=%s takes %d KiB, more than the cache limit of %d KiB: served, and kept alone"
-                " while it is the most recently read (raise the cache limit)",
+                " while it is the most recently read (%s)",
                 spec.object_id,
                 size // 1024,
                 limit // 1024,
+                _within_limit(spec, len({id(v) for v in kept}), size, limit),
             )
 
     def _evict(self, spec: ObjectSpec) -> None:

@@ -2,7 +2,8 @@
 
 A volume fails when its daemon exits, its mount stops answering a bounded `statfs`, or the mount
 disappears (kvfs.csi.mountinfo). A daemon cannot come back to a FUSE connection (FUSE_INIT is sent
-once), so the pod's reads fail (ENOTCONN) until the pod gets a fresh mount. What the plugin does:
+once), so the pod's reads fail (ENOTCONN) until the pod gets a fresh mount; a hung daemon's (one
+stopped or stuck) wait in the kernel until it answers again. What the plugin does:
 
 - records the failure beside the volume's state (`failure.json`: health, cause, since), which
   `kvfs csi status` shows; a later plugin process finds it, so a restart does not report it again;
@@ -116,12 +117,13 @@ class FailedVolumes:
         who = f"pod {state.pod}" if state.pod else "a pod kubelet did not name"
         fields = {"volume": state.volume_id, "pod": state.pod, "health": failure.health}
         log.error(
-            "volume %s of %s at %s is %s: %s; its files fail to read until the pod gets a fresh mount (%s)",
+            "volume %s of %s at %s is %s: %s; %s (%s)",
             state.volume_id,
             who,
             state.target_path,
             failure.health,
             failure.cause,
+            _reads(failure.health),
             "kvfs deletes the pod so its controller recreates it"
             if self.restart_pods
             else "recreate the pod, or run the plugin with --restart-pods-with-failed-volumes",
@@ -139,8 +141,8 @@ class FailedVolumes:
             " have kvfs do it: kvfs csi node --restart-pods-with-failed-volumes)"
         )
         return (
-            f"kvfs volume {state.volume_id} at {state.target_path} is {failure.health}: {failure.cause}. Reads of"
-            f" its files fail until the pod gets a fresh mount; {fix}"
+            f"kvfs volume {state.volume_id} at {state.target_path} is {failure.health}: {failure.cause}."
+            f" {_reads(failure.health).capitalize()}; {fix}"
         )
 
     # ---- healing (the plugin's sweep loop: it waits on the API) ----
@@ -211,6 +213,13 @@ class FailedVolumes:
     def _remember(self, key: str) -> None:
         with self._restarts_guard:
             _write(self.store.root, RESTARTS_FILE, {**self._restarts(), key: self.clock()})
+
+
+def _reads(health: str) -> str:
+    """What the pod's reads do: the kernel queues them for a hung daemon, fails them without one."""
+    if health == Health.HUNG.value:
+        return "reads of its files wait (they do not fail) until its daemon answers again or the pod gets a fresh mount"
+    return "reads of its files fail until the pod gets a fresh mount"
 
 
 def _write(folder: Path, name: str, content: object) -> bool:
