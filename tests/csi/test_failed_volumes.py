@@ -222,3 +222,24 @@ def test_a_stopped_daemons_volume_is_reported_hung_its_reads_wait_and_it_recover
     assert volumes(kubelet).health[target].health.value == "healthy"
     assert not (volumes(kubelet).store.volume_dir(target) / FAILURE_FILE).exists()
     assert any(f"volume vol-stuck at {target} is healthy again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_hung_volumes_pod_is_deleted_only_once_its_mount_stayed_silent_from_one_sweep_to_the_next(
+    plugin: Callable[..., Kubelet], fake_kube: FakeKube, tmp_path: Path
+) -> None:
+    """One unanswered statfs may be a busy node: the pod stays. A statfs still unanswered at the next
+    sweep means the mount is stuck: the pod is deleted so its controller makes a fresh one."""
+    kubelet = plugin(restart=True)
+    uid = fake_kube.add_pod(NS, "frozen")["metadata"]["uid"]
+    target = kubelet.target(tmp_path, "frozen")
+    kubelet.publish("vol-frozen", target, inline_params(**{POD_NAMESPACE_KEY: NS, POD_NAME_KEY: "frozen", POD_UID_KEY: uid}))
+    daemon = kubelet.state(target)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        assert sweep(kubelet) == []
+        assert volumes(kubelet).health[target].health.value == "hung"
+        assert fake_kube.get("pods", NS, "frozen") is not None
+        assert sweep(kubelet) == [f"{NS}/frozen"]
+        assert fake_kube.get("pods", NS, "frozen") is None
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)

@@ -275,8 +275,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     node.add_argument(
         "--restart-pods-with-failed-volumes",
         action="store_true",
-        help="delete the pod of a volume whose daemon died or whose mount stopped answering, so its controller"
-        " makes a fresh one (never a pod without a controller, at most once per pod per 5 minutes)",
+        help="delete the pod of a volume whose daemon died, or whose mount has not answered for a whole health"
+        " interval, so its controller makes a fresh one (never a pod without a controller, at most once per pod"
+        " per 5 minutes)",
     )
     node.add_argument("--no-start-mounter", action="store_true", help="never start a mounter (it runs elsewhere)")
     node.add_argument(

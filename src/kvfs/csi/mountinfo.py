@@ -102,6 +102,9 @@ class Health(enum.Enum):
 class Probe:
     health: Health
     detail: str = ""
+    # HUNG only: the statfs of an earlier check is still unanswered, so the mount has not answered
+    # for at least one check interval (one slow answer on a busy node is not that)
+    persistent: bool = False
 
 
 _DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED, errno.ESTALE, errno.EIO, errno.ENODEV}
@@ -127,7 +130,7 @@ class Prober:
             with self._lock:
                 stuck = self._inflight.get(target)
                 if stuck is not None and stuck.is_alive():
-                    results[target] = Probe(Health.HUNG, "an earlier statfs has not answered yet")
+                    results[target] = Probe(Health.HUNG, "an earlier statfs has not answered yet", persistent=True)
                     continue
                 box: list[OSError | None] = []
                 thread = threading.Thread(target=_statfs, args=(target, box), name="statfs", daemon=True)

@@ -611,8 +611,13 @@ class Volumes:
 
     def restart_failed_pods(self) -> list[str]:
         """With --restart-pods-with-failed-volumes, delete the pods of the volumes the last sweep found
-        failed (kvfs.csi.health); the pods deleted. Waits on the API: the sweep loop calls it."""
-        failed = {t for t, p in self.health.items() if p.health is not Health.HEALTHY}
+        failed (kvfs.csi.health); the pods deleted. Waits on the API: the sweep loop calls it.
+
+        A hung volume counts only once its statfs stayed unanswered from one check to the next: its
+        reads wait rather than fail, and one slow answer on a busy node must not cost a pod."""
+        failed = {
+            t for t, p in self.health.items() if p.health is not Health.HEALTHY and (p.health is not Health.HUNG or p.persistent)
+        }
         return self.failures.restart(s for s in self.store.all() if s.target_path in failed)
 
 
