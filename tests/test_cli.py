@@ -1,12 +1,14 @@
 """`kvfs` as a user runs it: bad input gives one `kvfs: error:` line naming the field, the value
 and the fix, exit status 2, never a traceback; help and docs list every option.
 
-Each test starts `python -m kvfs` for real. Refusals happen before any network call, so no
+Each test starts `python -m kvfs` for real (the help-width test formats every parser in-process,
+at two terminal widths). Refusals happen before any network call, so no
 emulator is needed; the mount tests use VM managed identity, which needs no network to mount.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import pytest
 
 from guards import LogCheck
 import kvfs
+from kvfs.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "11111111-2222-3333-4444-555555555555"
@@ -396,6 +400,31 @@ def test_csi_help_has_a_description_readable_metavars_and_log_choices(command: l
         for shown in ("--metrics-addr HOST:PORT", "--daemon-uid-range START-END", "--publish-timeout SECONDS",
                       "--kubeconfig FILE", "--node-id NAME"):
             assert shown in text
+
+
+def every_command(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """`kvfs` and each of its subcommands, however deep, with its parser."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_command(sub, (*words, name))
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_every_help_line_fits_in_100_columns(monkeypatch: pytest.MonkeyPatch, columns: str) -> None:
+    """Descriptions are refilled to the terminal (at most 100 columns); epilogs' examples and
+    tables, kept as written, must fit too."""
+    monkeypatch.setenv("COLUMNS", columns)
+    commands = dict(every_command(build_parser()))
+    assert {("mount",), ("status",), ("emulator",), ("csi", "node"), ("csi", "mounter"), ("csi", "status")} <= set(commands)
+    too_long = [
+        (" ".join(("kvfs", *words)), line)
+        for words, parser in commands.items()
+        for line in parser.format_help().splitlines()
+        if len(line) > 100
+    ]
+    assert not too_long, too_long
 
 
 def test_fusermount_for_a_killed_mount_is_in_mount_help_and_readme() -> None:

@@ -8,7 +8,9 @@ import errno
 import logging
 import os
 import re
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,24 +21,67 @@ from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger("kvfs")
 
+HELP_WIDTH = 100  # help text wraps at the terminal's width, but never wider: long lines read badly
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs: prose lines are refilled to the width, indented lines (examples,
+    tables) are kept as written, so neither a one-line description nor a hand-wrapped epilog runs
+    past the terminal."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=min(shutil.get_terminal_size().columns - 2, HELP_WIDTH))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+
+        def flush() -> None:
+            if prose:
+                out.extend(textwrap.wrap(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                prose.clear()
+
+        for line in text.splitlines():
+            if line.strip() and not line[0].isspace():
+                prose.append(line.strip())
+                continue
+            flush()
+            out.append(indent + line if line.strip() else "")
+        flush()
+        return "\n".join(out)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every `kvfs` parser, subcommands included (argparse builds them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
+
 MOUNT_EPILOG = """\
 examples:
   kvfs mount --spc spc.yaml /mnt/secrets
-  kvfs mount --spc spc.yaml --param keyvaultName=other-vault --refresh-interval 30s ./secrets
-  kvfs mount --spc spc.yaml --secrets sp.yaml ./secrets     # service principal (clientid/clientsecret)
+  kvfs mount --spc spc.yaml --param keyvaultName=other-vault \\
+      --refresh-interval 30s ./secrets
+  kvfs mount --spc spc.yaml --secrets sp.yaml ./secrets   # service principal
 
 identity (chosen like the Azure provider does):
-  clientID set              workload identity; the token comes from $AZURE_FEDERATED_TOKEN_FILE
-  --secrets FILE            service principal from a flat YAML/JSON mapping clientid, clientsecret
-  useVMManagedIdentity      VM managed identity (IMDS; base URL from $AZURE_POD_IDENTITY_AUTHORITY_HOST)
-  usePodIdentity            pod identity (NMI at $KVFS_NMI_URL; --param csi.storage.k8s.io/pod.name=NAME
-                            and --param csi.storage.k8s.io/pod.namespace=NAMESPACE)
-  none of these             azure-identity's DefaultAzureCredential (az login, environment, ...)
+  clientID set          workload identity; the token comes from
+                        $AZURE_FEDERATED_TOKEN_FILE
+  --secrets FILE        service principal: a flat YAML/JSON mapping with
+                        clientid and clientsecret
+  useVMManagedIdentity  VM managed identity (IMDS; base URL from
+                        $AZURE_POD_IDENTITY_AUTHORITY_HOST)
+  usePodIdentity        pod identity (NMI at $KVFS_NMI_URL;
+                        --param csi.storage.k8s.io/pod.name=NAME and
+                        --param csi.storage.k8s.io/pod.namespace=NAMESPACE)
+  none of these         azure-identity's DefaultAzureCredential (az login,
+                        environment, ...)
 
 environment:
-  SSL_CERT_FILE             extra trusted CA certificates (private clouds, `kvfs emulator`)
-  KVFS_LOG_LEVEL            default for --log-level
-  KVFS_LOG_FORMAT           default for --log-format (text or json)
+  SSL_CERT_FILE         extra trusted CA certificates (private clouds,
+                        `kvfs emulator`)
+  KVFS_LOG_LEVEL        default for --log-level
+  KVFS_LOG_FORMAT       default for --log-format (text or json)
 
 before mounting, kvfs gets the volume's Key Vault token and reaches the vault host once (no
 object is fetched): a refused identity, a vault host that does not exist or a TLS certificate
@@ -46,7 +91,7 @@ unreachable service does not (the first read tries again). --no-preflight skips 
 exit status: 0 after a clean unmount, 2 for bad input (nothing mounted), 1 when mounting failed
 (the preflight's refusal included)
 
-a mount whose process was killed (files answer "Transport endpoint is not connected"):
+a mount whose process was killed ("Transport endpoint is not connected"):
   fusermount3 -u MOUNTPOINT   (as root also: umount MOUNTPOINT), then mount again
 """
 
@@ -59,7 +104,6 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "Objects are fetched when first read, cached, and refreshed in the background. "
         "Stays in the foreground; SIGTERM or Ctrl-C unmounts cleanly.",
         epilog=MOUNT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--spc", required=True, metavar="FILE", help="SecretProviderClass manifest (YAML)")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
@@ -213,7 +257,8 @@ STATUS_EPILOG = """\
 examples:
   kvfs status ./secrets                  a kvfs mount of this user
   kvfs status --json ./secrets | jq '.objects[] | select(.error)'
-  kvfs status /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount    on a node, as root
+  kvfs status /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount
+                                         a CSI volume's target path, on its node, as root
 
 exit status: 0 shown, 2 not a kvfs mount, 1 its daemon did not answer
 """
@@ -227,7 +272,6 @@ def _add_status(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         " for its live state: per object the file, the version served, when it was fetched and last refreshed,"
         " the last error and its time; the identity in use and its token's expiry.",
         epilog=STATUS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a kvfs mount's folder, or a CSI target path")
     parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
@@ -273,7 +317,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvfs",
         description="Azure Key Vault secrets, keys and certificates as a lazy, cached, read-only filesystem.",
     )
