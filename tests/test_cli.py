@@ -301,7 +301,8 @@ def test_signal_unmounts_cleanly(
 
 
 @needs_fuse
-def test_dead_mount_left_by_a_killed_process_is_named(spc: Path, mnt: Path, tmp_path: Path) -> None:
+def test_dead_mount_left_by_a_killed_process_is_named_with_the_fix(spc: Path, mnt: Path, tmp_path: Path) -> None:
+    """`kvfs mount` and `kvfs status` on it both name the command that cleans it up."""
     process = start_mount(spc, mnt, tmp_path)
     try:
         process.kill()
@@ -309,6 +310,11 @@ def test_dead_mount_left_by_a_killed_process_is_named(spc: Path, mnt: Path, tmp_
         assert mounted(mnt)  # the kernel keeps the mount; its files answer ENOTCONN
         refused(kvfs_run("mount", "--spc", str(spc), str(mnt)), "MOUNTPOINT", "dead FUSE mount",
                 f"fusermount3 -u {mnt}")
+        status = kvfs_run("status", "mnt", cwd=tmp_path)  # as the user typed it
+        assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
+        assert ("kvfs status: mnt: a dead mount: the process that served it is gone"
+                " (statfs: Transport endpoint is not connected); unmount it with fusermount3 -u mnt"
+                " (as root, umount mnt works too), then mount again") in status.stderr
     finally:
         if process.poll() is None:
             process.kill()

@@ -260,7 +260,8 @@ examples:
   kvfs status /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount
                                          a CSI volume's target path, on its node, as root
 
-exit status: 0 shown, 2 not a kvfs mount, 1 its daemon did not answer
+exit status: 0 shown, 2 not a kvfs mount, 1 its daemon did not answer (on a dead mount, whose
+process was killed, it says how to clean up: fusermount3 -u MOUNTPOINT for a kvfs mount)
 """
 
 
@@ -298,22 +299,47 @@ def _run_status(args: argparse.Namespace) -> int:
         raise ConfigError(
             "MOUNTPOINT", args.mountpoint, "is not a kvfs mount", "give the folder of a kvfs mount or a CSI target path"
         )
-    path = find_control_socket(mountpoint, [str(control_socket_of(args.state_dir, mountpoint))])
+    csi_socket = control_socket_of(args.state_dir, mountpoint)
+    path = find_control_socket(mountpoint, [str(csi_socket)])
     if path is None:
-        print(
-            f"kvfs status: {args.mountpoint}: no control socket found for this mount (its process was killed, or it"
-            " is another user's; a CSI volume's is in the plugin's --state-dir, readable by root)",
-            file=sys.stderr,
+        problem = (
+            "no control socket found for this mount (its process was killed, or it is another user's;"
+            " a CSI volume's is in the plugin's --state-dir, readable by root)"
         )
-        return 1
-    try:
-        status = daemon_status(path)
-    except jsonline.ProtocolError as exc:
-        print(f"kvfs status: {args.mountpoint}: its daemon did not answer on {path}: {exc}", file=sys.stderr)
-        return 1
-    status.pop("ok", None)
-    print(json.dumps(status, indent=2) if args.json else render(status))
-    return 0
+    else:
+        try:
+            status = daemon_status(path)
+        except jsonline.ProtocolError as exc:
+            problem = f"its daemon did not answer on {path}: {exc}"
+        else:
+            status.pop("ok", None)
+            print(json.dumps(status, indent=2) if args.json else render(status))
+            return 0
+    print(f"kvfs status: {args.mountpoint}: {problem}", file=sys.stderr)
+    dead = _dead_mount_fix(args.mountpoint, mountpoint, csi=csi_socket.parent.is_dir())
+    if dead:
+        print(f"kvfs status: {args.mountpoint}: {dead}", file=sys.stderr)
+    return 1
+
+
+def _dead_mount_fix(given: str, mountpoint: str, *, csi: bool) -> str:
+    """What to do about a mount whose daemon is gone, if it is (a bounded statfs says ENOTCONN);
+    "" for a live or hung one, which only its daemon's state can explain."""
+    import shlex
+
+    from kvfs.csi.mountinfo import Health, probe_mount
+
+    probe = probe_mount(mountpoint)
+    if probe.health is not Health.DEAD:
+        return ""
+    what = f"a dead mount: the process that served it is gone ({probe.detail})"
+    if csi:
+        return (
+            f"{what}; a CSI volume cannot be revived: recreate its pod (kvfs csi status lists the volume;"
+            " the plugin unmounts it when kubelet unpublishes it)"
+        )
+    folder = shlex.quote(given)
+    return f"{what}; unmount it with fusermount3 -u {folder} (as root, umount {folder} works too), then mount again"
 
 
 def build_parser() -> argparse.ArgumentParser:
