@@ -32,6 +32,10 @@ from kvfs.vault.bundle import check_bundle, check_page
 
 log = logging.getLogger(__name__)
 
+# A vault host that answers for no vault of that name (`kvfs emulator`, whose `*.vault.localhost`
+# names all reach it; in Azure such a name does not resolve at all).
+VAULT_NOT_FOUND = "VaultNotFound"
+
 _COLLECTION: dict[str, str] = {"secret": "secrets", "key": "keys", "cert": "certificates"}
 _ROUTE_NOUN: dict[str, str] = {"secret": "secret", "key": "key", "cert": "certificate"}
 _RBAC_ROLE: dict[str, str] = {
@@ -40,9 +44,6 @@ _RBAC_ROLE: dict[str, str] = {
     "cert": "Key Vault Certificate User",
 }
 _MAX_PAGES = 1000
-# A vault host that answers for no vault of that name (`kvfs emulator`, whose `*.vault.localhost`
-# names all reach it; in Azure such a name does not resolve at all).
-VAULT_NOT_FOUND = "VaultNotFound"
 
 
 @runtime_checkable
