@@ -4,7 +4,8 @@
 
 - mount-to-first-read: `kvfs mount` of N configured objects until the first file's bytes are read,
   vs the eager baseline (bench/eager_baseline.py: fetch all N sequentially into tmpfs, then read),
-  both as fresh processes against the emulator with the same injected per-request latency.
+  both as fresh processes against the emulator with the same injected per-request latency; each
+  the better of two runs.
 - cached open+read+close ops/s on a kvfs file vs the same bytes on tmpfs: rounds of each in
   turn, medians, so load from other processes weighs on both sides alike.
 - Key Vault requests per read when many readers read a few objects repeatedly.

@@ -1,12 +1,14 @@
 """`kvfs` as a user runs it: bad input gives one `kvfs: error:` line naming the field, the value
 and the fix, exit status 2, never a traceback; help and docs list every option.
 
-Each test starts `python -m kvfs` for real. Refusals happen before any network call, so no
+Each test starts `python -m kvfs` for real (the help-width test formats every parser in-process,
+at two terminal widths). Refusals happen before any network call, so no
 emulator is needed; the mount tests use VM managed identity, which needs no network to mount.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import pytest
 
 from guards import LogCheck
 import kvfs
+from kvfs.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "11111111-2222-3333-4444-555555555555"
@@ -297,7 +301,8 @@ def test_signal_unmounts_cleanly(
 
 
 @needs_fuse
-def test_dead_mount_left_by_a_killed_process_is_named(spc: Path, mnt: Path, tmp_path: Path) -> None:
+def test_dead_mount_left_by_a_killed_process_is_named_with_the_fix(spc: Path, mnt: Path, tmp_path: Path) -> None:
+    """`kvfs mount` and `kvfs status` on it both name the command that cleans it up."""
     process = start_mount(spc, mnt, tmp_path)
     try:
         process.kill()
@@ -305,6 +310,11 @@ def test_dead_mount_left_by_a_killed_process_is_named(spc: Path, mnt: Path, tmp_
         assert mounted(mnt)  # the kernel keeps the mount; its files answer ENOTCONN
         refused(kvfs_run("mount", "--spc", str(spc), str(mnt)), "MOUNTPOINT", "dead FUSE mount",
                 f"fusermount3 -u {mnt}")
+        status = kvfs_run("status", "mnt", cwd=tmp_path)  # as the user typed it
+        assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
+        assert ("kvfs status: mnt: a dead mount: the process that served it is gone"
+                " (statfs: Transport endpoint is not connected); unmount it with fusermount3 -u mnt"
+                " (as root, umount mnt works too), then mount again") in status.stderr
     finally:
         if process.poll() is None:
             process.kill()
@@ -396,6 +406,31 @@ def test_csi_help_has_a_description_readable_metavars_and_log_choices(command: l
         for shown in ("--metrics-addr HOST:PORT", "--daemon-uid-range START-END", "--publish-timeout SECONDS",
                       "--kubeconfig FILE", "--node-id NAME"):
             assert shown in text
+
+
+def every_command(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """`kvfs` and each of its subcommands, however deep, with its parser."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_command(sub, (*words, name))
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_every_help_line_fits_in_100_columns(monkeypatch: pytest.MonkeyPatch, columns: str) -> None:
+    """Descriptions are refilled to the terminal (at most 100 columns); epilogs' examples and
+    tables, kept as written, must fit too."""
+    monkeypatch.setenv("COLUMNS", columns)
+    commands = dict(every_command(build_parser()))
+    assert {("mount",), ("status",), ("emulator",), ("csi", "node"), ("csi", "mounter"), ("csi", "status")} <= set(commands)
+    too_long = [
+        (" ".join(("kvfs", *words)), line)
+        for words, parser in commands.items()
+        for line in parser.format_help().splitlines()
+        if len(line) > 100
+    ]
+    assert not too_long, too_long
 
 
 def test_fusermount_for_a_killed_mount_is_in_mount_help_and_readme() -> None:

@@ -8,7 +8,9 @@ import errno
 import logging
 import os
 import re
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,24 +21,67 @@ from kvfs.logsafe import add_log_options, setup_logging
 
 log = logging.getLogger("kvfs")
 
+HELP_WIDTH = 100  # help text wraps at the terminal's width, but never wider: long lines read badly
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs: prose lines are refilled to the width, indented lines (examples,
+    tables) are kept as written, so neither a one-line description nor a hand-wrapped epilog runs
+    past the terminal."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=min(shutil.get_terminal_size().columns - 2, HELP_WIDTH))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+
+        def flush() -> None:
+            if prose:
+                out.extend(textwrap.wrap(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                prose.clear()
+
+        for line in text.splitlines():
+            if line.strip() and not line[0].isspace():
+                prose.append(line.strip())
+                continue
+            flush()
+            out.append(indent + line if line.strip() else "")
+        flush()
+        return "\n".join(out)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every `kvfs` parser, subcommands included (argparse builds them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
+
 MOUNT_EPILOG = """\
 examples:
   kvfs mount --spc spc.yaml /mnt/secrets
-  kvfs mount --spc spc.yaml --param keyvaultName=other-vault --refresh-interval 30s ./secrets
-  kvfs mount --spc spc.yaml --secrets sp.yaml ./secrets     # service principal (clientid/clientsecret)
+  kvfs mount --spc spc.yaml --param keyvaultName=other-vault \\
+      --refresh-interval 30s ./secrets
+  kvfs mount --spc spc.yaml --secrets sp.yaml ./secrets   # service principal
 
 identity (chosen like the Azure provider does):
-  clientID set              workload identity; the token comes from $AZURE_FEDERATED_TOKEN_FILE
-  --secrets FILE            service principal from a flat YAML/JSON mapping clientid, clientsecret
-  useVMManagedIdentity      VM managed identity (IMDS; base URL from $AZURE_POD_IDENTITY_AUTHORITY_HOST)
-  usePodIdentity            pod identity (NMI at $KVFS_NMI_URL; --param csi.storage.k8s.io/pod.name=NAME
-                            and --param csi.storage.k8s.io/pod.namespace=NAMESPACE)
-  none of these             azure-identity's DefaultAzureCredential (az login, environment, ...)
+  clientID set          workload identity; the token comes from
+                        $AZURE_FEDERATED_TOKEN_FILE
+  --secrets FILE        service principal: a flat YAML/JSON mapping with
+                        clientid and clientsecret
+  useVMManagedIdentity  VM managed identity (IMDS; base URL from
+                        $AZURE_POD_IDENTITY_AUTHORITY_HOST)
+  usePodIdentity        pod identity (NMI at $KVFS_NMI_URL;
+                        --param csi.storage.k8s.io/pod.name=NAME and
+                        --param csi.storage.k8s.io/pod.namespace=NAMESPACE)
+  none of these         azure-identity's DefaultAzureCredential (az login,
+                        environment, ...)
 
 environment:
-  SSL_CERT_FILE             extra trusted CA certificates (private clouds, `kvfs emulator`)
-  KVFS_LOG_LEVEL            default for --log-level
-  KVFS_LOG_FORMAT           default for --log-format (text or json)
+  SSL_CERT_FILE         extra trusted CA certificates (private clouds,
+                        `kvfs emulator`)
+  KVFS_LOG_LEVEL        default for --log-level
+  KVFS_LOG_FORMAT       default for --log-format (text or json)
 
 before mounting, kvfs gets the volume's Key Vault token and reaches the vault host once (no
 object is fetched): a refused identity, a vault host that does not exist or a TLS certificate
@@ -46,7 +91,7 @@ unreachable service does not (the first read tries again). --no-preflight skips 
 exit status: 0 after a clean unmount, 2 for bad input (nothing mounted), 1 when mounting failed
 (the preflight's refusal included)
 
-a mount whose process was killed (files answer "Transport endpoint is not connected"):
+a mount whose process was killed ("Transport endpoint is not connected"):
   fusermount3 -u MOUNTPOINT   (as root also: umount MOUNTPOINT), then mount again
 """
 
@@ -59,7 +104,6 @@ def _add_mount(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "Objects are fetched when first read, cached, and refreshed in the background. "
         "Stays in the foreground; SIGTERM or Ctrl-C unmounts cleanly.",
         epilog=MOUNT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--spc", required=True, metavar="FILE", help="SecretProviderClass manifest (YAML)")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
@@ -213,9 +257,11 @@ STATUS_EPILOG = """\
 examples:
   kvfs status ./secrets                  a kvfs mount of this user
   kvfs status --json ./secrets | jq '.objects[] | select(.error)'
-  kvfs status /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount    on a node, as root
+  kvfs status /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount
+                                         a CSI volume's target path, on its node, as root
 
-exit status: 0 shown, 2 not a kvfs mount, 1 its daemon did not answer
+exit status: 0 shown, 2 not a kvfs mount, 1 its daemon did not answer (on a dead mount, whose
+process was killed, it says how to clean up: fusermount3 -u MOUNTPOINT for a kvfs mount)
 """
 
 
@@ -227,7 +273,6 @@ def _add_status(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         " for its live state: per object the file, the version served, when it was fetched and last refreshed,"
         " the last error and its time; the identity in use and its token's expiry.",
         epilog=STATUS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a kvfs mount's folder, or a CSI target path")
     parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
@@ -254,26 +299,51 @@ def _run_status(args: argparse.Namespace) -> int:
         raise ConfigError(
             "MOUNTPOINT", args.mountpoint, "is not a kvfs mount", "give the folder of a kvfs mount or a CSI target path"
         )
-    path = find_control_socket(mountpoint, [str(control_socket_of(args.state_dir, mountpoint))])
+    csi_socket = control_socket_of(args.state_dir, mountpoint)
+    path = find_control_socket(mountpoint, [str(csi_socket)])
     if path is None:
-        print(
-            f"kvfs status: {args.mountpoint}: no control socket found for this mount (its process was killed, or it"
-            " is another user's; a CSI volume's is in the plugin's --state-dir, readable by root)",
-            file=sys.stderr,
+        problem = (
+            "no control socket found for this mount (its process was killed, or it is another user's;"
+            " a CSI volume's is in the plugin's --state-dir, readable by root)"
         )
-        return 1
-    try:
-        status = daemon_status(path)
-    except jsonline.ProtocolError as exc:
-        print(f"kvfs status: {args.mountpoint}: its daemon did not answer on {path}: {exc}", file=sys.stderr)
-        return 1
-    status.pop("ok", None)
-    print(json.dumps(status, indent=2) if args.json else render(status))
-    return 0
+    else:
+        try:
+            status = daemon_status(path)
+        except jsonline.ProtocolError as exc:
+            problem = f"its daemon did not answer on {path}: {exc}"
+        else:
+            status.pop("ok", None)
+            print(json.dumps(status, indent=2) if args.json else render(status))
+            return 0
+    print(f"kvfs status: {args.mountpoint}: {problem}", file=sys.stderr)
+    dead = _dead_mount_fix(args.mountpoint, mountpoint, csi=csi_socket.parent.is_dir())
+    if dead:
+        print(f"kvfs status: {args.mountpoint}: {dead}", file=sys.stderr)
+    return 1
+
+
+def _dead_mount_fix(given: str, mountpoint: str, *, csi: bool) -> str:
+    """What to do about a mount whose daemon is gone, if it is (a bounded statfs says ENOTCONN);
+    "" for a live or hung one, which only its daemon's state can explain."""
+    import shlex
+
+    from kvfs.csi.mountinfo import Health, probe_mount
+
+    probe = probe_mount(mountpoint)
+    if probe.health is not Health.DEAD:
+        return ""
+    what = f"a dead mount: the process that served it is gone ({probe.detail})"
+    if csi:
+        return (
+            f"{what}; a CSI volume cannot be revived: recreate its pod (kvfs csi status lists the volume;"
+            " the plugin unmounts it when kubelet unpublishes it)"
+        )
+    folder = shlex.quote(given)
+    return f"{what}; unmount it with fusermount3 -u {folder} (as root, umount {folder} works too), then mount again"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvfs",
         description="Azure Key Vault secrets, keys and certificates as a lazy, cached, read-only filesystem.",
     )

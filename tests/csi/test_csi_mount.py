@@ -7,6 +7,8 @@ import errno
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -169,6 +171,13 @@ def test_one_dead_daemon_hurts_only_its_volume(csi_process: Callable[..., Plugin
         wait_for(lambda: os.listdir(dead) and False, 5, "ENOTCONN")  # raises once the connection is gone
     assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     assert probe_mount(dead).health is Health.DEAD
+    status = subprocess.run(
+        [sys.executable, "-m", "kvfs", "status", "--state-dir", kubelet.state_dir, dead],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
+    assert f"kvfs status: {dead}: a dead mount: the process that served it is gone" in status.stderr
+    assert "recreate its pod" in status.stderr and "fusermount3" not in status.stderr
     assert Path(alive, "hello").read_text() == "hello from vol-alive\n"
     assert kubelet.probe() is True
     log = wait_for(lambda: "vol-dead" in plugin.log() and plugin.log(), 5, "the report")

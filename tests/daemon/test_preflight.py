@@ -141,6 +141,26 @@ async def test_a_vault_host_that_does_not_exist_is_a_failed_precondition(autojum
     assert "kv-demo.vault.azure.net does not exist" in refusal.message and "check keyvaultName" in refusal.message
 
 
+async def test_a_vault_host_that_serves_no_vault_of_that_name_is_a_failed_precondition(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """`kvfs emulator` answers every `*.vault.localhost` name; for one it does not serve, 404 VaultNotFound."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"code": "VaultNotFound", "message": "No vault named 'nope'."}})
+
+    async with vault_http(handler) as http:
+        refusal = await check_volume(CachingCredential(Flow("token")), SCOPE, VAULT, http)
+    assert refusal is not None and (refusal.grpc_code, refusal.code) == (ENDPOINT, "VaultNotFound")
+    assert "kv-demo.vault.azure.net serves no vault of that name (check keyvaultName)" in refusal.message
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_any_other_answer_of_the_vault_host_passes(autojump_clock: trio.abc.Clock, status: int) -> None:
+    async with vault_http(answers(status)) as http:
+        assert await check_volume(CachingCredential(Flow("token")), SCOPE, VAULT, http) is None
+
+
 @pytest.mark.parametrize(
     "cause",
     [

@@ -236,6 +236,14 @@ async def test_second_401_is_eacces_without_a_loop(caplog: pytest.LogCaptureFixt
             "db",
         ),
         (
+            kv_error(404, "VaultNotFound", "No vault named 'demo' is served by this emulator."),
+            404,
+            "VaultNotFound",
+            "",
+            errno.ENOENT,
+            "does not exist (VaultNotFound; check keyvaultName)",
+        ),
+        (
             kv_error(
                 403, "Forbidden", "Operation get is not allowed on a disabled secret.", "SecretDisabled"
             ),

@@ -10,8 +10,10 @@ any object. The token stays in the volume's credential, so the first read pays n
 - A definitive answer fails the mount with the actionable message: Entra ID, IMDS or NMI refused
   the identity (unknown app or tenant, no matching federated credential, wrong client secret,
   identity not assigned), a host name does not exist (DNS NXDOMAIN), a TLS certificate is not
-  trusted. In CSI the ready line carries it (`ready_line`) and the plugin fails the publish with
-  `Refusal.grpc_code`, which kubelet shows as a pod event (`MountVolume.SetUp failed ...`).
+  trusted, the vault host serves no vault of that name (404 VaultNotFound: `kvfs emulator`, where
+  in Azure the name would not resolve). In CSI the ready line carries it (`ready_line`) and the
+  plugin fails the publish with `Refusal.grpc_code`, which kubelet shows as a pod event
+  (`MountVolume.SetUp failed ...`).
 - A transient one (a timeout, a 5xx, a refused connection, a host circuit already open, no answer
   within `PREFLIGHT_DEADLINE`) does not: the volume mounts, stays lazy, and its first read tries
   again (the failure is not remembered for the error cooldown).
@@ -31,6 +33,7 @@ import trio
 from kvfs.auth.cache import CachingCredential
 from kvfs.errors import AuthError, KvfsError, error_code, is_tls_verification_error
 from kvfs.net.body import BodyError, send
+from kvfs.vault.client import VAULT_NOT_FOUND, error_envelope
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ async def _check_vault(http: httpx.AsyncClient, vault_url: str, outcome: _Outcom
     url = httpx.URL(vault_url).copy_with(path="/", query=None, fragment=None)
     request = http.build_request("GET", url, headers={"Accept": "application/json"})
     try:
-        await send(http, request, cap=PROBE_BODY_CAP, what=f"vault {url.host}")
+        response = await send(http, request, cap=PROBE_BODY_CAP, what=f"vault {url.host}")
     except BodyError:
         return  # it answered: the host is there
     except httpx.HTTPError as exc:
@@ -162,6 +165,14 @@ async def _check_vault(http: httpx.AsyncClient, vault_url: str, outcome: _Outcom
             outcome.transient.append(f"vault {url.host}: {type(exc).__name__}")
         elif outcome.refusal is None:
             outcome.refusal = refusal
+        return
+    if response.status_code == 404 and error_envelope(response)[0] == VAULT_NOT_FOUND and outcome.refusal is None:
+        outcome.refusal = Refusal(
+            ENDPOINT,
+            VAULT_NOT_FOUND,
+            f"vault check failed before mounting ({VAULT_NOT_FOUND}): {url.host} serves no vault of that name"
+            " (check keyvaultName)",
+        )
 
 
 async def check_volume(

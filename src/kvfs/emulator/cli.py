@@ -24,6 +24,7 @@ When ready it writes DIR/emulator.json (tenant_id, authority_host, ca_file, clou
 app {client_id, client_secret}, sa_token_file, admin_token_file, ...) and prints the environment to
 export. Every file in DIR is private (0600). Restarted with the same DIR it keeps its CA, tenant,
 app, ports, admin token and vault content, so open mounts keep working; --fresh starts over.
+
 Admin API (faults, counters, content): GET/POST https://localhost:PORT/_emulator/... with
 "Authorization: Bearer $(cat DIR/admin-token)" (docs/EMULATOR.md).
 """
@@ -43,7 +44,6 @@ def _port(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `kvfs emulator` (the top-level CLI wires this up)."""
     parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="folder for emulator.json, ca.pem, cloud-env.json, sa-token, admin-token, keys and "
                              "saved state (created 0700 if missing; reused on restart)")

@@ -32,6 +32,10 @@ from kvfs.vault.bundle import check_bundle, check_page
 
 log = logging.getLogger(__name__)
 
+# A vault host that answers for no vault of that name (`kvfs emulator`, whose `*.vault.localhost`
+# names all reach it; in Azure such a name does not resolve at all).
+VAULT_NOT_FOUND = "VaultNotFound"
+
 _COLLECTION: dict[str, str] = {"secret": "secrets", "key": "keys", "cert": "certificates"}
 _ROUTE_NOUN: dict[str, str] = {"secret": "secret", "key": "key", "cert": "certificate"}
 _RBAC_ROLE: dict[str, str] = {
@@ -94,7 +98,7 @@ def challenge_tenant(header: str) -> str:
     return segments[-1] if segments else ""
 
 
-def _envelope(response: httpx.Response) -> tuple[str, str, str]:
+def error_envelope(response: httpx.Response) -> tuple[str, str, str]:
     """(code, inner_code, message) from Key Vault's error body; empty strings when absent."""
     try:
         body = response.json()
@@ -223,7 +227,7 @@ class VaultClient:
         if response.status_code == 401:
             tenant = challenge_tenant(response.headers.get("www-authenticate", ""))
             if tenant and self._tenant_id and tenant.lower() != self._tenant_id.lower():
-                code, inner, _ = _envelope(response)
+                code, inner, _ = error_envelope(response)
                 log.debug("vault=%s object=%s status=401 code=%s tenant=%s", self.vault, what, code, tenant)
                 raise VaultError(
                     f"{what}: vault {self.vault} belongs to tenant {tenant}, but the token is from tenant"
@@ -296,11 +300,13 @@ class VaultClient:
 
     def _error(self, response: httpx.Response, kind: str, what: str) -> VaultError:
         status = response.status_code
-        code, inner, message = _envelope(response)
+        code, inner, message = error_envelope(response)
         retry_after = self._retry.retry_after(response)
         log.debug("vault=%s object=%s status=%d code=%s inner=%s", self.vault, what, status, code, inner)
         detail = f"{code or 'HTTP ' + str(status)}" + (f"/{inner}" if inner else "")
-        if status == 404:
+        if status == 404 and code == VAULT_NOT_FOUND:
+            text = f"{what}: vault {self.vault} does not exist ({detail}; check keyvaultName)"
+        elif status == 404:
             fix = "check objectName, objectType and objectVersion"
             text = f"{what}: not found in vault {self.vault} ({detail}; {fix})"
         elif status == 403:
