@@ -120,7 +120,8 @@ async def test_an_object_larger_than_the_limit_is_served_kept_alone_and_logged_o
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         "object=secret/big takes 40 KiB, more than the cache limit of 10 KiB: served, and kept alone"
-        " while it is the most recently read (raise the cache limit)"
+        " while it is the most recently read (other objects are dropped from memory while it is kept, and fetched again"
+        " when read)"
     ]
 
 

@@ -40,13 +40,13 @@ def size_of(versions: Iterable[Version]) -> int:
 
 
 def _within_limit(spec: ObjectSpec, versions: int, size: int, limit: int) -> str:
-    """How to bring an object over the limit back within it. One Key Vault answer (at most 4 MiB
-    is accepted) is far below the limit: a long history folder is what makes one object this
-    large, so its fix is fewer versions."""
+    """What an object over the limit means for the user. One Key Vault answer (at most 4 MiB is
+    accepted) is far below the default limit: a long history folder is what makes one object this
+    large, so its fix is fewer versions; the limit itself is not a setting."""
     if spec.version_history >= 2 and versions >= 2:
         fit = limit * versions // size
         return f"lower its objectVersionHistory, now {spec.version_history}: about {fit} versions of this size fit"
-    return "raise the cache limit"
+    return "other objects are dropped from memory while it is kept, and fetched again when read"
 
 
 @dataclass(frozen=True)
