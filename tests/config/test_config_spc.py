@@ -60,7 +60,9 @@ def manifest_error(tmp_path: Path, text: str) -> str:
 
 
 def test_load_manifest_parameters_are_strings(tmp_path: Path) -> None:
-    params = load_manifest(write(tmp_path, SPC))
+    manifest = load_manifest(write(tmp_path, SPC))
+    assert manifest.name == "azure-kvname"
+    params = manifest.parameters
     assert params["usePodIdentity"] == "false"
     assert params["useVMManagedIdentity"] == "false"
     assert params["keyvaultName"] == "kvname"
@@ -73,7 +75,7 @@ def test_load_manifest_parameters_are_strings(tmp_path: Path) -> None:
 
 def test_manifest_end_to_end_with_overlay(tmp_path: Path) -> None:
     tenant = "contoso.onmicrosoft.com"
-    params = overlay(load_manifest(write(tmp_path, SPC)), ["keyvaultName=other-kv", f"tenantID={tenant}"])
+    params = overlay(load_manifest(write(tmp_path, SPC)).parameters, ["keyvaultName=other-kv", f"tenantID={tenant}"])
     app = "00000000-0000-0000-0000-0000000000a1"
     cfg = parse_parameters(params, {"clientid": app, "clientsecret": SECRET_VALUE}, context="cli")
     assert cfg.vault_url == "https://other-kv.vault.azure.net/"
@@ -86,20 +88,20 @@ def test_manifest_end_to_end_with_overlay(tmp_path: Path) -> None:
 
 def test_v1alpha1_and_missing_provider_accepted(tmp_path: Path) -> None:
     text = SPC.replace("/v1\n", "/v1alpha1\n").replace("  provider: azure\n", "")
-    assert load_manifest(write(tmp_path, text))["keyvaultName"] == "kvname"
+    assert load_manifest(write(tmp_path, text)).parameters["keyvaultName"] == "kvname"
 
 
 def test_multi_document_with_one_spc(tmp_path: Path) -> None:
     pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n"
     text = "---\n" + pod + "---\n" + SPC + "---\n"
-    assert load_manifest(write(tmp_path, text))["keyvaultName"] == "kvname"
+    assert load_manifest(write(tmp_path, text)).parameters["keyvaultName"] == "kvname"
 
 
 def test_kubectl_list_output(tmp_path: Path) -> None:
     import yaml
 
     doc = {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(SPC)]}
-    assert load_manifest(write(tmp_path, yaml.safe_dump(doc)))["keyvaultName"] == "kvname"
+    assert load_manifest(write(tmp_path, yaml.safe_dump(doc))).parameters["keyvaultName"] == "kvname"
 
 
 def test_two_spcs_refused(tmp_path: Path) -> None:
@@ -247,7 +249,7 @@ def test_a_bad_secret_object_is_named_with_the_fix_and_the_others_stay(entry: ob
 def test_kvfs_mount_says_it_ignores_secret_objects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "spc.yaml"
     path.write_text(json.dumps(_with_secret_objects([{"secretName": "s", "type": "Opaque", "data": []}])))
-    assert load_manifest(str(path)) == {"keyvaultName": "kv1"}
+    assert load_manifest(str(path)).parameters == {"keyvaultName": "kv1"}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
         f"{path}: spec.secretObjects is ignored by kvfs mount: only the CSI plugin syncs Kubernetes Secrets"

@@ -17,7 +17,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from yaml.nodes import ScalarNode
@@ -85,8 +85,15 @@ def _yaml_position(exc: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1} column {mark.column + 1}"
 
 
-def load_manifest(path: str) -> dict[str, str]:
-    """`spec.parameters` of the one SecretProviderClass in a YAML file (multi-document ok)."""
+class Manifest(NamedTuple):
+    """The one SecretProviderClass of a manifest file: its name (for messages) and `spec.parameters`."""
+
+    name: str
+    parameters: dict[str, str]
+
+
+def load_manifest(path: str) -> Manifest:
+    """The one SecretProviderClass in a YAML file (multi-document ok)."""
     text = _read_text(path, "SecretProviderClass manifest", "--spc")
     try:
         docs = [d for d in yaml.load_all(text, Loader=_RawScalarLoader) if d is not None]
@@ -127,7 +134,7 @@ def load_manifest(path: str) -> dict[str, str]:
             " (kvfs csi node --sync-secrets)",
             path,
         )
-    return spc_parameters(spcs[0], source=path)
+    return Manifest(_spc_name(spcs[0]), spc_parameters(spcs[0], source=path))
 
 
 def _spc_name(obj: Mapping[str, Any]) -> str:
