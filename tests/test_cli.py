@@ -127,6 +127,21 @@ def test_param_in_the_wrong_case_is_refused_not_ignored(spc: Path, mnt: Path, ke
     assert "other-vault" not in line  # the key is named, not the value
 
 
+@pytest.mark.parametrize(
+    ("key", "fragments"),
+    [
+        ("keyvault", ("is neither a parameter kvfs reads nor one the manifest sets", "did you mean keyvaultName?",
+                      "parameters: keyvaultName, tenantID, clientID,")),
+        ("objectVersionHistory", ("objectVersionHistory is a field of one object, not a parameter",
+                                  "under objects.array in the manifest")),
+    ],
+)
+def test_param_that_would_change_nothing_is_refused(spc: Path, mnt: Path, key: str, fragments: tuple[str, ...]) -> None:
+    line = refused(kvfs_run("mount", "--spc", str(spc), "--param", f"{key}=other-vault", str(mnt)),
+                   f"--param '{key}=...'", *fragments)
+    assert "other-vault" not in line
+
+
 def test_param_in_the_right_case_overlays_the_manifest(spc: Path, mnt: Path) -> None:
     # the overlaid name reaches validation (and the manifest's valid "demo" is not used)
     refused(kvfs_run("mount", "--spc", str(spc), "--param", "keyvaultName=not.a.vault", str(mnt)),

@@ -282,10 +282,26 @@ def test_overlay_refuses_a_name_that_differs_only_in_case(manifest: dict[str, st
     assert f"did you mean {meant}?" in str(info.value)
 
 
-def test_overlay_takes_exact_names_and_new_unknown_ones() -> None:
+def test_overlay_takes_exact_names_of_parameters_and_of_the_manifests_keys() -> None:
     manifest = {"tenantId": "t", "keyVaultName": "miscased-in-the-manifest"}
-    out = overlay(manifest, ["tenantID=u", "keyVaultName=v", "somethingNew=w"])
-    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "somethingNew": "w"}
+    out = overlay(manifest, ["tenantID=u", "keyVaultName=v", "csi.storage.k8s.io/pod.name=web-0"])
+    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "csi.storage.k8s.io/pod.name": "web-0"}
+
+
+@pytest.mark.parametrize(
+    ("pair", "problem", "fix"),
+    [
+        ("somethingNew=w", "is neither a parameter kvfs reads nor one the manifest sets", "parameters: keyvaultName,"),
+        ("refreshIntervall=1m", "is neither", "did you mean refreshInterval? parameters: "),
+        ("objectType=secret", "objectType is a field of one object, not a parameter", "under objects.array"),
+        ("objectversionhistory=2", "objectVersionHistory is a field of one object", "under objects.array"),
+    ],
+)
+def test_overlay_refuses_a_name_that_would_change_nothing(pair: str, problem: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        overlay({"keyvaultName": "a"}, [pair])
+    assert info.value.field == "--param" and info.value.value == pair.split("=")[0] + "=..."
+    assert problem in info.value.problem and fix in info.value.fix
 
 
 @pytest.mark.parametrize("pair", ["novalue", "=hidden-value", " =hidden-value", ""])

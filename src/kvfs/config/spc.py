@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
 import logging
 import os
@@ -23,8 +24,8 @@ import yaml
 from yaml.nodes import ScalarNode
 
 from kvfs.config.model import SecretObject, SecretObjectData
-from kvfs.config.objects import SafeLoader
-from kvfs.config.parameters import KNOWN_PARAMETERS
+from kvfs.config.objects import OBJECT_FIELDS, SafeLoader
+from kvfs.config.parameters import KNOWN_PARAMETERS, USER_PARAMETERS
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -326,7 +327,8 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
     """Apply `--param KEY=VALUE` pairs over `params`; like volumeAttributes, the overlay wins.
 
     Names are case-sensitive, so a KEY that differs from a known parameter or a manifest key
-    only in case would be silently ignored (and the manifest's value used): refused instead.
+    only in case would be silently ignored (and the manifest's value used): refused instead, as
+    is a KEY that is neither (a typo, or an object's field): it too would change nothing.
     """
     out = dict(params)
     for pair in pairs:
@@ -340,12 +342,12 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
                 "expected KEY=VALUE",
                 "e.g. --param keyvaultName=myvault; parameter names are case-sensitive",
             )
-        _check_case(key, params)
+        _check_name(key, params)
         out[key] = value
     return out
 
 
-def _check_case(key: str, params: Mapping[str, str]) -> None:
+def _check_name(key: str, params: Mapping[str, str]) -> None:
     if key in KNOWN_PARAMETERS or key in params:
         return
     meant = sorted({name for name in (*KNOWN_PARAMETERS, *params) if name.lower() == key.lower()})
@@ -357,6 +359,21 @@ def _check_case(key: str, params: Mapping[str, str]) -> None:
             f"parameter names are case-sensitive: {key} is not {' or '.join(meant)}, which {where}",
             f"did you mean {' or '.join(meant)}? write --param {meant[0]}=...",
         )
+    field = next((name for name in OBJECT_FIELDS if name.lower() == key.lower()), "")
+    if field:
+        raise ConfigError(
+            "--param",
+            f"{key}=...",
+            f"{field} is a field of one object, not a parameter",
+            "set it in that object's entry under objects.array in the manifest",
+        )
+    close = difflib.get_close_matches(key, sorted({*USER_PARAMETERS, *params}), n=1)
+    raise ConfigError(
+        "--param",
+        f"{key}=...",
+        "is neither a parameter kvfs reads nor one the manifest sets, so it would change nothing",
+        (f"did you mean {close[0]}? " if close else "") + "parameters: " + ", ".join(USER_PARAMETERS),
+    )
 
 
 def load_secrets_file(path: str) -> dict[str, str]:
