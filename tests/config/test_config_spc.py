@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -282,22 +283,38 @@ def test_overlay_refuses_a_name_that_differs_only_in_case(manifest: dict[str, st
     assert f"did you mean {meant}?" in str(info.value)
 
 
-def test_overlay_takes_exact_names_of_parameters_and_of_the_manifests_keys() -> None:
+def test_overlay_takes_exact_names_of_parameters_and_of_the_manifests_keys(caplog: pytest.LogCaptureFixture) -> None:
     manifest = {"tenantId": "t", "keyVaultName": "miscased-in-the-manifest"}
-    out = overlay(manifest, ["tenantID=u", "keyVaultName=v", "csi.storage.k8s.io/pod.name=web-0"])
-    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "csi.storage.k8s.io/pod.name": "web-0"}
+    pairs = ["tenantID=u", "keyVaultName=v", "csi.storage.k8s.io/pod.name=web-0", "csi.storage.k8s.io/ephemeral=true"]
+    out = overlay(manifest, pairs)
+    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "csi.storage.k8s.io/pod.name": "web-0",
+                   "csi.storage.k8s.io/ephemeral": "true"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("pair", "hint"),
+    [("somethingNew=hidden-value", "parameters: keyvaultName,"),
+     ("refreshIntervall=hidden-value", "did you mean refreshInterval? parameters: ")],
+)
+def test_overlay_takes_an_unknown_name_as_volume_attributes_do_but_warns(
+    pair: str, hint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, value = pair.split("=")
+    assert overlay({"keyvaultName": "a"}, [pair]) == {"keyvaultName": "a", key: value}
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"--param {key}=...: neither a parameter kvfs reads nor one the manifest sets")
+    assert hint in warning and value not in warning
 
 
 @pytest.mark.parametrize(
     ("pair", "problem", "fix"),
     [
-        ("somethingNew=w", "is neither a parameter kvfs reads nor one the manifest sets", "parameters: keyvaultName,"),
-        ("refreshIntervall=1m", "is neither", "did you mean refreshInterval? parameters: "),
         ("objectType=secret", "objectType is a field of one object, not a parameter", "under objects.array"),
         ("objectversionhistory=2", "objectVersionHistory is a field of one object", "under objects.array"),
     ],
 )
-def test_overlay_refuses_a_name_that_would_change_nothing(pair: str, problem: str, fix: str) -> None:
+def test_overlay_refuses_an_objects_field(pair: str, problem: str, fix: str) -> None:
     with pytest.raises(ConfigError) as info:
         overlay({"keyvaultName": "a"}, [pair])
     assert info.value.field == "--param" and info.value.value == pair.split("=")[0] + "=..."

@@ -51,6 +51,7 @@ from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+KUBELET_PREFIX = "csi.storage.k8s.io/"  # the pod-info keys kubelet adds to a volume's attributes
 POD_NAME_KEY = "csi.storage.k8s.io/pod.name"
 POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
 POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
@@ -187,7 +188,7 @@ def validate_vault_name(name: str) -> None:
             label = host.split(".")[0]
             fix = (
                 f"keyvaultName is the vault's name, not its URL: write keyvaultName: {label}"
-                if _VAULT_CHARS.match(label) and 3 <= len(label) <= 24
+                if ".vault." in host and _VAULT_CHARS.match(label) and 3 <= len(label) <= 24
                 else "keyvaultName is the vault's name, not its URL: for https://myvault.vault.azure.net/ write myvault"
             )
         raise _upstream("keyvaultName", f'Invalid vault name: "{name}", {problem}', fix, name)

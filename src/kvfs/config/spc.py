@@ -25,7 +25,7 @@ from yaml.nodes import ScalarNode
 
 from kvfs.config.model import SecretObject, SecretObjectData
 from kvfs.config.objects import OBJECT_FIELDS, SafeLoader
-from kvfs.config.parameters import KNOWN_PARAMETERS, USER_PARAMETERS
+from kvfs.config.parameters import KNOWN_PARAMETERS, KUBELET_PREFIX, USER_PARAMETERS
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
 
     Names are case-sensitive, so a KEY that differs from a known parameter or a manifest key
     only in case would be silently ignored (and the manifest's value used): refused instead, as
-    is a KEY that is neither (a typo, or an object's field): it too would change nothing.
+    is an object's field. Another unknown KEY is taken, as a volumeAttribute would be, with a warning.
     """
     out = dict(params)
     for pair in pairs:
@@ -367,11 +367,13 @@ def _check_name(key: str, params: Mapping[str, str]) -> None:
             f"{field} is a field of one object, not a parameter",
             "set it in that object's entry under objects.array in the manifest",
         )
+    if key.startswith(KUBELET_PREFIX):
+        return  # kubelet's pod-info keys, as a volume's attributes carry them
+    # Taken, as a pod's volumeAttributes are (the mount contract), but said: it is likely a typo.
     close = difflib.get_close_matches(key, sorted({*USER_PARAMETERS, *params}), n=1)
-    raise ConfigError(
-        "--param",
-        f"{key}=...",
-        "is neither a parameter kvfs reads nor one the manifest sets, so it would change nothing",
+    log.warning(
+        "--param %s=...: neither a parameter kvfs reads nor one the manifest sets, so it changes nothing (%s)",
+        key,
         (f"did you mean {close[0]}? " if close else "") + "parameters: " + ", ".join(USER_PARAMETERS),
     )
 
