@@ -1,5 +1,6 @@
 # kvfs image: `kvfs mount` and the CSI node plugin + mounter (csi/base: kubectl apply -k csi/base).
-# The emulator (`pip install 'kvfs[emulator]'`) is for tests and demos and is not installed here.
+# The emulator (the `emulator` extra: `pip install '.[emulator]'` in a checkout) is for tests and
+# demos and is not installed here.
 #   docker build -t kvfs:0.1.0 .
 # Build stage: wheels for everything (pyfuse3 compiles against libfuse3).
 FROM python:3.11-slim AS build

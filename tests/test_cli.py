@@ -127,6 +127,13 @@ def test_param_in_the_wrong_case_is_refused_not_ignored(spc: Path, mnt: Path, ke
     assert "other-vault" not in line  # the key is named, not the value
 
 
+def test_param_naming_an_objects_field_is_refused(spc: Path, mnt: Path) -> None:
+    line = refused(kvfs_run("mount", "--spc", str(spc), "--param", "objectVersionHistory=other-vault", str(mnt)),
+                   "--param 'objectVersionHistory=...'", "objectVersionHistory is a field of one object, not a parameter",
+                   "under objects.array in the manifest")
+    assert "other-vault" not in line
+
+
 def test_param_in_the_right_case_overlays_the_manifest(spc: Path, mnt: Path) -> None:
     # the overlaid name reaches validation (and the manifest's valid "demo" is not used)
     refused(kvfs_run("mount", "--spc", str(spc), "--param", "keyvaultName=not.a.vault", str(mnt)),

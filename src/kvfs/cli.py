@@ -160,7 +160,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     from kvfs.config.parameters import parse_duration, parse_parameters
     from kvfs.config.spc import load_manifest, load_secrets_file, overlay
 
-    params = overlay(load_manifest(args.spc), args.param)
+    manifest = load_manifest(args.spc)
+    params = overlay(manifest.parameters, args.param)
     secrets = load_secrets_file(args.secrets) if args.secrets else None
     config = parse_parameters(params, secrets, context="cli")
     token_file = config.auth.sa_token_file
@@ -184,6 +185,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             else parse_duration(args.max_staleness, "--max-staleness")
         ),
         split_cert_key=config.split_cert_key or args.write_cert_and_key_in_separate_files,
+        secret_provider_class=config.secret_provider_class or manifest.name,
     )
 
 

@@ -135,7 +135,7 @@ class _LogOption(NamedTuple):
 _LEVEL = _LogOption("--log-level", "log level", LOG_LEVELS, "KVFS_LOG_LEVEL", "INFO", str.upper, "log verbosity")
 _FORMAT = _LogOption(
     "--log-format", "log format", LOG_FORMATS, "KVFS_LOG_FORMAT", "text", str.lower,
-    "text for people, json for log collectors (one object per line)",
+    "text for people, json (one object per line) for log collectors",
 )  # fmt: skip
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +17,7 @@ from azure.core.credentials import AccessToken as AzureAccessToken
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 from azure.identity import CredentialUnavailableError
 
-from kvfs.auth.default_chain import DefaultChainCredential
+from kvfs.auth.default_chain import DefaultChainCredential, summarize_chain_error
 from kvfs.config.model import CloudConfig
 from kvfs.errors import AuthError
 
@@ -107,19 +112,104 @@ async def test_exceptions_mapped(exc: Exception, code: str, err_no: int) -> None
     assert "az login" in str(caught.value)
 
 
-async def test_real_chain_explains_what_it_tried(monkeypatch, tmp_path) -> None:
-    """The real DefaultAzureCredential, limited to the environment credential (no network)."""
+class _NoIdentityImds(BaseHTTPRequestHandler):
+    """IMDS of a VM without a managed identity: every token request answers 400."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"error": "invalid_request", "error_description": "Identity not found"}).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def no_identity_imds() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoIdentityImds)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_real_chain_says_in_one_line_what_each_credential_lacked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_identity_imds: str
+) -> None:
+    """The real DefaultAzureCredential, whole chain, on a machine with nothing to sign in with: no
+    environment credentials, no az/azd/pwsh on PATH, an empty HOME, an IMDS with no identity."""
     for name in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_USERNAME",
-                 "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST", "AZURE_CLIENT_CERTIFICATE_PATH"):
+                 "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST", "AZURE_CLIENT_CERTIFICATE_PATH",
+                 "AZURE_TOKEN_CREDENTIALS", "IDENTITY_ENDPOINT", "MSI_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "EnvironmentCredential")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", no_identity_imds)
     cred = DefaultChainCredential(STACK, TENANT)
     with pytest.raises(AuthError) as caught:
         await cred.get_token(SCOPE)
-    assert "EnvironmentCredential" in str(caught.value)
-    assert caught.value.code == "default_chain_unavailable"
-    assert f"az login --tenant {TENANT}" in str(caught.value)
-    assert "https://localhost:8443" in str(caught.value)
-    assert "\n" not in str(caught.value)
     await cred.aclose()
+    message = str(caught.value)
+    assert caught.value.code == "default_chain_unavailable"
+    assert message.startswith(f"workstation sign-in failed (DefaultAzureCredential, authority https://localhost:8443,"
+                              f" tenant {TENANT}): tried EnvironmentCredential: ")
+    tried = message.split("): tried ", 1)[1].split(". Fix: ")[0]
+    clauses = dict(entry.split(": ", 1) for entry in tried.split("; "))
+    assert clauses["EnvironmentCredential"] == "Environment variables are not fully configured"
+    assert clauses["AzureCliCredential"] == "Azure CLI not found on path"
+    assert {"WorkloadIdentityCredential", "ManagedIdentityCredential", "SharedTokenCacheCredential",
+            "AzureDeveloperCliCredential"} <= set(clauses)
+    assert all(0 < len(why) <= 90 and "Credential" not in why for why in clauses.values())
+    assert "\n" not in message
+    for noise in ("http", "To mitigate", "Visit", "troubleshoot"):
+        assert noise not in tried
+    assert message.endswith(f"Fix: sign in with `az login --tenant {TENANT}`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID/"
+                            "AZURE_CLIENT_SECRET, or pass --secrets with clientid/clientsecret.")
+
+
+CHAIN_FAILED = (
+    "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+    "Attempted credentials:\n"
+    "\tEnvironmentCredential: EnvironmentCredential authentication unavailable. Environment variables are not"
+    " fully configured.\nVisit https://aka.ms/azsdk/python/identity/environmentcredential/troubleshoot to"
+    " troubleshoot this issue.\n"
+    "\tManagedIdentityCredential: ManagedIdentityCredential authentication unavailable, no response from the IMDS"
+    " endpoint.\n"
+    "\tSharedTokenCacheCredential\n"
+    "\tAzureCliCredential: ERROR: AADSTS700082: The refresh token has expired due to inactivity. The token was"
+    " issued on 2026-01-01.\nTrace ID: 0000 Correlation ID: 1111\nTo re-authenticate, please run:\naz login\n"
+    "To mitigate this issue, please refer to the troubleshooting guidelines here at"
+    " https://aka.ms/azsdk/python/identity/defaultazurecredential/troubleshoot."
+)
+
+
+def test_chain_message_becomes_one_clause_per_credential() -> None:
+    assert summarize_chain_error(CHAIN_FAILED) == (
+        "tried EnvironmentCredential: Environment variables are not fully configured;"
+        " ManagedIdentityCredential: no response from the IMDS endpoint;"
+        " SharedTokenCacheCredential: unavailable;"
+        " AzureCliCredential: AADSTS700082: The refresh token has expired due to inactivity"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Azure CLI not found on path", "Attempted credentials:\n\t: nameless", "x" * 500 + "\nsecond line"],
+    ids=["not-the-chain", "unparsable-chain", "long"],
+)
+def test_other_messages_are_one_bounded_line(text: str) -> None:
+    summary = summarize_chain_error(text)
+    assert "\n" not in summary and len(summary) <= 303
+    assert summary.startswith(text.splitlines()[0][:300].strip())
+
+
+async def test_chain_failure_code_and_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    cred = make(PUBLIC, FakeSync(ClientAuthenticationError(CHAIN_FAILED)), [])
+    with pytest.raises(AuthError) as caught:
+        await cred.get_token(SCOPE)
+    assert caught.value.code == "AADSTS700082"
+    assert "tried EnvironmentCredential: " in str(caught.value) and "Trace ID" not in str(caught.value)

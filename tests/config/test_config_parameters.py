@@ -387,8 +387,17 @@ def test_vault_name_rules(name: str, problem: str) -> None:
     )
 
 
-def test_vault_name_url_hint() -> None:
-    assert "not its URL" in csi_error(base(keyvaultName="https://kv.vault.azure.net/"), SP)
+@pytest.mark.parametrize(
+    ("given", "fix"),
+    [
+        ("https://my-vault.vault.azure.net/", "write keyvaultName: my-vault"),
+        ("kv1.vault.usgovcloudapi.net", "write keyvaultName: kv1"),
+        ("https://kv.vault.azure.net/", "for https://myvault.vault.azure.net/ write myvault"),  # "kv" is too short
+        ("https://my_vault.vault.azure.net", "for https://myvault.vault.azure.net/ write myvault"),
+    ],
+)
+def test_a_vault_url_is_answered_with_the_name_to_write(given: str, fix: str) -> None:
+    assert csi_error(base(keyvaultName=given), SP).endswith(f"(keyvaultName is the vault's name, not its URL: {fix})")
 
 
 def test_vault_name_checked_after_objects() -> None:

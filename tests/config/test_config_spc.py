@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def manifest_error(tmp_path: Path, text: str) -> str:
 
 
 def test_load_manifest_parameters_are_strings(tmp_path: Path) -> None:
-    params = load_manifest(write(tmp_path, SPC))
+    manifest = load_manifest(write(tmp_path, SPC))
+    assert manifest.name == "azure-kvname"
+    params = manifest.parameters
     assert params["usePodIdentity"] == "false"
     assert params["useVMManagedIdentity"] == "false"
     assert params["keyvaultName"] == "kvname"
@@ -73,7 +76,7 @@ def test_load_manifest_parameters_are_strings(tmp_path: Path) -> None:
 
 def test_manifest_end_to_end_with_overlay(tmp_path: Path) -> None:
     tenant = "contoso.onmicrosoft.com"
-    params = overlay(load_manifest(write(tmp_path, SPC)), ["keyvaultName=other-kv", f"tenantID={tenant}"])
+    params = overlay(load_manifest(write(tmp_path, SPC)).parameters, ["keyvaultName=other-kv", f"tenantID={tenant}"])
     app = "00000000-0000-0000-0000-0000000000a1"
     cfg = parse_parameters(params, {"clientid": app, "clientsecret": SECRET_VALUE}, context="cli")
     assert cfg.vault_url == "https://other-kv.vault.azure.net/"
@@ -86,20 +89,20 @@ def test_manifest_end_to_end_with_overlay(tmp_path: Path) -> None:
 
 def test_v1alpha1_and_missing_provider_accepted(tmp_path: Path) -> None:
     text = SPC.replace("/v1\n", "/v1alpha1\n").replace("  provider: azure\n", "")
-    assert load_manifest(write(tmp_path, text))["keyvaultName"] == "kvname"
+    assert load_manifest(write(tmp_path, text)).parameters["keyvaultName"] == "kvname"
 
 
 def test_multi_document_with_one_spc(tmp_path: Path) -> None:
     pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n"
     text = "---\n" + pod + "---\n" + SPC + "---\n"
-    assert load_manifest(write(tmp_path, text))["keyvaultName"] == "kvname"
+    assert load_manifest(write(tmp_path, text)).parameters["keyvaultName"] == "kvname"
 
 
 def test_kubectl_list_output(tmp_path: Path) -> None:
     import yaml
 
     doc = {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(SPC)]}
-    assert load_manifest(write(tmp_path, yaml.safe_dump(doc)))["keyvaultName"] == "kvname"
+    assert load_manifest(write(tmp_path, yaml.safe_dump(doc))).parameters["keyvaultName"] == "kvname"
 
 
 def test_two_spcs_refused(tmp_path: Path) -> None:
@@ -247,7 +250,7 @@ def test_a_bad_secret_object_is_named_with_the_fix_and_the_others_stay(entry: ob
 def test_kvfs_mount_says_it_ignores_secret_objects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "spc.yaml"
     path.write_text(json.dumps(_with_secret_objects([{"secretName": "s", "type": "Opaque", "data": []}])))
-    assert load_manifest(str(path)) == {"keyvaultName": "kv1"}
+    assert load_manifest(str(path)).parameters == {"keyvaultName": "kv1"}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
         f"{path}: spec.secretObjects is ignored by kvfs mount: only the CSI plugin syncs Kubernetes Secrets"
@@ -280,10 +283,42 @@ def test_overlay_refuses_a_name_that_differs_only_in_case(manifest: dict[str, st
     assert f"did you mean {meant}?" in str(info.value)
 
 
-def test_overlay_takes_exact_names_and_new_unknown_ones() -> None:
+def test_overlay_takes_exact_names_of_parameters_and_of_the_manifests_keys(caplog: pytest.LogCaptureFixture) -> None:
     manifest = {"tenantId": "t", "keyVaultName": "miscased-in-the-manifest"}
-    out = overlay(manifest, ["tenantID=u", "keyVaultName=v", "somethingNew=w"])
-    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "somethingNew": "w"}
+    pairs = ["tenantID=u", "keyVaultName=v", "csi.storage.k8s.io/pod.name=web-0", "csi.storage.k8s.io/ephemeral=true"]
+    out = overlay(manifest, pairs)
+    assert out == {"tenantId": "t", "tenantID": "u", "keyVaultName": "v", "csi.storage.k8s.io/pod.name": "web-0",
+                   "csi.storage.k8s.io/ephemeral": "true"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("pair", "hint"),
+    [("somethingNew=hidden-value", "parameters: keyvaultName,"),
+     ("refreshIntervall=hidden-value", "did you mean refreshInterval? parameters: ")],
+)
+def test_overlay_takes_an_unknown_name_as_volume_attributes_do_but_warns(
+    pair: str, hint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, value = pair.split("=")
+    assert overlay({"keyvaultName": "a"}, [pair]) == {"keyvaultName": "a", key: value}
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"--param {key}=...: neither a parameter kvfs reads nor one the manifest sets")
+    assert hint in warning and value not in warning
+
+
+@pytest.mark.parametrize(
+    ("pair", "problem", "fix"),
+    [
+        ("objectType=secret", "objectType is a field of one object, not a parameter", "under objects.array"),
+        ("objectversionhistory=2", "objectVersionHistory is a field of one object", "under objects.array"),
+    ],
+)
+def test_overlay_refuses_an_objects_field(pair: str, problem: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        overlay({"keyvaultName": "a"}, [pair])
+    assert info.value.field == "--param" and info.value.value == pair.split("=")[0] + "=..."
+    assert problem in info.value.problem and fix in info.value.fix
 
 
 @pytest.mark.parametrize("pair", ["novalue", "=hidden-value", " =hidden-value", ""])

@@ -172,6 +172,21 @@ def test_version_pinning_and_history(emu: Emulator, mounter: Mounter) -> None:
     assert read(mount.path / "pinned") == b"value 1"
 
 
+def test_a_class_without_objects_mounts_empty_and_says_so_once(emu: Emulator, mounter: Mounter) -> None:
+    """Upstream mounts `objects: array: []` as an empty folder without a word; kvfs mounts it too, with one warning."""
+    params = workload_parameters(emu)
+    assert params["objects"] == "array: []\n"
+    mount = mounter.start(params)
+    assert os.listdir(mount.path) == ["..data"]  # upstream's layout: the files again, here none
+    assert os.listdir(mount.path / "..data") == []
+    assert mount.stop() == 0
+    warnings = [line.split(" WARNING ", 1)[1] for line in mount.log().splitlines() if " WARNING " in line]
+    assert warnings == [
+        'kvfs.daemon.volume: SecretProviderClass "test": spec.parameters.objects lists no objects (its array is'
+        " empty), so the volume is empty (upstream mounts it empty too); add an entry per object to objects.array"
+    ]
+
+
 @pytest.mark.parametrize(
     ("objects", "expected"),
     [

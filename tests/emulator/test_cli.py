@@ -317,7 +317,7 @@ def test_without_the_web_stack_it_names_the_extra(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("kvfs emulator: hypercorn is not installed; install the emulator's extra: "
-                                   "pip install 'kvfs[emulator]'")
+                                   "pip install 'kvfs[emulator]' (in a kvfs checkout: pip install '.[emulator]')")
     assert not (tmp_path / "emu").exists()
 
 

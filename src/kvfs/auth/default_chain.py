@@ -40,6 +40,45 @@ _PUBLIC_AUTHORITY_HOSTS = frozenset(
 )
 
 
+_ATTEMPTED = "Attempted credentials:"
+_MITIGATE = "\nTo mitigate this issue"
+_ENTRY = re.compile(r"(\w+)(?:: ?(.*))?", re.S)
+_UNAVAILABLE = re.compile(r"^\w+ (authentication )?unavailable[.,:]?\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z'\"])")
+_URL = re.compile(r"https?://\S+")
+_ADVICE = re.compile(r"troubleshoot|\bvisit\b|\bsee the\b|for more information|you must also", re.I)
+_CLAUSE_MAX = 90
+_FALLBACK_MAX = 300
+
+
+def _clause(name: str, why: str) -> str:
+    """One credential's failure as one short clause: its first sentence that is neither a link
+    nor advice, without the credential's name repeated."""
+    why = " ".join(why.split()).removeprefix("ERROR: ")
+    why = _UNAVAILABLE.sub("", why).removeprefix(name + " ").strip()
+    sentences = [s for s in _SENTENCE_END.split(why) if not _URL.search(s) and not _ADVICE.search(s)]
+    clause = (sentences[0] if sentences else _URL.sub("", why)).strip().rstrip(".")
+    if len(clause) > _CLAUSE_MAX:
+        clause = clause[: _CLAUSE_MAX - 3].rstrip() + "..."
+    return clause or "unavailable"
+
+
+def summarize_chain_error(text: str) -> str:
+    """azure-identity's chain message (about 2 KB: every credential's reasons, links, advice) cut
+    to `tried A: why; B: why`; any other text one line, truncated.
+
+    The chain keeps its per-credential errors only in that text: "Attempted credentials:", then
+    "\\n\\t<credential>: <error>" per credential (an error may span lines), then a closing
+    "To mitigate this issue" paragraph.
+    """
+    _, found, attempts = text.partition(_ATTEMPTED)
+    entries = [_ENTRY.fullmatch(item.strip()) for item in attempts.split(_MITIGATE)[0].split("\n\t")[1:]]
+    if found and entries and all(entries):
+        return "tried " + "; ".join(f"{m.group(1)}: {_clause(m.group(1), m.group(2) or '')}" for m in entries if m)
+    one_line = " | ".join(line.strip() for line in text.splitlines() if line.strip()).rstrip(".")
+    return one_line if len(one_line) <= _FALLBACK_MAX else one_line[:_FALLBACK_MAX] + "..."
+
+
 def _host(authority: str) -> str:
     parsed = urlparse(authority if "://" in authority else "https://" + authority)
     return (parsed.hostname or "").lower()
@@ -162,15 +201,12 @@ class DefaultChainCredential:
         return AccessToken(token=token, expires_at=trio.current_time() + (expires_on - time.time()))
 
     def _message(self, what: str, exc: BaseException) -> str:
-        # The chain's text lists what each credential tried; keep all lines, minus any JWT.
         text = JWT_PATTERN.sub("<redacted-jwt>", str(exc)).strip()
-        text = " | ".join(line.strip() for line in text.splitlines() if line.strip()).rstrip(".")
-        if len(text) > 2000:
-            text = text[:2000] + "..."
+        log.debug("azure-identity's message: %s", text)
         return (
             f"{what} (DefaultAzureCredential, authority {self.authority}, tenant"
-            f" {self.tenant_id or '-'}): {text or safe_text(type(exc).__name__)}. Fix: sign in with"
-            f" `az login --tenant {self.tenant_id or '<tenantID>'}`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID/"
+            f" {self.tenant_id or '-'}): {summarize_chain_error(text) or safe_text(type(exc).__name__)}. Fix: sign in"
+            f" with `az login --tenant {self.tenant_id or '<tenantID>'}`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID/"
             "AZURE_CLIENT_SECRET, or pass --secrets with clientid/clientsecret."
         )
 

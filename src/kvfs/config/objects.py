@@ -64,7 +64,7 @@ _STRING_FIELDS = (
     "objectEncoding",
     "filePermission",
 )
-_FIELDS = (*_STRING_FIELDS, "objectVersionHistory")
+OBJECT_FIELDS = (*_STRING_FIELDS, "objectVersionHistory")
 _SHAPE_FIX = (
     "objects is a YAML mapping whose key `array` lists one `- |` text block per object,"
     " each holding e.g. objectName: my-secret and objectType: secret"
@@ -232,7 +232,7 @@ def _refuse_miscased(key: ScalarNode) -> None:
     """Unknown keys are ignored, as upstream does; one that differs from a field only in case
     is a typo that would silently drop the field (``objectname`` → "file name must not be empty",
     ``objectalias`` → the wrong file name), so it is named."""
-    meant = next((f for f in _FIELDS if f.lower() == key.value.lower()), None)
+    meant = next((f for f in OBJECT_FIELDS if f.lower() == key.value.lower()), None)
     if meant is not None:
         raise _UnmarshalError(
             f"line {_line(key)}: unknown field {key.value} (field names are case-sensitive)",

@@ -42,6 +42,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlparse
 
 from kvfs.config.clouds import resolve_cloud
 from kvfs.config.model import DEFAULT_REFRESH_INTERVAL, AuthConfig, AuthMode, MountConfig, RenderDefaults
@@ -50,6 +51,7 @@ from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+KUBELET_PREFIX = "csi.storage.k8s.io/"  # the pod-info keys kubelet adds to a volume's attributes
 POD_NAME_KEY = "csi.storage.k8s.io/pod.name"
 POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
 POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
@@ -72,11 +74,15 @@ _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Every parameter name kvfs reads, as written (names are case-sensitive, as upstream's are).
+# What a SecretProviderClass author sets (an unknown `--param` name is answered with this list).
+USER_PARAMETERS = (
+    "keyvaultName", "tenantID", "clientID", "cloudName", "cloudEnvFileName", "objects",
+    "usePodIdentity", "useVMManagedIdentity", "userAssignedIdentityID",
+    "writeCertAndKeyInSeparateFiles", "constructPEMChain", "refreshInterval", "maxStaleness",
+)  # fmt: skip
 KNOWN_PARAMETERS = frozenset(
     {
-        "keyvaultName", "tenantID", "tenantId", "clientID", "cloudName", "cloudEnvFileName", "objects",
-        "usePodIdentity", "useVMManagedIdentity", "useAzureTokenProxy", "userAssignedIdentityID",
-        "writeCertAndKeyInSeparateFiles", "constructPEMChain", "refreshInterval", "maxStaleness",
+        *USER_PARAMETERS, "tenantId", "useAzureTokenProxy",
         "secretProviderClass", POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY, SERVICE_ACCOUNT_NAME_KEY,
         SA_TOKENS_KEY, VOLUME_MOUNT_GROUP_KEY,
     }
@@ -178,9 +184,12 @@ def validate_vault_name(name: str) -> None:
             " end with a letter or digit and have no consecutive hyphens"
         )
         if "." in name or "/" in name:
+            host = urlparse(name if "://" in name else "https://" + name).hostname or ""
+            label = host.split(".")[0]
             fix = (
-                "keyvaultName is the vault's name, not its URL:"
-                " for https://myvault.vault.azure.net/ write myvault"
+                f"keyvaultName is the vault's name, not its URL: write keyvaultName: {label}"
+                if ".vault." in host and _VAULT_CHARS.match(label) and 3 <= len(label) <= 24
+                else "keyvaultName is the vault's name, not its URL: for https://myvault.vault.azure.net/ write myvault"
             )
         raise _upstream("keyvaultName", f'Invalid vault name: "{name}", {problem}', fix, name)
 

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
 import logging
 import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from yaml.nodes import ScalarNode
 
 from kvfs.config.model import SecretObject, SecretObjectData
-from kvfs.config.objects import SafeLoader
-from kvfs.config.parameters import KNOWN_PARAMETERS
+from kvfs.config.objects import OBJECT_FIELDS, SafeLoader
+from kvfs.config.parameters import KNOWN_PARAMETERS, KUBELET_PREFIX, USER_PARAMETERS
 from kvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,15 @@ def _yaml_position(exc: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1} column {mark.column + 1}"
 
 
-def load_manifest(path: str) -> dict[str, str]:
-    """`spec.parameters` of the one SecretProviderClass in a YAML file (multi-document ok)."""
+class Manifest(NamedTuple):
+    """The one SecretProviderClass of a manifest file: its name (for messages) and `spec.parameters`."""
+
+    name: str
+    parameters: dict[str, str]
+
+
+def load_manifest(path: str) -> Manifest:
+    """The one SecretProviderClass in a YAML file (multi-document ok)."""
     text = _read_text(path, "SecretProviderClass manifest", "--spc")
     try:
         docs = [d for d in yaml.load_all(text, Loader=_RawScalarLoader) if d is not None]
@@ -127,7 +135,7 @@ def load_manifest(path: str) -> dict[str, str]:
             " (kvfs csi node --sync-secrets)",
             path,
         )
-    return spc_parameters(spcs[0], source=path)
+    return Manifest(_spc_name(spcs[0]), spc_parameters(spcs[0], source=path))
 
 
 def _spc_name(obj: Mapping[str, Any]) -> str:
@@ -319,7 +327,8 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
     """Apply `--param KEY=VALUE` pairs over `params`; like volumeAttributes, the overlay wins.
 
     Names are case-sensitive, so a KEY that differs from a known parameter or a manifest key
-    only in case would be silently ignored (and the manifest's value used): refused instead.
+    only in case would be silently ignored (and the manifest's value used): refused instead, as
+    is an object's field. Another unknown KEY is taken, as a volumeAttribute would be, with a warning.
     """
     out = dict(params)
     for pair in pairs:
@@ -333,12 +342,12 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
                 "expected KEY=VALUE",
                 "e.g. --param keyvaultName=myvault; parameter names are case-sensitive",
             )
-        _check_case(key, params)
+        _check_name(key, params)
         out[key] = value
     return out
 
 
-def _check_case(key: str, params: Mapping[str, str]) -> None:
+def _check_name(key: str, params: Mapping[str, str]) -> None:
     if key in KNOWN_PARAMETERS or key in params:
         return
     meant = sorted({name for name in (*KNOWN_PARAMETERS, *params) if name.lower() == key.lower()})
@@ -350,6 +359,23 @@ def _check_case(key: str, params: Mapping[str, str]) -> None:
             f"parameter names are case-sensitive: {key} is not {' or '.join(meant)}, which {where}",
             f"did you mean {' or '.join(meant)}? write --param {meant[0]}=...",
         )
+    field = next((name for name in OBJECT_FIELDS if name.lower() == key.lower()), "")
+    if field:
+        raise ConfigError(
+            "--param",
+            f"{key}=...",
+            f"{field} is a field of one object, not a parameter",
+            "set it in that object's entry under objects.array in the manifest",
+        )
+    if key.startswith(KUBELET_PREFIX):
+        return  # kubelet's pod-info keys, as a volume's attributes carry them
+    # Taken, as a pod's volumeAttributes are (the mount contract), but said: it is likely a typo.
+    close = difflib.get_close_matches(key, sorted({*USER_PARAMETERS, *params}), n=1)
+    log.warning(
+        "--param %s=...: neither a parameter kvfs reads nor one the manifest sets, so it changes nothing (%s)",
+        key,
+        (f"did you mean {close[0]}? " if close else "") + "parameters: " + ", ".join(USER_PARAMETERS),
+    )
 
 
 def load_secrets_file(path: str) -> dict[str, str]:

@@ -130,6 +130,20 @@ def serve_volume(
             stop_metrics()
 
 
+def empty_volume_warning(config: MountConfig) -> str:
+    """The warning for a volume with no objects: upstream mounts it empty without a word, which
+    reads as "kvfs lost my secrets" until someone looks at the class."""
+    if config.secret_provider_class:
+        where = f'SecretProviderClass "{config.secret_provider_class}"'
+        where += f' in namespace "{config.pod_namespace}"' if config.pod_namespace else ""
+    else:
+        where = "the volume's parameters"
+    return (
+        f"{where}: spec.parameters.objects lists no objects (its array is empty), so the volume is empty"
+        " (upstream mounts it empty too); add an entry per object to objects.array"
+    )
+
+
 class Volume:
     """One mounted volume: its layers, its FUSE session, and the answers to its control socket."""
 
@@ -184,6 +198,8 @@ class Volume:
 
     async def run(self) -> int:
         log.info("mount config: %s", self.config.summary())
+        if not self.config.objects:
+            log.warning("%s", empty_volume_warning(self.config))
         async with AsyncExitStack() as stack:
             http = make_http_client(transport=CountingTransport(make_transport(), self.config.vault_url, self.counters))
             stack.push_async_callback(http.aclose)

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # the server stack is imported only when the emulator runs: `
 
 log = logging.getLogger(__name__)
 
+# An installed kvfs and a source checkout take the extra differently; name both.
+EXTRA_INSTALL = "pip install 'kvfs[emulator]' (in a kvfs checkout: pip install '.[emulator]')"
+
 DESCRIPTION = """\
 Serve an emulated Azure Key Vault (secrets, keys, certificates) and Entra ID (token endpoint,
 OIDC issuer for service account tokens, IMDS, NMI) on loopback over HTTPS with a generated CA.
@@ -94,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         import hypercorn  # noqa: F401
         import starlette  # noqa: F401
     except ImportError as err:
-        print(f"kvfs emulator: {err.name or 'its web stack'} is not installed; "
-              "install the emulator's extra: pip install 'kvfs[emulator]'", file=sys.stderr)
+        print(f"kvfs emulator: {err.name or 'its web stack'} is not installed; install the emulator's extra:"
+              f" {EXTRA_INSTALL}", file=sys.stderr)
         return 2
     import trio
 
