@@ -195,7 +195,9 @@ class PodStatuses:
 
         def merge(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None:
-                return None  # not created (yet, or any more): the volume is being published or unpublished
+                # not created (yet, or any more): the volume is being published or unpublished, or
+                # someone deleted it, and the next republish check or rotation's sync makes it again
+                return None
             status = current.setdefault("status", {})
             known = {str(o.get("id")): str(o.get("version")) for o in status.get("objects") or [] if isinstance(o, dict)}
             versions = served_versions(known, events)
@@ -208,8 +210,9 @@ class PodStatuses:
 
     def _existing(self, state: VolumeState) -> dict[str, Any] | None:
         """The volume's status object, made again when it is gone; None when it can be neither read nor made."""
+        name = self.name(state)
         try:
-            obj: dict[str, Any] | None = self._kube().get_object(SPC_POD_STATUSES, state.pod_namespace, self.name(state))
+            obj: dict[str, Any] | None = self._kube().get_object(SPC_POD_STATUSES, state.pod_namespace, name)
         except KubeError as exc:
             if exc.status != 404:
                 self._failed("read", state, exc)

@@ -83,7 +83,8 @@ class SecretSync:
         self._sync(state, None)
 
     def republished(self, state: VolumeState) -> None:
-        """Sync again after a failure, or when the pod's status object was made again (its Secrets went with the old one)."""
+        """Sync again after a failure, or when the pod's status object was made again (its Secrets
+        went with the old one)."""
         with self._lock:
             again = state.target_path in self._retry
         if self.statuses.renewed(state) or again:
@@ -141,7 +142,8 @@ class SecretSync:
                 if owner is None:
                     raise SyncFailed(
                         f"Secret {obj.secret_name}: not synced: the pod's SecretProviderClassPodStatus, its owner,"
-                        " does not exist (see the plugin's log); kvfs tries again at the next republish"
+                        " could be neither read nor made (the plugin's log says why); kvfs tries again at the"
+                        " next republish"
                     )
                 unread = [f"{f} ({errors[f].get('message') or errors[f].get('code')})" for f in obj.files if f in errors]
                 if unread:
