@@ -608,8 +608,12 @@ class FakeKube:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         """The pod goes away (kubelet done) and the garbage collector runs."""
+        self.delete("pods", namespace, name)
+
+    def delete(self, plural: str, namespace: str, name: str) -> None:
+        """Someone else deletes the object (an admin's kubectl delete) and the garbage collector runs."""
         with self.lock:
-            del self.objects[("pods", namespace, name)]
+            del self.objects[(plural, namespace, name)]
             self.collect_garbage()
 
     def collect_garbage(self) -> list[tuple[str, str, str]]:

@@ -287,8 +287,8 @@ def refused(node: Node, pod: Pod) -> grpc.RpcError:
 
 
 def test_a_mounter_whose_fork_fails_refuses_that_publish_cleanly_and_keeps_serving(node: Node) -> None:
-    """A zygote that cannot fork (pids.max) and a mounter out of file descriptors (RLIMIT_NOFILE, at
-    each step that needs one): each publish fails with RESOURCE_EXHAUSTED naming what failed and the
+    """A zygote that cannot fork (pids.max), a mounter out of file descriptors (RLIMIT_NOFILE, at
+    each step that needs one) and a zygote out of them: each publish fails with RESOURCE_EXHAUSTED naming what failed and the
     limit; the mounted volumes keep serving; once the limit is lifted the same mounter publishes."""
     mounter_id = node.start_mounter()
     mounter = node.mounters[mounter_id].pid
@@ -309,6 +309,11 @@ def test_a_mounter_whose_fork_fails_refuses_that_publish_cleanly_and_keeps_servi
             error = refused(node, pod)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (free, error.details())
         assert step in error.details() and "EMFILE" in error.details() and "RLIMIT_NOFILE" in error.details()
+    with free_fds(zygote, 3):  # the zygote gets only some of a fork command's 4 fds
+        error = refused(node, pod)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "receiving the daemon's file descriptors" in error.details() and "EMFILE" in error.details()
+    assert "the mounter's zygote ran out of file descriptors" in error.details()
 
     for other in serving:
         assert read_secret(other) == other.value

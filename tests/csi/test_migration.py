@@ -39,6 +39,7 @@ from csi_harness import (
 )
 from fakekube import FakeKube
 from kvfs.config.model import RenderDefaults
+from kvfs.csi.podstatus import CHECK_INTERVAL
 from kvfs.emulator.server import Emulator, EmulatorThread
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")]
@@ -259,6 +260,8 @@ def traditional_key(key: Any) -> bytes:
     )
 
 
+STATUSES = "secretproviderclasspodstatuses"
+
 SYNCED = [
     {
         "secretName": "db",
@@ -441,3 +444,59 @@ def test_a_pod_gone_without_unpublish_takes_its_status_and_last_secret_along(nod
     assert pod_status(world, pods[1]) is None and secret(world, "gc", "gc-copy") is None
     for pod in pods:  # kubelet's late unpublish finds nothing left to release
         node.unpublish(pod)
+
+
+def test_a_status_object_deleted_under_a_running_pod_is_made_again_with_its_secret(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin (or a CRD removed during a switch-over) deletes a mounted pod's status object, and
+    the garbage collector the Secret only it owned. A republish makes both again once CHECK_INTERVAL
+    has passed since the status was last seen; a rotation's sync at once."""
+    world = node.world
+    first = world.emu.set_secret(VAULT, "renew-src", "one")
+    world.kube.add("secretproviderclasses", {
+        "apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+        "metadata": {"name": "renew", "namespace": "renew"},
+        "spec": {"provider": "azure",
+                 "parameters": world.parameters({"objectName": "renew-src", "objectType": "secret"}, refreshInterval="1s"),
+                 "secretObjects": [{"secretName": "renew-copy", "type": "Opaque",
+                                    "data": [{"objectName": "renew-src", "key": "value"}]}]},
+    })  # fmt: skip
+    pod = world.pod("renew", "renew-1", "renew")
+    world.kube.add_pod("renew", pod.name, uid=pod.uid)
+    now = [0.0]
+    monkeypatch.setattr(node.volumes.statuses, "clock", lambda: now[0])
+    node.publish(pod)  # the status is seen at 0
+    node.watch_until(
+        lambda: pod_status(world, pod)["status"]["objects"] == [{"id": "secret/renew-src", "version": first}],
+        "the status to list what was served",
+    )
+    name = f"{pod.name}-renew-renew"
+
+    world.kube.delete(STATUSES, "renew", name)
+    assert secret(world, "renew", "renew-copy") is None  # collected with its only owner
+    asked = len(world.kube.requests)
+    now[0] += CHECK_INTERVAL - 1
+    node.publish(pod)  # too soon to check
+    assert not [r for r in world.kube.requests[asked:] if STATUSES in r.path] and pod_status(world, pod) is None
+    now[0] += 1
+    node.publish(pod)
+    status = pod_status(world, pod)
+    assert status is not None and status["status"]["objects"] == [{"id": "secret/renew-src", "version": first}]
+    assert status["status"]["targetPath"] == pod.target and status["metadata"]["ownerReferences"][0]["uid"] == pod.uid
+    assert data_of(secret(world, "renew", "renew-copy")) == {"value": b"one"}
+    assert owners(secret(world, "renew", "renew-copy")) == [f"SecretProviderClassPodStatus/{name}"]
+
+    world.kube.delete(STATUSES, "renew", name)  # again, and then the secret rotates: no republish needed
+    second = world.emu.set_secret(VAULT, "renew-src", "two")
+    node.watch_until(
+        lambda: (s := secret(world, "renew", "renew-copy")) is not None and data_of(s) == {"value": b"two"},
+        "the rotation's sync to make the Secret again",
+    )
+    status = pod_status(world, pod)
+    assert status is not None and status["status"]["objects"] == [{"id": "secret/renew-src", "version": second}]
+    assert [r["uid"] for r in secret(world, "renew", "renew-copy")["metadata"]["ownerReferences"]] == [
+        status["metadata"]["uid"]
+    ]
+    node.unpublish(pod)
+    assert pod_status(world, pod) is None and secret(world, "renew", "renew-copy") is None

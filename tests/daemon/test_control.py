@@ -35,6 +35,7 @@ from kvfs.daemon.control import (
     Refused,
     Request,
     parse_request,
+    listen_for_mount,
     socket_path_for,
 )
 from kvfs.daemon.events import EventKind, EventRing
@@ -338,3 +339,39 @@ def test_a_mounts_socket_path_depends_on_the_mountpoint_only(tmp_path: Any) -> N
     assert socket_path_for(str(tmp_path / "link" / "mnt")) == socket_path_for(str(tmp_path / "real" / "mnt") + "/")
     assert socket_path_for(str(tmp_path / "real" / "a")) != socket_path_for(str(tmp_path / "real" / "b"))
     assert socket_path_for("/x").startswith("/run/kvfs/" if os.geteuid() == 0 else "/")
+
+
+def _stale_socket(path: str) -> None:
+    """A socket file nobody listens on: what a killed mount leaves."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.close()
+
+
+def test_a_new_mount_removes_the_sockets_of_killed_mounts_and_nothing_else(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tempfile.mkdtemp(prefix="kvfsrun-", dir="/tmp")  # short: unix socket paths are limited
+    try:
+        monkeypatch.setattr("kvfs.daemon.control.runtime_dir", lambda: folder)
+        names = {what: f"{i:024x}.sock" for i, what in enumerate(["stale", "live", "link", "plain", "other"])}
+        path = {what: os.path.join(folder, name) for what, name in names.items()}
+        _stale_socket(path["stale"])
+        live = jsonline.listen(path["live"], backlog=1)  # a mount that serves (or hangs): it listens
+        _stale_socket(os.path.join(folder, "kept.sock"))  # not a name kvfs gives
+        os.symlink(os.path.join(folder, "kept.sock"), path["link"])  # never followed, never removed
+        open(path["plain"], "w").close()  # not a socket
+        _stale_socket(path["other"])
+        if os.geteuid() == 0:
+            os.lchown(path["other"], 4242, 4242)  # another user's
+        with caplog.at_level(logging.INFO, logger="kvfs.daemon.control"):
+            sock, made = listen_for_mount(str(tmp_path / "mnt"))
+        sock.close()
+        live.close()
+        left = set(os.listdir(folder))
+        assert names["stale"] not in left
+        assert {names["live"], names["link"], names["plain"], "kept.sock", os.path.basename(made)} <= left
+        assert (names["other"] in left) is (os.geteuid() == 0)  # as root it is another user's: kept
+        assert f"removed {1 if os.geteuid() == 0 else 2} control socket(s) of killed kvfs mounts" in caplog.text
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

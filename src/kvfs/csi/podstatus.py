@@ -9,7 +9,12 @@ name (`<pod>-<namespace>-<class>`), node label and fields (kvfs.csi.kube.spc_pod
   rotation (`rotated`) set its `{id, version}`; ids are upstream's, `<type>/<name>`, and
   `<type>/<name>/<index>` for each entry of a history folder;
 - deleted at unpublish. It is owned by its pod, so the garbage collector removes it with the pod
-  when kvfs cannot (the node went away).
+  when kvfs cannot (the node went away);
+- made again when it goes while its volume stays mounted (an admin deleted it, or the CRD was
+  removed and applied again during a switch-over): found at a republish (kubelet's periodic call,
+  at most once per CHECK_INTERVAL) or at once by a rotation's Secret sync, and written with the
+  versions the daemon's event ring still holds. Synced Secrets the garbage collector took with it
+  are then synced again (kvfs.csi.sync).
 
 Always on: the base RBAC grants it, and Secret sync (kvfs.csi.sync) hangs its Secrets on these
 objects. An API failure never fails a volume: it is logged once (again after a success), and a
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +40,10 @@ from kvfs.csi.kube import (
 from kvfs.csi.state import VolumeState
 
 log = logging.getLogger(__name__)
+
+# seconds between a republish's checks that a volume's status object still exists: one GET per volume
+# at most this often (kubelet republishes every minute or two), as upstream's Secret sync requeues
+CHECK_INTERVAL = 300.0
 
 
 class OnceLog:
@@ -88,22 +98,34 @@ def served_versions(known: Mapping[str, str], events: Sequence[Mapping[str, Any]
 class PodStatuses:
     """Writes the SecretProviderClassPodStatus of each volume; a volume hook and an event subscriber."""
 
-    def __init__(self, kube: Callable[[], KubeClient], node_id: str) -> None:
+    def __init__(
+        self,
+        kube: Callable[[], KubeClient],
+        node_id: str,
+        *,
+        history: Callable[[VolumeState], Sequence[Mapping[str, Any]]] = lambda state: (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`history(state)` is every event the volume's daemon still holds (empty when it cannot
+        tell): what a status made again lists as served."""
         self._kube = kube
         self.node_id = node_id
+        self._history = history
+        self.clock = clock
         self._log = OnceLog(log)
         self._missing: set[str] = set()  # targets whose status could not be created yet
+        self._checked: dict[str, float] = {}  # target → when its status was last seen or written
+        self._renewed: set[str] = set()  # targets whose status was made again: their Secrets are synced again
         self._lock = threading.Lock()
 
     def name(self, state: VolumeState) -> str:
         return spc_pod_status_name(pod_ref(state), state.secret_provider_class)
 
     def owner_reference(self, state: VolumeState) -> dict[str, Any] | None:
-        """The status object as an owner (of synced Secrets), or None when it does not exist."""
-        try:
-            obj = self._kube().get_object(SPC_POD_STATUSES, state.pod_namespace, self.name(state))
-        except KubeError as exc:
-            self._failed("read", state, exc)
+        """The status object as an owner (of synced Secrets), made again if it went; None when it can
+        be neither read nor made. Only for a volume that is published (its lock held)."""
+        obj = self._existing(state)
+        if obj is None:
             return None
         return {
             "apiVersion": SPC_POD_STATUSES.group_version,
@@ -125,19 +147,35 @@ class PodStatuses:
         with self._lock:
             if written:
                 self._missing.discard(state.target_path)
+                self._checked[state.target_path] = self.clock()
             else:
                 self._missing.add(state.target_path)
 
     def republished(self, state: VolumeState) -> None:
-        """kubelet's periodic call: creates a status that the publish could not (no call otherwise)."""
+        """kubelet's periodic call: creates a status that the publish could not, and checks, at most
+        once per CHECK_INTERVAL, that the status still exists (no API call otherwise)."""
+        if not applies(state):
+            return
         with self._lock:
             missing = state.target_path in self._missing
+            due = self.clock() - self._checked.get(state.target_path, float("-inf")) >= CHECK_INTERVAL
         if missing:
             self.published(state)
+        elif due:
+            self._existing(state)
+
+    def renewed(self, state: VolumeState) -> bool:
+        """Whether the status was made again since the last call: the Secrets it owned are gone."""
+        with self._lock:
+            renewed = state.target_path in self._renewed
+            self._renewed.discard(state.target_path)
+        return renewed
 
     def unpublished(self, state: VolumeState) -> None:
         with self._lock:
             self._missing.discard(state.target_path)
+            self._checked.pop(state.target_path, None)
+            self._renewed.discard(state.target_path)
         if not applies(state):
             return
         try:
@@ -157,7 +195,9 @@ class PodStatuses:
 
         def merge(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None:
-                return None  # not created (yet, or any more): the volume is being published or unpublished
+                # not created (yet, or any more): the volume is being published or unpublished, or
+                # someone deleted it, and the next republish check or rotation's sync makes it again
+                return None
             status = current.setdefault("status", {})
             known = {str(o.get("id")): str(o.get("version")) for o in status.get("objects") or [] if isinstance(o, dict)}
             versions = served_versions(known, events)
@@ -167,6 +207,60 @@ class PodStatuses:
             return current
 
         self._write(volume, "update", merge)
+
+    def _existing(self, state: VolumeState) -> dict[str, Any] | None:
+        """The volume's status object, made again when it is gone; None when it can be neither read nor made."""
+        name = self.name(state)
+        try:
+            obj: dict[str, Any] | None = self._kube().get_object(SPC_POD_STATUSES, state.pod_namespace, name)
+        except KubeError as exc:
+            if exc.status != 404:
+                self._failed("read", state, exc)
+                return None
+            obj = self._recreate(state)
+        else:
+            self._log.succeeded("read")
+        if obj is not None:
+            with self._lock:
+                self._missing.discard(state.target_path)
+                self._checked[state.target_path] = self.clock()
+        return obj
+
+    def _recreate(self, state: VolumeState) -> dict[str, Any] | None:
+        """Write the status of a mounted volume again, with the versions its daemon served."""
+        versions = served_versions({}, self._history(state))
+        body = spc_pod_status_body(
+            pod_ref(state),
+            state.secret_provider_class,
+            node_id=self.node_id,
+            target_path=state.target_path,
+            objects=versions,
+        )
+        made: list[bool] = []
+
+        def create(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            made[:] = [current is None]
+            return body if current is None else None  # another writer made it meanwhile: leave theirs
+
+        try:
+            obj = self._kube().read_modify_write(SPC_POD_STATUSES, state.pod_namespace, self.name(state), create)
+        except KubeError as exc:
+            self._failed("create", state, exc)
+            return None
+        self._log.succeeded("create")
+        if made == [True]:
+            log.warning(
+                "SecretProviderClassPodStatus %s/%s was deleted while pod %s still mounts the volume: made it again"
+                " (listing %d object version(s) its daemon served)",
+                state.pod_namespace,
+                self.name(state),
+                state.pod,
+                len(versions),
+                extra={"volume": state.volume_id, "pod": state.pod},
+            )
+            with self._lock:
+                self._renewed.add(state.target_path)
+        return obj
 
     def _write(
         self, state: VolumeState, what: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]

@@ -17,6 +17,9 @@ namespace is created or updated with the bytes of the files it names (kvfs.csi.s
 - Failures (an API error, a file that cannot be read, an entry that is not valid) are Warning
   events (`SecretSyncFailed`) and log lines; they never fail the volume or the publish. A sync that
   failed is tried again at the pod's next republish (kubelet's periodic call).
+- A status object deleted while its pod runs (and with it, by the garbage collector, the Secrets
+  only it owned) is made again by the next rotation's sync or republish check
+  (kvfs.csi.podstatus), and then every Secret of the class is synced again.
 """
 
 from __future__ import annotations
@@ -80,9 +83,11 @@ class SecretSync:
         self._sync(state, None)
 
     def republished(self, state: VolumeState) -> None:
+        """Sync again after a failure, or when the pod's status object was made again (its Secrets
+        went with the old one)."""
         with self._lock:
             again = state.target_path in self._retry
-        if again:
+        if self.statuses.renewed(state) or again:
             self._sync(state, None)
 
     def unpublished(self, state: VolumeState) -> None:
@@ -122,20 +127,23 @@ class SecretSync:
         if not applies(state):
             return
         objects = self._secret_objects(state, report=True)
-        if objects is not None and rotated is not None:
-            objects = [o for o in objects if any(_shows(file, name) for file in o.files for name in rotated)]
         if not objects:
             self._remember(state, failed=objects is None)  # a class that cannot be read: try again
             return
+        owner = self.statuses.owner_reference(state)  # made again if it went, and then
+        if rotated is not None and not self.statuses.renewed(state):  # every Secret it owned went too
+            objects = [o for o in objects if any(_shows(file, name) for file in o.files for name in rotated)]
+            if not objects:
+                return
         failed = False
-        owner = self.statuses.owner_reference(state)
         files, errors = self._fetch(state, sorted({f for o in objects for f in o.files})) if owner else ({}, {})
         for obj in objects:
             try:
                 if owner is None:
                     raise SyncFailed(
                         f"Secret {obj.secret_name}: not synced: the pod's SecretProviderClassPodStatus, its owner,"
-                        " does not exist (see the plugin's log); kvfs tries again at the next republish"
+                        " could be neither read nor made (the plugin's log says why); kvfs tries again at the"
+                        " next republish"
                     )
                 unread = [f"{f} ({errors[f].get('message') or errors[f].get('code')})" for f in obj.files if f in errors]
                 if unread:

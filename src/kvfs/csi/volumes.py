@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from kvfs.config.model import RenderDefaults
 from kvfs.config.parameters import DEFAULT_CLOUD_ENV_DIR, VOLUME_MOUNT_GROUP_KEY, parse_parameters, token_for_audience
@@ -137,7 +137,7 @@ class Volumes:
         self._foreign: set[str] = set()  # targets holding another driver's mount, already logged
         self.recorder = EventRecorder(self.kube, config.node_id)  # Warning events on pods
         self.failures = FailedVolumes(self.store, self.recorder, self.kube, restart_pods=config.restart_failed_pods)
-        self.statuses = PodStatuses(self.kube, config.node_id)
+        self.statuses = PodStatuses(self.kube, config.node_id, history=self._history)
         self.hooks: list[VolumeHook] = [self.statuses]  # in publish order; unpublish goes backwards
         sync = []
         if config.sync_secrets:
@@ -505,6 +505,15 @@ class Volumes:
     def _fetching(self, state: VolumeState) -> ControlClient:
         """The daemon's client for `fetch`, which may wait for Key Vault."""
         return self._control(state, timeout=FETCH_TIMEOUT)
+
+    def _history(self, state: VolumeState) -> list[dict[str, Any]]:
+        """Every event the volume's daemon still holds; none when it does not answer."""
+        try:
+            events = self._control(state, timeout=2.0).events(0).get("events")
+        except jsonline.ProtocolError as exc:
+            log.debug("volume %s: no event history: %s", state.volume_id, exc)
+            return []
+        return [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
 
     def _control(self, state: VolumeState, *, timeout: float) -> ControlClient:
         """The client of the volume's daemon (kvfs.daemon.control), on the socket in the state folder."""

@@ -10,6 +10,9 @@ shared with every fork), and then serves fork commands on the socket the mounter
                       + fds (SCM_RIGHTS): fuse connection, control socket, ready pipe, config socket
     zygote → mounter  {"ok": true, "pid": PID}  or  {"ok": false, "error": TEXT[, "code": GRPC_CODE]}
 
+A fork that fails, or a command whose fds the kernel dropped (the zygote is out of file
+descriptors), is refused with RESOURCE_EXHAUSTED; the zygote serves on.
+
 Nothing in a fork command is secret. The child reads its volume's configuration (parameters,
 secrets, environment, cloud env folder, node-identity flag) from the config socket, which the
 mounter writes only after the fork; it prepares as root, drops to the volume's own uid and gid,
@@ -61,23 +64,32 @@ class Zygote:
             if not select.select([self.sock], [], [], 1.0)[0]:
                 continue
             try:
-                message = self.reader.read(10.0)
+                try:
+                    message = self.reader.read(10.0)
+                except jsonline.FdsDropped as exc:
+                    reply = self._refuse_dropped(exc)
+                else:
+                    reply = self._fork(message, self.reader.fds)
+                finally:
+                    self.reader.close_fds()  # the child has its own copies: keep none here
             except jsonline.ProtocolError as exc:
                 # the mounter is gone (or broken): its daemons keep serving without us
                 log.info("zygote stopping: %s", exc)
-                self.reader.close_fds()
                 return 0
-            fds, self.reader.fds = self.reader.fds, []
-            try:
-                reply = self._fork(message, fds)
-            finally:
-                for fd in fds:  # the child has its own copies: keep none here
-                    jsonline.close_quietly(fd)
             try:
                 jsonline.send(self.sock, reply)
             except OSError as exc:
                 log.info("zygote stopping: the mounter went away (%s)", exc)
                 return 0
+
+    def _refuse_dropped(self, exc: jsonline.FdsDropped) -> dict[str, Any]:
+        """Out of file descriptors, the kernel dropped a fork command's fds: that volume fails
+        (RESOURCE_EXHAUSTED), and the command, read to its end, is not run; the zygote serves on."""
+        self.reader.close_fds()
+        self.reader.read(10.0)
+        code, text = syscalls.failure("receiving the daemon's file descriptors", exc.cause, "mounter's zygote")
+        log.error("%s", text)
+        return {"ok": False, "error": text, "code": code}
 
     def _fork(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         try:

@@ -24,17 +24,23 @@ the volume's own identity. Only the plugin (root) and the daemon's own uid can c
 Where the socket is: in CSI, `<state dir>/volumes/<key>/control.sock`, made by the plugin; for
 `kvfs mount`, `socket_path_for(MOUNTPOINT)` (0600, in `/run/kvfs/` for root, else in
 `$XDG_RUNTIME_DIR/kvfs/`), advertised as the mount root's extended attribute `user.kvfs.control`.
+A killed `kvfs mount` cannot remove its socket: each new one first removes the sockets in that
+folder that nobody listens on any more (sweep_stale_sockets).
 """
 
 from __future__ import annotations
 
 import enum
+import errno
+import fcntl
 import hashlib
 import logging
 import os
 import base64
 import binascii
+import re
 import socket
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -383,11 +389,65 @@ def socket_path_for(mountpoint: str) -> str:
 
 
 def listen_for_mount(mountpoint: str) -> tuple[socket.socket, str]:
-    """The listening control socket of a `kvfs mount` and its path; OSError or AddressInUse if impossible."""
+    """The listening control socket of a `kvfs mount` and its path, after removing the stale
+    sockets of killed mounts; OSError or AddressInUse if impossible.
+
+    The folder is locked (flock) while sockets are swept and this one is bound and made to listen:
+    a sweep never sees a socket that is bound but not listening yet."""
     path = socket_path_for(mountpoint)
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    info = os.lstat(folder)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise PermissionError(f"{folder} must belong to uid {os.geteuid()} and be private (mode 0700)")
-    return jsonline.listen(path, backlog=16), path
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{folder} must belong to uid {os.geteuid()} and be private (mode 0700)")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        removed = sweep_stale_sockets(folder, keep=os.path.basename(path))
+        if removed:
+            log.info("removed %d control socket(s) of killed kvfs mounts from %s", len(removed), folder)
+        return jsonline.listen(path, backlog=16), path
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+_SOCKET_NAME = re.compile(r"[0-9a-f]{24}\.sock")  # socket_path_for's names
+
+
+def sweep_stale_sockets(folder: str, *, keep: str = "") -> list[str]:
+    """Remove the sockets in `folder` (socket_path_for's names, this user's, not `keep`) that refuse
+    connections: no process listens there any more, so the mount they served is gone or dead. A
+    symlink, another file type or a socket that accepts, times out or is replaced meanwhile stays.
+    The names removed. The caller holds the folder's lock (listen_for_mount)."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if name == keep or not _SOCKET_NAME.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(before.st_mode) or before.st_uid != os.geteuid() or not _refuses(path):
+            continue
+        try:
+            after = os.lstat(path)
+            if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _refuses(path: str) -> bool:
+    """True when connecting to the unix socket at `path` is refused: nobody listens on it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return exc.errno == errno.ECONNREFUSED
+    finally:
+        probe.close()
+    return False

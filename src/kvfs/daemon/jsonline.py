@@ -110,11 +110,11 @@ class LineReader:
         except OSError as exc:
             raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
         self.fds.extend(fds)
+        self.buf += data  # kept when fds were dropped: the reader may refuse that message and read on
         if flags & socket.MSG_CTRUNC:
             raise FdsDropped()
         if not data:
             raise ProtocolError(f"connection closed before a full {what}")
-        self.buf += data
 
     def close_fds(self) -> None:
         for fd in self.fds:
