@@ -15,6 +15,7 @@ from kvfs.config.parameters import (
     parse_bool,
     parse_duration,
     parse_parameters,
+    read_cloud_env_file,
 )
 from kvfs.errors import ConfigError
 
@@ -650,3 +651,28 @@ def test_csi_reads_cloud_env_files_only_from_the_admin_folder(tmp_path) -> None:
     cfg = parse_parameters(params, SP, context="csi", cloud_env_dir=str(tmp_path))
     assert cfg.cloud.keyvault_dns_suffix == "vault.local"
     assert parse_parameters(params, SP, context="cli").cloud.name == "AzureStackCloud"  # workstation: any path
+
+
+def test_a_cloud_env_file_read_ahead_parses_as_one_read_in_place(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The CSI daemon reads the file as root and parses after its drop: same config, same errors, same order."""
+    folder = tmp_path / "clouds"
+    folder.mkdir()
+    env = folder / "env.json"
+    env.write_text(json.dumps({
+        "activeDirectoryEndpoint": "https://adfs.local/adfs/",
+        "keyVaultEndpoint": "https://vault.local/",
+        "keyVaultDNSSuffix": "vault.local",
+    }))  # fmt: skip
+    params = base(cloudName="AzureStackCloud", cloudEnvFileName=str(env))
+    in_place = parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder))
+    ahead = read_cloud_env_file(params, cloud_env_dir=str(folder))
+    env.unlink()  # the parse opens nothing
+    assert parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder), cloud_env=ahead) == in_place
+
+    outside = base(cloudName="AzureStackCloud", cloudEnvFileName="/etc/shadow")
+    for bad in (outside, {**outside, "keyvaultName": ""}):  # a failed read is told where the parse reaches it
+        ahead = read_cloud_env_file(bad)
+        assert csi_error(bad, SP, cloud_env=ahead) == csi_error(bad, SP)
+    assert "is not a file inside /etc/kubernetes" in csi_error(outside, SP, cloud_env=read_cloud_env_file(outside))
+    with pytest.raises(ValueError, match="was not the file read ahead"):
+        parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder), cloud_env=read_cloud_env_file(outside))
