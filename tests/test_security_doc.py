@@ -10,6 +10,7 @@ import pytest
 
 from doc_citations import CITATION, ROOT, citations, missing_tests
 from kvfs.cli import build_parser
+from kvfs.auth.cache import MIN_TOKEN_LIFETIME
 from kvfs.config.clouds import MAX_ENV_FILE
 from kvfs.config.objects import MAX_OBJECTS, MAX_OBJECTS_TEXT, MAX_VERSION_HISTORY
 from kvfs.net.body import TOKEN_BODY_CAP, VAULT_BODY_CAP
@@ -46,6 +47,8 @@ def _boundary(title: str) -> str:
         (r"a read's (\d+) s budget", READ_BUDGET),
         (r"\(at most (\d+), refused at publish", MAX_VERSION_HISTORY),
         (r"at most (\d+) pages", MAX_PAGES),
+        (r"whose lifetime is under (\d+) s", MIN_TOKEN_LIFETIME),
+        (r"that token is used for (\d+) s", MIN_TOKEN_LIFETIME),
     ],
 )
 def test_the_bounds_on_answers_are_the_codes(pattern: str, value: int) -> None:
