@@ -4,6 +4,7 @@ authentication code and unit tests), kvfs fixes, CSI vs CLI."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 
 import pytest
@@ -639,14 +640,20 @@ def test_service_principal_client_id_must_be_a_guid_and_is_not_echoed() -> None:
     assert "not-a-guid-VALUE" not in msg and CLIENT_SECRET not in msg
 
 
-def test_csi_reads_cloud_env_files_only_from_the_admin_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = tmp_path / "env.json"
+def _stack_env_file(folder) -> str:  # type: ignore[no-untyped-def]
+    """An Azure Stack cloud env file in `folder`; its path."""
+    env = folder / "env.json"
     env.write_text(json.dumps({
         "activeDirectoryEndpoint": "https://adfs.local/adfs/",
         "keyVaultEndpoint": "https://vault.local/",
         "keyVaultDNSSuffix": "vault.local",
     }))  # fmt: skip
-    params = base(cloudName="AzureStackCloud", cloudEnvFileName=str(env))
+    return str(env)
+
+
+def test_csi_reads_cloud_env_files_only_from_the_admin_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = _stack_env_file(tmp_path)
+    params = base(cloudName="AzureStackCloud", cloudEnvFileName=env)
     assert "is not a file inside /etc/kubernetes" in csi_error(params, SP)  # the default folder
     cfg = parse_parameters(params, SP, context="csi", cloud_env_dir=str(tmp_path))
     assert cfg.cloud.keyvault_dns_suffix == "vault.local"
@@ -657,16 +664,11 @@ def test_a_cloud_env_file_read_ahead_parses_as_one_read_in_place(tmp_path) -> No
     """The CSI daemon reads the file as root and parses after its drop: same config, same errors, same order."""
     folder = tmp_path / "clouds"
     folder.mkdir()
-    env = folder / "env.json"
-    env.write_text(json.dumps({
-        "activeDirectoryEndpoint": "https://adfs.local/adfs/",
-        "keyVaultEndpoint": "https://vault.local/",
-        "keyVaultDNSSuffix": "vault.local",
-    }))  # fmt: skip
-    params = base(cloudName="AzureStackCloud", cloudEnvFileName=str(env))
+    env = _stack_env_file(folder)
+    params = base(cloudName="AzureStackCloud", cloudEnvFileName=env)
     in_place = parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder))
     ahead = read_cloud_env_file(params, cloud_env_dir=str(folder))
-    env.unlink()  # the parse opens nothing
+    os.unlink(env)  # the parse opens nothing
     assert parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder), cloud_env=ahead) == in_place
 
     outside = base(cloudName="AzureStackCloud", cloudEnvFileName="/etc/shadow")
