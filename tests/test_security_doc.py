@@ -10,7 +10,7 @@ import pytest
 
 from doc_citations import CITATION, ROOT, citations, missing_tests
 from kvfs.cli import build_parser
-from kvfs.auth.cache import MIN_TOKEN_LIFETIME
+from kvfs.auth.cache import EXPIRED_TOKEN_HOLD
 from kvfs.config.clouds import MAX_ENV_FILE
 from kvfs.config.objects import MAX_OBJECTS, MAX_OBJECTS_TEXT, MAX_VERSION_HISTORY
 from kvfs.net.body import TOKEN_BODY_CAP, VAULT_BODY_CAP
@@ -47,8 +47,7 @@ def _boundary(title: str) -> str:
         (r"a read's (\d+) s budget", READ_BUDGET),
         (r"\(at most (\d+), refused at publish", MAX_VERSION_HISTORY),
         (r"at most (\d+) pages", MAX_PAGES),
-        (r"whose lifetime is under (\d+) s", MIN_TOKEN_LIFETIME),
-        (r"that token is used for (\d+) s", MIN_TOKEN_LIFETIME),
+        (r"that token is\s+used for (\d+) s", EXPIRED_TOKEN_HOLD),
     ],
 )
 def test_the_bounds_on_answers_are_the_codes(pattern: str, value: int) -> None:

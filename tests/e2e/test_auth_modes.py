@@ -40,9 +40,9 @@ from e2e.conftest import (
     wait_until,
     workload_parameters,
 )
+from kvfs.auth.cache import refresh_margin_for
 from kvfs.config.parameters import parse_parameters
 from kvfs.emulator import entra
-from kvfs.emulator.oidc import SigningKey
 from kvfs.emulator.server import Emulator, EmulatorThread
 from kvfs.errors import ConfigError
 
@@ -144,6 +144,23 @@ def assertions(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(entra, "_check_assertion", recording)
     return seen
+
+
+@pytest.fixture
+def short_emu(tmp_path: Path) -> Iterator[Emulator]:
+    """An emulator issuing 4 s access tokens, so a test sees several token lifetimes."""
+    with EmulatorThread(tmp_path / "short-emulator", token_lifetime=4) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def short_mounter(short_emu: Emulator, tmp_path: Path, checklogs: LogCheck) -> Iterator[Mounter]:
+    mounter = Mounter(short_emu, tmp_path / "short", checklogs)
+    mounter.tmp.mkdir()
+    try:
+        yield mounter
+    finally:
+        mounter.close()
 
 
 class SentinelProxy(LoopbackServer):
@@ -522,9 +539,48 @@ def test_nmi_unbound_pod(emu: Emulator, mounter: Mounter) -> None:
 # ---- tokens over time ------------------------------------------------------------------------
 
 
+def test_mount_keeps_reading_across_token_lifetimes(short_emu: Emulator, short_mounter: Mounter) -> None:
+    emu = short_emu
+    lifetime = 4.0
+    emu.set_secret("demo", "demo-secret", "v0")
+    mount = short_mounter.start(workload_parameters(emu, SECRET), "--refresh-interval", "0.5s")
+    emu.reset_counts()
+    assert read(mount.path / "demo-secret") == b"v0"
+    started = time.monotonic()
+    read_at: list[float] = []  # seconds since `started` of each successful read
+    failures = 0
+    rotation = 0
+    seen: set[bytes] = set()
+    while time.monotonic() - started < 13:
+        elapsed = time.monotonic() - started
+        if int(elapsed / 2) > rotation:  # a new version every 2 s proves the refreshes really ran
+            rotation = int(elapsed / 2)
+            emu.set_secret("demo", "demo-secret", f"v{rotation}")
+        try:
+            seen.add(read(mount.path / "demo-secret"))
+            read_at.append(elapsed)
+        except OSError:
+            failures += 1
+        time.sleep(0.2)
+    duration = time.monotonic() - started
+    assert failures == 0
+    # Reads succeeded within every token lifetime of the run, however slow the machine is.
+    lifetimes_with_reads = {int(at / lifetime) for at in read_at}
+    assert lifetimes_with_reads >= set(range(int(duration / lifetime))), sorted(read_at)
+    assert len(seen) >= rotation, f"the refresh stopped following rotations: saw {sorted(seen)}"
+    # No request ever reached Key Vault with an expired or missing token (those count as client None).
+    assert unauthenticated(emu) == 0
+    # One exchange per refresh period (kvfs.auth.cache.refresh_margin_for: a 4 s token is
+    # replaced 2 s before expiry), plus one for the period the loop started in.
+    period = lifetime - refresh_margin_for(lifetime)
+    exchanges = emu.count(route="token")
+    assert int(duration / lifetime) <= exchanges <= int(duration / period) + 2, (exchanges, duration)
+    assert " WARNING " not in mount.log()
+
+
 def test_an_identity_provider_answering_expires_in_0_is_asked_once_a_minute(emu: Emulator, mounter: Mounter) -> None:
     """An odd identity provider: its tokens live an hour, yet it answers `expires_in: 0`. Each Key Vault
-    request would exchange a token; kvfs uses each for a minute (kvfs.auth.cache.MIN_TOKEN_LIFETIME),
+    request would exchange a token; kvfs uses each for a minute (kvfs.auth.cache.EXPIRED_TOKEN_HOLD),
     says so once, and reads on."""
     emu.identity.answered_lifetime = 0
     emu.set_secret("demo", "demo-secret", "v0")
@@ -543,8 +599,9 @@ def test_an_identity_provider_answering_expires_in_0_is_asked_once_a_minute(emu:
 
 
 def test_token_file_is_reread_when_kubelet_swaps_it(
-    emu: Emulator, mounter: Mounter, tmp_path: Path, assertions: list[dict]
+    short_emu: Emulator, short_mounter: Mounter, tmp_path: Path, assertions: list[dict]
 ) -> None:
+    emu = short_emu
     app = emu.identity.default_app
     second = "system:serviceaccount:default:second"
     emu.identity.add_federated_credential(app.client_id, issuer=emu.oidc_issuer, subject=second)
@@ -562,19 +619,17 @@ def test_token_file_is_reread_when_kubelet_swaps_it(
     project(emu.identity.mint_sa_token("default", "workload"), "..2026_01_01_00_00_00.1")
     (volume / "token").symlink_to("..data/token")
     emu.set_secret("demo", "demo-secret", "first")
-    mount = mounter.start(
+    mount = short_mounter.start(
         workload_parameters(emu, SECRET), "--refresh-interval", "0.3s",
-        env=mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(volume / "token")),
+        env=short_mounter.env(AZURE_FEDERATED_TOKEN_FILE=str(volume / "token")),
     )
     assert read(mount.path / "demo-secret") == b"first"
     assert {a["sub"] for a in assertions} == {WORKLOAD_SUBJECT}
     project(emu.identity.mint_sa_token("default", "second"), "..2026_01_01_01_00_00.2")
-    # Entra ID rolls its signing key: Key Vault refuses the cached token once, kvfs exchanges a new one
-    emu.identity.entra_key = SigningKey("kvfs-emulator-sts")
     wait_until(lambda: any(a["sub"] == second for a in assertions), timeout=10)
     subjects = [a["sub"] for a in assertions]
     assert subjects[subjects.index(second):] == [second] * (len(subjects) - subjects.index(second))
     emu.set_secret("demo", "demo-secret", "second")
     wait_until(lambda: read(mount.path / "demo-secret") == b"second", timeout=10)
-    assert unauthenticated(emu) == 1  # the request with the token signed by the old key
+    assert unauthenticated(emu) == 0
     assert " WARNING " not in mount.log()

@@ -3,8 +3,8 @@
 Upstream fetched a new token per mount and per rotation poll; kvfs keeps one token per
 identity and scope until shortly before it expires. Concurrent readers share one in-flight
 refresh, and an Entra hiccup during the refresh window keeps serving the still-valid token.
-An identity provider that answers tokens living less than MIN_TOKEN_LIFETIME (`expires_in: 0`,
-negative, a few seconds) is asked at most once per MIN_TOKEN_LIFETIME, not once per request.
+An identity provider that answers tokens already expired (`expires_in: 0` or negative) is asked
+at most once per EXPIRED_TOKEN_HOLD, not once per request.
 """
 
 from __future__ import annotations
@@ -21,27 +21,28 @@ from kvfs.net.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
-# Below any lifetime Entra ID, IMDS or AD FS hand out (minutes to hours), and the shortest the
-# kvfs emulator issues. A token answered with less life is used this long from its request.
-MIN_TOKEN_LIFETIME = 60.0
+# A token answered already expired (`expires_in` 0 or less) is used this long from its request.
+# Tokens with any life left are used until their expiry, however short: an identity provider may
+# honestly issue short ones (a test IdP does), and Key Vault refuses a token past it.
+EXPIRED_TOKEN_HOLD = 60.0
 
 
 @dataclass
 class _Entry:
     token: AccessToken | None = None
-    usable_until: float = 0.0  # its expiry; for a token answered shorter, MIN_TOKEN_LIFETIME after its request
+    usable_until: float = 0.0  # its expiry; for a token answered expired, EXPIRED_TOKEN_HOLD after its request
     refresh_at: float = 0.0  # trio time after which a refresh is due
     retry_not_before: float = 0.0  # after a failed refresh of a still-valid token
 
     @property
     def held(self) -> bool:
-        """Whether the token is used past the expiry it was answered with (see MIN_TOKEN_LIFETIME)."""
+        """Whether the token is used past the expiry it was answered with (see EXPIRED_TOKEN_HOLD)."""
         return self.token is not None and self.usable_until > self.token.expires_at
 
 
 def refresh_margin_for(lifetime: float, refresh_margin: float = 300.0) -> float:
-    """How long before expiry a token of `lifetime` (at least MIN_TOKEN_LIFETIME) seconds is replaced."""
-    return min(refresh_margin, lifetime / 10)
+    """How long before expiry a token of `lifetime` seconds is replaced."""
+    return min(refresh_margin, max(lifetime / 10, min(5.0, lifetime / 2)))
 
 
 class CachingCredential:
@@ -49,18 +50,17 @@ class CachingCredential:
 
     A token is refreshed `refresh_margin` seconds before expiry, or in the last tenth of its
     lifetime when that is shorter (a 60 s token is refreshed after 54 s): one exchange per
-    lifetime, not one per call. The margin stays at least 6 s (a tenth of MIN_TOKEN_LIFETIME), so
+    lifetime, not one per call. The margin stays at least 5 s (half of a shorter lifetime), so
     whole-second `exp` claims and request latency never make a token expire in flight. After a failed
     refresh the old token is served and the next attempt waits `retry_interval`. Without a
     usable token, a failure is repeated for `error_cooldown` seconds instead of hammering the
     identity provider once per file read.
 
-    A token answered with less than MIN_TOKEN_LIFETIME of life is used for MIN_TOKEN_LIFETIME from
-    its request, whatever it claims, and `invalidate` keeps it: an identity provider that answers
-    `expires_in: 0` would otherwise be asked once per Key Vault request. If it is just odd (the
-    token lives longer than it says) reads go on; if its tokens really expire, Key Vault refuses
-    them and those reads fail until the next exchange. One warning per credential names who
-    answered and the lifetime.
+    A token answered already expired (`expires_in: 0` or negative) is used for EXPIRED_TOKEN_HOLD
+    from its request, and `invalidate` keeps it: such an identity provider would otherwise be
+    asked once per Key Vault request. If it is just odd (the token lives longer than it says)
+    reads go on; if its tokens really are expired, Key Vault refuses them and those reads fail
+    until the next exchange. One warning per credential names who answered and the lifetime.
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class CachingCredential:
         self.retry_interval = retry_interval
         self._entries: dict[str, _Entry] = {}
         self._flights: SingleFlight[str, AccessToken] = SingleFlight(cooldown=error_cooldown, remember=(AuthError,))
-        self._warned_short = False
+        self._warned_expired = False
 
     def __repr__(self) -> str:
         return f"CachingCredential({self.inner!r})"
@@ -112,9 +112,9 @@ class CachingCredential:
             raise
         lifetime = token.expires_at - started
         entry.token = token
-        if lifetime < MIN_TOKEN_LIFETIME:
-            self._warn_short_lived(token, lifetime)
-            entry.usable_until = entry.refresh_at = started + MIN_TOKEN_LIFETIME
+        if token.expires_at <= trio.current_time():  # answered already expired
+            self._warn_expired(token, lifetime)
+            entry.usable_until = entry.refresh_at = started + EXPIRED_TOKEN_HOLD
         else:
             entry.usable_until = token.expires_at
             entry.refresh_at = token.expires_at - refresh_margin_for(lifetime, self.refresh_margin)
@@ -122,18 +122,18 @@ class CachingCredential:
         log.debug("cached token for %s, refresh in %.0fs", scope, entry.refresh_at - trio.current_time())
         return token
 
-    def _warn_short_lived(self, token: AccessToken, lifetime: float) -> None:
-        if self._warned_short:
+    def _warn_expired(self, token: AccessToken, lifetime: float) -> None:
+        if self._warned_expired:
             return
-        self._warned_short = True
+        self._warned_expired = True
         log.warning(
             "%s answered an access token that expires in %.0f s: kvfs uses each token for %.0f s instead, so"
             " it asks at most once per %.0f s; if Key Vault refuses the tokens, fix the identity provider's"
             " token lifetime",
             token.issuer or "the identity provider",
             lifetime,
-            MIN_TOKEN_LIFETIME,
-            MIN_TOKEN_LIFETIME,
+            EXPIRED_TOKEN_HOLD,
+            EXPIRED_TOKEN_HOLD,
         )
 
     def expires_at(self, scope: str) -> float | None:
