@@ -10,7 +10,9 @@ import pytest
 
 from doc_citations import CITATION, ROOT, citations, missing_tests
 from kvfs.cli import build_parser
-from kvfs.config.objects import MAX_VERSION_HISTORY
+from kvfs.auth.cache import EXPIRED_TOKEN_HOLD
+from kvfs.config.clouds import MAX_ENV_FILE
+from kvfs.config.objects import MAX_OBJECTS, MAX_OBJECTS_TEXT, MAX_VERSION_HISTORY
 from kvfs.net.body import TOKEN_BODY_CAP, VAULT_BODY_CAP
 from kvfs.net.deadlines import READ_BUDGET
 from kvfs.vault.client import MAX_PAGES
@@ -45,11 +47,26 @@ def _boundary(title: str) -> str:
         (r"a read's (\d+) s budget", READ_BUDGET),
         (r"\(at most (\d+), refused at publish", MAX_VERSION_HISTORY),
         (r"at most (\d+) pages", MAX_PAGES),
+        (r"that token is\s+used for (\d+) s", EXPIRED_TOKEN_HOLD),
     ],
 )
 def test_the_bounds_on_answers_are_the_codes(pattern: str, value: int) -> None:
     found = re.search(pattern, _boundary("15. "))
     assert found, f"boundary 15 no longer says {pattern!r}"
+    assert int(found.group(1)) == value
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value"),
+    [
+        (r"`objects` is at most (\d+) MiB", MAX_OBJECTS_TEXT // 2**20),
+        (r"lists at most (\d+) objects", MAX_OBJECTS),
+        (r"the cloud env file is at most (\d+) KiB", MAX_ENV_FILE // 2**10),
+    ],
+)
+def test_the_bounds_on_what_root_parses_are_the_codes(pattern: str, value: int) -> None:
+    found = re.search(pattern, _boundary("17. "))
+    assert found, f"boundary 17 no longer says {pattern!r}"
     assert int(found.group(1)) == value
 
 

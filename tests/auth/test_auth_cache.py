@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from kvfs.auth.base import AccessToken
-from kvfs.auth.cache import CachingCredential
+from kvfs.auth.cache import EXPIRED_TOKEN_HOLD, CachingCredential
 from kvfs.errors import AuthError
 
 SCOPE = "https://vault.azure.net/.default"
@@ -18,8 +18,9 @@ SCOPE = "https://vault.azure.net/.default"
 class CountingCredential:
     """An inner credential issuing numbered tokens of a fixed lifetime, optionally failing."""
 
-    def __init__(self, lifetime: float, delay: float = 0.0) -> None:
+    def __init__(self, lifetime: float, delay: float = 0.0, issuer: str = "") -> None:
         self.lifetime = lifetime
+        self.issuer = issuer
         self.delay = delay
         self.calls: list[float] = []
         self.fail: AuthError | None = None
@@ -31,7 +32,9 @@ class CountingCredential:
             await trio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
-        return AccessToken(token=f"tok-{len(self.calls)}", expires_at=trio.current_time() + self.lifetime)
+        return AccessToken(
+            token=f"tok-{len(self.calls)}", expires_at=trio.current_time() + self.lifetime, issuer=self.issuer
+        )
 
     async def aclose(self) -> None:
         self.closed = True
@@ -203,6 +206,58 @@ async def test_token_never_logged(autojump_clock, caplog) -> None:
     assert caplog.records
     for record in caplog.records:
         assert "tok-" not in record.getMessage()
+
+
+@pytest.mark.parametrize("lifetime", [0.0, -30.0])
+async def test_an_identity_provider_answering_expired_tokens_is_asked_once_a_minute(
+    autojump_clock, caplog, lifetime: float
+) -> None:
+    """`expires_in: 0` (or less) must not cost one exchange per Key Vault request."""
+    inner = CountingCredential(lifetime, issuer="Entra ID at https://login.example")
+    cache = CachingCredential(inner)
+    start = trio.current_time()
+    seen: list[str] = []
+    while trio.current_time() < start + 5 * EXPIRED_TOKEN_HOLD:
+        seen.append((await cache.get_token(SCOPE)).token)
+        cache.invalidate(SCOPE)  # as after Key Vault's 401: asking again at once would change nothing
+        await trio.sleep(0.5)
+    assert [call - start for call in inner.calls] == [n * EXPIRED_TOKEN_HOLD for n in range(5)]
+    assert seen == [f"tok-{n + 1}" for n in range(5) for _ in range(int(EXPIRED_TOKEN_HOLD / 0.5))]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"Entra ID at https://login.example answered an access token that expires in {lifetime:.0f} s: kvfs uses"
+        " each token for 60 s instead, so it asks at most once per 60 s; if Key Vault refuses the tokens, fix the"
+        " identity provider's token lifetime"
+    ]
+
+
+async def test_a_short_lived_token_with_life_left_is_used_until_its_expiry_only(autojump_clock, caplog) -> None:
+    """A 5 s token is honest: it is replaced before it expires, never held past it, and nothing is said."""
+    inner = CountingCredential(5.0)
+    cache = CachingCredential(inner)
+    start = trio.current_time()
+    while trio.current_time() < start + 20:
+        token = await cache.get_token(SCOPE)
+        assert trio.current_time() < inner.calls[int(token.token[4:]) - 1] + 5.0
+        await trio.sleep(0.5)
+    assert len(inner.calls) >= 20 / 5
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_failed_exchange_after_a_short_lived_token_cools_down(autojump_clock) -> None:
+    inner = CountingCredential(0.0)
+    cache = CachingCredential(inner, error_cooldown=5.0)
+    await cache.get_token(SCOPE)
+    inner.fail = AuthError("Entra ID unreachable", code="entra_unreachable", errno=errno.EIO)
+    await trio.sleep(EXPIRED_TOKEN_HOLD)
+    for _ in range(20):  # a read every second for 20 s: the held token is over, each read fails
+        with pytest.raises(AuthError):
+            await cache.get_token(SCOPE)
+        await trio.sleep(1)
+    assert len(inner.calls) == 1 + 4  # one exchange per 5 s cooldown, not one per read
+    inner.fail = None
+    await trio.sleep(5)
+    assert (await cache.get_token(SCOPE)).token == "tok-6"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import yaml
 
-from kvfs.config.objects import MAX_VERSION_HISTORY, parse_objects
+from kvfs.config.objects import MAX_OBJECTS, MAX_OBJECTS_TEXT, MAX_VERSION_HISTORY, parse_objects
 from kvfs.errors import ConfigError
 
 PREFIX = "failed to get objectType:{t}, objectName:{n}, objectVersion:{v}: "
@@ -37,6 +37,37 @@ def error_of(text: str) -> str:
     with pytest.raises(ConfigError) as info:
         parse_objects(text)
     return str(info.value)
+
+
+# --- bounds: the CSI plugin parses a tenant's objects as root, with 200 MiB of memory ----------
+
+
+def test_objects_over_the_size_limit_are_refused_before_any_yaml_is_read() -> None:
+    too_big = objects_yaml(one(objectName="s", objectType="secret")) + "#" * MAX_OBJECTS_TEXT
+    text = error_of(too_big)
+    assert text.startswith(f"objects: is {len(too_big)} bytes, more than {MAX_OBJECTS_TEXT} (1 MiB)")
+    assert "split the objects over several SecretProviderClasses" in text
+
+
+def test_more_objects_than_the_limit_are_refused_naming_the_count() -> None:
+    many = "array: [" + ",".join(f"s{i}" for i in range(MAX_OBJECTS + 1)) + "]"
+    assert error_of(many).startswith(f"objects: lists {MAX_OBJECTS + 1} objects, more than {MAX_OBJECTS} (split")
+
+
+def test_yaml_that_would_compose_into_many_nodes_is_refused_unread() -> None:
+    """A megabyte of `[a,a,...]` would be half a million nodes (~170 MiB) if composed."""
+    flood = "array: [" + ",".join(["a"] * (MAX_OBJECTS_TEXT // 2 - 16)) + "]"
+    assert error_of(flood).startswith(f"objects: is more YAML than {MAX_OBJECTS} objects take (split")
+    wide = objects_yaml(one(objectName="s", objectType="secret", **{f"x{i}": i for i in range(1000)}))
+    assert error_of(wide).startswith(
+        "unmarshal failed for keyVaultObjects at index 0, error: more YAML than an object takes (an object is a"
+        " mapping of its fields: objectName, objectAlias,"
+    )
+
+
+def test_an_alias_can_only_repeat_an_object_which_is_a_duplicate() -> None:
+    aliased = "first: &one |\n  objectName: s\n  objectType: secret\narray: [*one, *one, *one]\n"
+    assert "file name s collides with the file s" in error_of(aliased)
 
 
 # --- shape -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ authentication code and unit tests), kvfs fixes, CSI vs CLI."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 
 import pytest
@@ -15,6 +16,7 @@ from kvfs.config.parameters import (
     parse_bool,
     parse_duration,
     parse_parameters,
+    read_cloud_env_file,
 )
 from kvfs.errors import ConfigError
 
@@ -638,15 +640,41 @@ def test_service_principal_client_id_must_be_a_guid_and_is_not_echoed() -> None:
     assert "not-a-guid-VALUE" not in msg and CLIENT_SECRET not in msg
 
 
-def test_csi_reads_cloud_env_files_only_from_the_admin_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = tmp_path / "env.json"
+def _stack_env_file(folder) -> str:  # type: ignore[no-untyped-def]
+    """An Azure Stack cloud env file in `folder`; its path."""
+    env = folder / "env.json"
     env.write_text(json.dumps({
         "activeDirectoryEndpoint": "https://adfs.local/adfs/",
         "keyVaultEndpoint": "https://vault.local/",
         "keyVaultDNSSuffix": "vault.local",
     }))  # fmt: skip
-    params = base(cloudName="AzureStackCloud", cloudEnvFileName=str(env))
+    return str(env)
+
+
+def test_csi_reads_cloud_env_files_only_from_the_admin_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = _stack_env_file(tmp_path)
+    params = base(cloudName="AzureStackCloud", cloudEnvFileName=env)
     assert "is not a file inside /etc/kubernetes" in csi_error(params, SP)  # the default folder
     cfg = parse_parameters(params, SP, context="csi", cloud_env_dir=str(tmp_path))
     assert cfg.cloud.keyvault_dns_suffix == "vault.local"
     assert parse_parameters(params, SP, context="cli").cloud.name == "AzureStackCloud"  # workstation: any path
+
+
+def test_a_cloud_env_file_read_ahead_parses_as_one_read_in_place(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The CSI daemon reads the file as root and parses after its drop: same config, same errors, same order."""
+    folder = tmp_path / "clouds"
+    folder.mkdir()
+    env = _stack_env_file(folder)
+    params = base(cloudName="AzureStackCloud", cloudEnvFileName=env)
+    in_place = parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder))
+    ahead = read_cloud_env_file(params, cloud_env_dir=str(folder))
+    os.unlink(env)  # the parse opens nothing
+    assert parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder), cloud_env=ahead) == in_place
+
+    outside = base(cloudName="AzureStackCloud", cloudEnvFileName="/etc/shadow")
+    for bad in (outside, {**outside, "keyvaultName": ""}):  # a failed read is told where the parse reaches it
+        ahead = read_cloud_env_file(bad)
+        assert csi_error(bad, SP, cloud_env=ahead) == csi_error(bad, SP)
+    assert "is not a file inside /etc/kubernetes" in csi_error(outside, SP, cloud_env=read_cloud_env_file(outside))
+    with pytest.raises(ValueError, match="was not the file read ahead"):
+        parse_parameters(params, SP, context="csi", cloud_env_dir=str(folder), cloud_env=read_cloud_env_file(outside))

@@ -13,6 +13,7 @@ import base64
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -575,6 +576,26 @@ def test_mount_keeps_reading_across_token_lifetimes(short_emu: Emulator, short_m
     exchanges = emu.count(route="token")
     assert int(duration / lifetime) <= exchanges <= int(duration / period) + 2, (exchanges, duration)
     assert " WARNING " not in mount.log()
+
+
+def test_an_identity_provider_answering_expires_in_0_is_asked_once_a_minute(emu: Emulator, mounter: Mounter) -> None:
+    """An odd identity provider: its tokens live an hour, yet it answers `expires_in: 0`. Each Key Vault
+    request would exchange a token; kvfs uses each for a minute (kvfs.auth.cache.EXPIRED_TOKEN_HOLD),
+    says so once, and reads on."""
+    emu.identity.answered_lifetime = 0
+    emu.set_secret("demo", "demo-secret", "v0")
+    mount = mounter.start(workload_parameters(emu, SECRET), "--refresh-interval", "0.3s")
+    assert read(mount.path / "demo-secret") == b"v0"
+    exchanges, gets = emu.count(route="token"), emu.count(route="get_secret")
+    for version in range(1, 6):  # the background refresh follows five rotations, each a few GETs
+        emu.set_secret("demo", "demo-secret", f"v{version}")
+        wait_until(lambda want=f"v{version}".encode(): read(mount.path / "demo-secret") == want, timeout=10)
+    assert emu.count(route="get_secret") >= gets + 5
+    assert emu.count(route="token") == exchanges, "a token was exchanged again within its minute"
+    assert unauthenticated(emu) == 0
+    warnings = [line for line in mount.log().splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, warnings
+    assert re.search(r"Entra ID at https://\S+ answered an access token that expires in 0 s", warnings[0]), warnings
 
 
 def test_token_file_is_reread_when_kubelet_swaps_it(

@@ -14,6 +14,7 @@ from typing import Protocol
 class AccessToken:
     token: str = field(repr=False)
     expires_at: float  # trio.current_time() deadline
+    issuer: str = ""  # who answered it, for messages: "Entra ID at https://login.microsoftonline.com"
 
 
 class Credential(Protocol):

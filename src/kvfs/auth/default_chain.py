@@ -198,7 +198,11 @@ class DefaultChainCredential:
         except (AzureError, ValueError, OSError) as exc:
             raise AuthError(self._message("workstation credential error", exc),
                             code="default_chain_error", errno=_errno.EIO) from None
-        return AccessToken(token=token, expires_at=trio.current_time() + (expires_on - time.time()))
+        return AccessToken(
+            token=token,
+            expires_at=trio.current_time() + (expires_on - time.time()),
+            issuer=f"azure-identity's default chain via {self.authority}",
+        )
 
     def _message(self, what: str, exc: BaseException) -> str:
         text = JWT_PATTERN.sub("<redacted-jwt>", str(exc)).strip()

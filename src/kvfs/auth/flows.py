@@ -117,15 +117,15 @@ def _json(response: httpx.Response) -> object:
         return response.text
 
 
-def _token_from(body: object) -> AccessToken | None:
-    """The token in a 200 answer carrying `access_token` and `expires_in`/`expires_on`, else None."""
+def _token_from(body: object, issuer: str) -> AccessToken | None:
+    """The token in `issuer`'s 200 answer carrying `access_token` and `expires_in`/`expires_on`, else None."""
     if not isinstance(body, dict):
         return None
     token = body.get("access_token")
     expires_at = expires_at_from(body)
     if not isinstance(token, str) or not token or expires_at is None:
         return None
-    return AccessToken(token=token, expires_at=expires_at)
+    return AccessToken(token=token, expires_at=expires_at, issuer=issuer)
 
 
 def _require_https(authority_host: str) -> str:
@@ -175,9 +175,10 @@ class _EntraCredential:
         self, scope: str, form: dict[str, str], ctx: EntraContext, secrets: tuple[str, ...]
     ) -> AccessToken:
         log.debug("requesting a token from %s for client %s scope %s", self.token_url, self.client_id, scope)
+        issuer = f"Entra ID at {self.authority_host}"
         try:
             response = await _fetch(
-                self._http, self._retry, f"Entra ID at {self.authority_host}", "POST", self.token_url,
+                self._http, self._retry, issuer, "POST", self.token_url,
                 data=form, headers={"Accept": "application/json"},
             )
         except (httpx.TimeoutException, DeadlineExceeded):
@@ -209,7 +210,7 @@ class _EntraCredential:
             err = entra_error(response.status_code, body, ctx, secrets)
             log.debug("Entra ID token request failed: %s %s", response.status_code, err.code)
             raise err
-        token = _token_from(body)
+        token = _token_from(body, issuer)
         if token is None:
             raise AuthError(
                 f"Entra ID at {self.authority_host} answered 200 without access_token/expires_in"
@@ -360,7 +361,7 @@ class ImdsCredential(_LocalCredential):
         body = _json(response)
         if response.status_code != 200:
             raise imds_error(response.status_code, body, base_url=self.base_url, client_id=self.client_id)
-        token = _token_from(body)
+        token = _token_from(body, f"IMDS at {self.base_url}")
         if token is None:
             raise AuthError(
                 f"IMDS at {self.base_url} answered 200 without access_token/expires_in",
@@ -415,7 +416,9 @@ class NmiCredential(_LocalCredential):
             raise nmi_bad_response(self.base_url)
         nmi_token = body["token"]
         # NMI passes ADAL's token through: only `expires_on` counts, whatever else it holds.
-        token = _token_from({"access_token": nmi_token.get("access_token"), "expires_on": nmi_token.get("expires_on")})
+        token = _token_from(
+            {"access_token": nmi_token.get("access_token"), "expires_on": nmi_token.get("expires_on")}, f"NMI at {self.base_url}"
+        )
         if token is None:
             raise nmi_bad_response(self.base_url)
         return token

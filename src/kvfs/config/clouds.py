@@ -80,10 +80,42 @@ def _invalid(cloud_name: str, error: str, fix: str) -> ConfigError:
     return ConfigError("cloudName", cloud_name, text, fix, message=text)
 
 
-def resolve_cloud(cloud_name: str, env_file: str = "", allowed_dir: str | None = None) -> CloudConfig:
+class EnvFileRead:
+    """The cloud env file some parameters name, read ahead of parsing them: its text or the read's error.
+
+    The CSI daemon reads it while still root (the file may be root's only) and parses every
+    tenant-written parameter only after dropping to its own uid; `resolve_cloud` then takes the
+    text from here, opening nothing, and raises a failed read's error where parsing reaches it, so
+    errors come in the same order as when the file is read in place. Nothing here parses the file.
+    """
+
+    def __init__(self, cloud_name: str, env_file: str, allowed_dir: str | None) -> None:
+        self.key = (cloud_name.strip(), env_file.strip(), allowed_dir)
+        self._text = ""
+        self._error: ConfigError | None = None
+        name, path, _ = self.key
+        if name.upper() == _STACK and path:  # the only case resolve_cloud reads a file
+            try:
+                self._text = _read_env_file(*self.key)
+            except ConfigError as exc:
+                self._error = exc
+
+    def text(self, name: str, path: str, allowed_dir: str | None) -> str:
+        """What `_read_env_file(name, path, allowed_dir)` returned or raised, read ahead."""
+        if (name, path, allowed_dir) != self.key:
+            raise ValueError(f"cloudEnvFileName {path!r} was not the file read ahead")  # a caller's bug
+        if self._error is not None:
+            raise self._error
+        return self._text
+
+
+def resolve_cloud(
+    cloud_name: str, env_file: str = "", allowed_dir: str | None = None, read_ahead: EnvFileRead | None = None
+) -> CloudConfig:
     """Endpoints for `cloud_name`; `env_file` is only read for AzureStackCloud.
 
     `allowed_dir`: see `read_env_file` (None reads any path: `kvfs mount` on a workstation).
+    `read_ahead`: the file as read earlier by a more privileged self; then nothing is opened here.
     """
     name = cloud_name.strip()
     key = name.upper()
@@ -92,7 +124,7 @@ def resolve_cloud(cloud_name: str, env_file: str = "", allowed_dir: str | None =
     elif key in _CLOUDS:
         cloud = _CLOUDS[key]
     elif key == _STACK:
-        return _load_stack(name, env_file.strip(), allowed_dir)
+        return _load_stack(name, env_file.strip(), allowed_dir, read_ahead)
     else:
         raise _invalid(
             name,
@@ -162,11 +194,14 @@ def _read_env_file(name: str, path: str, allowed_dir: str | None) -> str:
         raise _invalid(name, f"cloudEnvFileName {path} is not UTF-8 text", _STACK_FIX) from None
 
 
-def _load_stack(name: str, env_file: str, allowed_dir: str | None) -> CloudConfig:
+def _load_stack(name: str, env_file: str, allowed_dir: str | None, read_ahead: EnvFileRead | None) -> CloudConfig:
     """Read an Azure Stack environment file (go-autorest's JSON, keys matched like Go's json)."""
     if not env_file:
         raise _invalid(name, "cloudEnvFileName is not set", _STACK_FIX)
-    raw = _read_env_file(name, env_file, allowed_dir)
+    if read_ahead is None:
+        raw = _read_env_file(name, env_file, allowed_dir)
+    else:
+        raw = read_ahead.text(name, env_file, allowed_dir)
     try:
         doc: Any = json.loads(raw)
     except json.JSONDecodeError as exc:

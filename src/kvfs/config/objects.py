@@ -15,6 +15,10 @@ Where upstream is wrong kvfs is stricter or more precise:
   refused instead of silently collapsing;
 - a bad `filePermission` is an error instead of mode 0; object names and versions are checked;
 - `objectVersionHistory` is at most `MAX_VERSION_HISTORY`;
+- the text is at most `MAX_OBJECTS_TEXT` bytes and lists at most `MAX_OBJECTS` objects, and no
+  document is composed past a bounded number of parser events: the CSI plugin parses a tenant's
+  text as root to refuse a bad publish, in a container with little memory. The safe loader builds
+  no Python objects from tags, and an alias can only repeat an item, a duplicate file name.
 - a field name written in another case (``objectname``) is refused instead of ignored.
 """
 
@@ -49,6 +53,15 @@ _OBJECT_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 # them in memory; 100 keeps one `ls` to a few seconds and well under Key Vault's throttling limit
 # (4000 GETs per 10 s per vault), and rotation re-checks at most 100 names. Upstream has no cap.
 MAX_VERSION_HISTORY = 100
+# Bounds on what parsing `objects` may cost: a SecretProviderClass is at most ~1.5 MiB (etcd's
+# default request limit) and real volumes list tens of objects; 1 MiB holds ~20000 short entries.
+MAX_OBJECTS_TEXT = 1024 * 1024
+MAX_OBJECTS = 10_000
+# Parser events composed at most: the objects mapping (an event per item, a few around them, room
+# for keys kvfs ignores) and one object (each field a key and a value, room for ignored keys).
+_MAX_ARRAY_EVENTS = MAX_OBJECTS + 1000
+_MAX_OBJECT_EVENTS = 1000
+_SPLIT_FIX = "split the objects over several SecretProviderClasses, each mounted as its own volume"
 _VERSION = re.compile(r"^[0-9A-Fa-f]{32}$")
 _OCTAL = re.compile(r"^[0-7]+$")
 _TYPES: tuple[ObjectType, ...] = ("secret", "key", "cert")
@@ -87,7 +100,12 @@ class _RawObject:
 
 def parse_objects(text: str) -> tuple[ObjectSpec, ...]:
     """Parse and validate the `objects` YAML; an empty `array` is a valid, empty mount."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_OBJECTS_TEXT:
+        raise ConfigError("objects", None, f"is {size} bytes, more than {MAX_OBJECTS_TEXT} (1 MiB)", _SPLIT_FIX)
     items = _decode_array(text)
+    if len(items) > MAX_OBJECTS:
+        raise ConfigError("objects", None, f"lists {len(items)} objects, more than {MAX_OBJECTS}", _SPLIT_FIX)
     specs: list[ObjectSpec] = []
     owners: dict[str, ObjectSpec] = {}
     folders: dict[str, ObjectSpec] = {}
@@ -112,8 +130,26 @@ class _UnmarshalError(Exception):
         self.fix = fix
 
 
-def _compose_first(text: str) -> Node | None:
-    """The first YAML document as a node tree (yaml.v2's Unmarshal reads only the first)."""
+class _TooMuchYaml(Exception):
+    """The document has more parser events than its caller allows."""
+
+
+def _compose_first(text: str, max_events: int) -> Node | None:
+    """The first YAML document as a node tree (yaml.v2's Unmarshal reads only the first).
+
+    A composed tree keeps every node (some 300 bytes each) until it is dropped, so the document's
+    events are counted first, one at a time, and past `max_events` it is not composed at all.
+    """
+    loader = SafeLoader(text)
+    try:
+        for _ in range(max_events):
+            if loader.check_event(yaml.DocumentEndEvent, yaml.StreamEndEvent):
+                break
+            loader.get_event()
+        else:
+            raise _TooMuchYaml
+    finally:
+        loader.dispose()
     loader = SafeLoader(text)
     try:
         return loader.get_node() if loader.check_node() else None
@@ -157,9 +193,11 @@ def _decode_array(text: str) -> list[str]:
         return ConfigError("objects", None, msg, fix, message=msg)
 
     try:
-        root = _compose_first(text)
+        root = _compose_first(text, _MAX_ARRAY_EVENTS)
     except yaml.YAMLError as exc:
         raise fail(_yaml_syntax_text(exc)) from None
+    except _TooMuchYaml:
+        raise ConfigError("objects", None, f"is more YAML than {MAX_OBJECTS} objects take", _SPLIT_FIX) from None
     if root is None or _is_null(root):
         return []
     if not isinstance(root, MappingNode):
@@ -202,9 +240,11 @@ def _decode_object(text: str, index: int) -> _RawObject:
         return ConfigError(f"objects.array[{index}]", None, msg, fix, message=msg)
 
     try:
-        root = _compose_first(text)
+        root = _compose_first(text, _MAX_OBJECT_EVENTS)
     except yaml.YAMLError as exc:
         raise fail(_yaml_syntax_text(exc), "fix the YAML of this object") from None
+    except _TooMuchYaml:
+        raise fail("more YAML than an object takes", f"an object is a mapping of its fields: {', '.join(OBJECT_FIELDS)}") from None
     raw = _RawObject()
     if root is None or _is_null(root):
         return raw

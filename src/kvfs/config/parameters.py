@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlparse
 
-from kvfs.config.clouds import resolve_cloud
+from kvfs.config.clouds import EnvFileRead, resolve_cloud
 from kvfs.config.model import DEFAULT_REFRESH_INTERVAL, AuthConfig, AuthMode, MountConfig, RenderDefaults
 from kvfs.config.objects import parse_objects
 from kvfs.errors import ConfigError
@@ -204,6 +204,7 @@ def parse_parameters(
     default_cloud: str = "AzurePublicCloud",
     cloud_env_dir: str | None = None,
     defaults: RenderDefaults = RenderDefaults(),
+    cloud_env: EnvFileRead | None = None,
 ) -> MountConfig:
     """Validate everything a mount needs before any network call.
 
@@ -212,6 +213,8 @@ def parse_parameters(
     `cloud_env_dir`: cloudEnvFileName must lie inside it; None means DEFAULT_CLOUD_ENV_DIR for
     "csi" and any path for "cli" (a workstation user names their own files).
     `defaults`: the node-wide defaults of the two rendering switches (empty parameters take them).
+    `cloud_env`: the cloud env file as `read_cloud_env_file` read it for these parameters before a
+    privilege drop; None reads it here.
     """
     if context not in ("csi", "cli"):
         raise ValueError(f"context must be 'csi' or 'cli', not {context!r}")
@@ -270,9 +273,7 @@ def parse_parameters(
     if client_id and mode == "workload_identity":
         check_guid("clientID", client_id, "the client id of the app registration or managed identity")
 
-    if cloud_env_dir is None and context == "csi":
-        cloud_env_dir = DEFAULT_CLOUD_ENV_DIR
-    cloud = resolve_cloud(p.get("cloudName") or default_cloud, p.get("cloudEnvFileName"), cloud_env_dir)
+    cloud = resolve_cloud(*_cloud_inputs(p, context, default_cloud, cloud_env_dir), read_ahead=cloud_env)
 
     auth = _build_auth(
         mode,
@@ -326,6 +327,27 @@ def parse_parameters(
         secret_provider_class=p.get("secretProviderClass"),
         file_group=_group_id(p.get(VOLUME_MOUNT_GROUP_KEY)),
     )
+
+
+def read_cloud_env_file(
+    params: Mapping[str, str], *, cloud_env_dir: str | None = None, default_cloud: str = "AzurePublicCloud"
+) -> EnvFileRead:
+    """The cloud env file CSI parameters name, read now for a `parse_parameters` after a privilege drop.
+
+    The CSI daemon runs this as root: it looks up two parameters as plain strings and reads that
+    one file inside `cloud_env_dir` (bounded, as `parse_parameters` would); it parses nothing a
+    tenant wrote, not even the file. A failed read is kept for the parse to report in its order.
+    """
+    return EnvFileRead(*_cloud_inputs(_Params(params), "csi", default_cloud, cloud_env_dir))
+
+
+def _cloud_inputs(
+    p: _Params, context: str, default_cloud: str, cloud_env_dir: str | None
+) -> tuple[str, str, str | None]:
+    """`resolve_cloud`'s arguments: cloud name, cloudEnvFileName and the folder it must lie in."""
+    if cloud_env_dir is None and context == "csi":
+        cloud_env_dir = DEFAULT_CLOUD_ENV_DIR
+    return p.get("cloudName") or default_cloud, p.get("cloudEnvFileName"), cloud_env_dir
 
 
 def check_guid(field: str, value: str, what: str) -> None:
@@ -584,6 +606,7 @@ __all__ = [
     "parse_bool",
     "parse_duration",
     "parse_parameters",
+    "read_cloud_env_file",
     "token_for_audience",
     "validate_vault_name",
 ]

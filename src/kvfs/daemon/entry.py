@@ -3,9 +3,10 @@
 An entry is `MODULE:FUNCTION`; the function serves one volume. If MODULE also defines
 `prepare(spec)`, the child runs it first, still as root (reading root-only files the volume
 names), then drops to the volume's own uid and calls FUNCTION with every other fd closed. The
-default entry turns the request (parameters, node-publish secrets, fds) into a MountConfig and
-serves it on the handed-over FUSE connection. Any entry with the same signature can stand in
-(tests, benchmarks).
+default entry's `prepare` only reads files (the CAs of SSL_CERT_FILE, the cloud env file); its
+FUNCTION, unprivileged, turns the request (parameters, node-publish secrets, fds) into a
+MountConfig and serves it on the handed-over FUSE connection, so nothing a tenant wrote is parsed
+as root. Any entry with the same signature can stand in (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvfs.config.model import MountConfig, RenderDefaults
+from kvfs.config.clouds import EnvFileRead
+from kvfs.config.model import RenderDefaults
 from kvfs.errors import KvfsError
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,8 @@ class DaemonSpec:
     env: dict[str, str] | None = field(default=None, repr=False)  # the plugin's DAEMON_ENV values; None = keep the mounter's
     cloud_env_dir: str = ""  # cloudEnvFileName must lie inside it (the plugin's --cloud-env-dir)
     defaults: RenderDefaults = RenderDefaults()  # the plugin's node-wide provider flags
-    # What the default entry's `prepare` parsed as root (or why it could not), for `run_volume` after the drop.
-    prepared: MountConfig | KvfsError | None = field(default=None, repr=False)
+    # What the default entry's `prepare` read as root (or why it could not), for `run_volume` to parse after the drop.
+    prepared: EnvFileRead | KvfsError | None = field(default=None, repr=False)
 
     @property
     def mountpoint(self) -> str:
@@ -101,27 +103,22 @@ def report_error(ready_fd: int, message: str) -> None:
 
 
 def prepare(spec: DaemonSpec) -> None:
-    """Runs in the forked child while it is still root: read what the volume names on disk.
+    """Runs in the forked child while it is still root: read what the volume names on disk, parse nothing.
 
     `cloudEnvFileName` and the CAs of SSL_CERT_FILE may be readable by root only; the daemon
     keeps their content in memory after it drops to its unprivileged uid. The cloud env file
-    is read only inside the plugin's --cloud-env-dir, as the plugin itself checked it.
+    is read only inside the plugin's --cloud-env-dir, as the plugin itself checked it. The
+    parameters, the objects YAML and the file's JSON are parsed by `run_volume`, after the drop.
     """
-    from kvfs.config.parameters import parse_parameters
+    from kvfs.config.parameters import read_cloud_env_file
     from kvfs.net.http import preload_ssl_context
 
     try:
         preload_ssl_context()
-        spec.prepared = parse_parameters(
-            spec.params,
-            spec.secrets,
-            context="csi",
-            allow_node_identity=spec.allow_node_identity,
-            cloud_env_dir=spec.cloud_env_dir or None,
-            defaults=spec.defaults,
-        )
     except KvfsError as exc:
         spec.prepared = exc
+        return
+    spec.prepared = read_cloud_env_file(spec.params, cloud_env_dir=spec.cloud_env_dir or None)
 
 
 def warm_up() -> None:
@@ -133,16 +130,27 @@ def warm_up() -> None:
 
 def run_volume(spec: DaemonSpec) -> int:
     """Default entry: kvfs.config parameters → kvfs.daemon.volume.serve_volume on /dev/fd/N."""
+    from kvfs.config.parameters import parse_parameters
     from kvfs.daemon.preflight import PreflightError
     from kvfs.daemon.volume import serve_volume
 
     if spec.prepared is None:
         prepare(spec)
-    config = spec.prepared
-    if isinstance(config, KvfsError):
-        report_error(spec.ready_fd, str(config))
+    try:
+        if isinstance(spec.prepared, KvfsError):
+            raise spec.prepared
+        config = parse_parameters(
+            spec.params,
+            spec.secrets,
+            context="csi",
+            allow_node_identity=spec.allow_node_identity,
+            cloud_env_dir=spec.cloud_env_dir or None,
+            defaults=spec.defaults,
+            cloud_env=spec.prepared,
+        )
+    except KvfsError as exc:
+        report_error(spec.ready_fd, str(exc))
         return 2
-    assert isinstance(config, MountConfig)
     # files belong to root, as upstream's tmpfs files do; the group is the pod's fsGroup if any
     owner = (0, 0 if config.file_group is None else config.file_group)
     try:

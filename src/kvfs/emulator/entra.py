@@ -339,7 +339,7 @@ async def _token(provider: IdentityProvider, request: Request, v1: bool) -> Resp
         return error_response(provider, err, request)
 
     token, iat, exp = provider.issue_access_token(app, resource, appidacr=appidacr)
-    lifetime = exp - iat
+    lifetime = exp - iat if provider.answered_lifetime is None else provider.answered_lifetime
     log.debug("issued token for client %s, resource %s", app.client_id, resource)
     body: dict[str, Any]
     if v1:  # the v1 endpoint answers with strings, like IMDS

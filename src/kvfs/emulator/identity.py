@@ -104,6 +104,7 @@ class IdentityProvider:
         self.outage = False
         self.outage_retry_after: int | None = None  # seconds for Retry-After while `outage`
         self.refined_fic_errors = False  # True: AADSTS700211/700212/700213 instead of 70021
+        self.answered_lifetime: int | None = None  # the expires_in Entra ID answers, whatever the token's own (an odd IdP)
         self.on_request = None
         self.clock: Callable[[], float] = time.time
         self.entra_key = SigningKey("kvfs-emulator-sts", saved=saved["entra_key"] if saved else None)
