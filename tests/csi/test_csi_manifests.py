@@ -268,15 +268,18 @@ def test_base_grants_no_secrets_and_no_pod_deletion(kustomize: Callable[..., Bui
     assert not any({"secrets", "*"} & set(r["resources"]) for r in rules)
     assert not _grants(rules, "", "pods", "delete")
     assert _grants(rules, "secrets-store.csi.x-k8s.io", "secretproviderclasses", "get")
-    for verb in ("get", "list", "create", "update", "patch", "delete"):
+    # exactly the verbs kvfs.csi.kube sends (GET by name, POST, PUT, DELETE; the fake API serves no others)
+    for verb in ("get", "create", "update", "delete"):
         assert _grants(rules, "secrets-store.csi.x-k8s.io", "secretproviderclasspodstatuses", verb)
+    for verb in ("list", "watch", "patch"):
+        assert not _grants(rules, "secrets-store.csi.x-k8s.io", "secretproviderclasspodstatuses", verb)
     assert _grants(rules, "", "events", "create") and _grants(rules, "", "pods", "get")
 
 
 @pytest.mark.parametrize(
     ("component", "flag", "grant"),
     [
-        ("sync-secrets", "--sync-secrets", [("secrets", v) for v in ("get", "create", "update", "patch", "delete")]),
+        ("sync-secrets", "--sync-secrets", [("secrets", v) for v in ("get", "create", "update", "delete")]),
         ("restart-failed-pods", "--restart-pods-with-failed-volumes", [("pods", "delete")]),
         ("aks-addon-defaults", "--write-cert-and-key-in-separate-files", []),
     ],
