@@ -243,3 +243,26 @@ def test_a_hung_volumes_pod_is_deleted_only_once_its_mount_stayed_silent_from_on
         assert fake_kube.get("pods", NS, "frozen") is None
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
+
+
+def test_a_hung_volume_whose_daemon_then_dies_is_told_again(
+    plugin: Callable[..., Kubelet], fake_kube: FakeKube, tmp_path: Path
+) -> None:
+    """Hung, then dead: the second finding changes what the pod's reads do (wait → fail), so it gets
+    its own event within the events' rate-limit interval."""
+    kubelet = plugin(restart=False)
+    uid = fake_kube.add_pod(NS, "worse")["metadata"]["uid"]
+    target = kubelet.target(tmp_path, "worse")
+    kubelet.publish("vol-worse", target, inline_params(**{POD_NAMESPACE_KEY: NS, POD_NAME_KEY: "worse", POD_UID_KEY: uid}))
+    daemon = kubelet.state(target)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        sweep(kubelet)
+    finally:
+        os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(daemon.pid, daemon.pid_start), 10, "the daemon to die")
+    sweep(kubelet)
+    assert volumes(kubelet).health[target].health.value == "dead"
+    hung, dead = events(fake_kube, kubelet, "worse")
+    assert " is hung: " in hung and "Reads of its files wait" in hung
+    assert " is dead: " in dead and "Reads of its files fail" in dead

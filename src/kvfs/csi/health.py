@@ -132,7 +132,10 @@ class FailedVolumes:
         )
         pod = pod_ref(state)
         if pod is not None:
-            self.recorder.record(pod, Reason.VOLUME_FAILED, self._message(state, failure), object_key=state.volume_id)
+            # keyed by health too: a hung volume whose daemon then dies is told again, a flapping one is not
+            self.recorder.record(
+                pod, Reason.VOLUME_FAILED, self._message(state, failure), object_key=f"{state.volume_id}/{failure.health}"
+            )
 
     def _message(self, state: VolumeState, failure: Failure) -> str:
         fix = (
