@@ -318,7 +318,7 @@ def _run_status(args: argparse.Namespace) -> int:
             print(json.dumps(status, indent=2) if args.json else render(status))
             return 0
     print(f"kvfs status: {args.mountpoint}: {problem}", file=sys.stderr)
-    dead = _dead_mount_fix(args.mountpoint, mountpoint, csi=csi_socket.parent.is_dir())
+    dead = _dead_mount_fix(args.mountpoint, mountpoint, csi=os.path.isdir(csi_socket.parent))  # False, not EACCES, in root's state dir
     if dead:
         print(f"kvfs status: {args.mountpoint}: {dead}", file=sys.stderr)
     return 1

@@ -265,3 +265,10 @@ def test_cluster_reads_env_files_only_inside_the_admin_folder(tmp_path: Path) ->
         text = str(info.value)
         assert f"is not a file inside {admin}" in text and "--cloud-env-dir" in text, path
         assert "no such file" not in text
+
+
+@pytest.mark.parametrize("allowed_dir", [None, "/etc/kvfs/clouds"])
+def test_a_nul_in_the_env_file_name_is_a_config_error_not_a_traceback(allowed_dir: str | None) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_cloud("AzureStackCloud", "/etc/kvfs/clouds/a\0b.json", allowed_dir)
+    assert "holds a NUL character" in str(info.value)

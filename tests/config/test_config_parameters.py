@@ -396,6 +396,8 @@ def test_vault_name_rules(name: str, problem: str) -> None:
         ("kv1.vault.usgovcloudapi.net", "write keyvaultName: kv1"),
         ("https://kv.vault.azure.net/", "for https://myvault.vault.azure.net/ write myvault"),  # "kv" is too short
         ("https://my_vault.vault.azure.net", "for https://myvault.vault.azure.net/ write myvault"),
+        ("https://[my-vault.vault.azure.net", "for https://myvault.vault.azure.net/ write myvault"),  # not a URL
+        ("my-vault.vault.azure.net:443/x", "write keyvaultName: my-vault"),
     ],
 )
 def test_a_vault_url_is_answered_with_the_name_to_write(given: str, fix: str) -> None:

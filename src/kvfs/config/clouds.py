@@ -149,6 +149,8 @@ def _read_env_file(name: str, path: str, allowed_dir: str | None) -> str:
     non-blocking without following a final symlink, a regular file, at most MAX_ENV_FILE bytes.
     Errors quote nothing from the file.
     """
+    if "\0" in path:
+        raise _invalid(name, f"cloudEnvFileName {path!r} holds a NUL character", "name the file by its plain path")
     if allowed_dir is not None:
         folder = os.path.normpath(allowed_dir)
         inside = os.path.isabs(path) and _inside(os.path.normpath(path), folder)

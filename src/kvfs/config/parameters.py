@@ -42,7 +42,6 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import urlparse
 
 from kvfs.config.clouds import EnvFileRead, resolve_cloud
 from kvfs.config.model import DEFAULT_REFRESH_INTERVAL, AuthConfig, AuthMode, MountConfig, RenderDefaults
@@ -184,7 +183,7 @@ def validate_vault_name(name: str) -> None:
             " end with a letter or digit and have no consecutive hyphens"
         )
         if "." in name or "/" in name:
-            host = urlparse(name if "://" in name else "https://" + name).hostname or ""
+            host = name.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()  # never raises, unlike urlparse
             label = host.split(".")[0]
             fix = (
                 f"keyvaultName is the vault's name, not its URL: write keyvaultName: {label}"

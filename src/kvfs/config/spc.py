@@ -327,8 +327,8 @@ def overlay(params: Mapping[str, str], pairs: Sequence[str]) -> dict[str, str]:
     """Apply `--param KEY=VALUE` pairs over `params`; like volumeAttributes, the overlay wins.
 
     Names are case-sensitive, so a KEY that differs from a known parameter or a manifest key
-    only in case would be silently ignored (and the manifest's value used): refused instead, as
-    is an object's field. Another unknown KEY is taken, as a volumeAttribute would be, with a warning.
+    only in case would be silently ignored (and the manifest's value used): refused instead. Another
+    unknown KEY (an object's field included) is taken, as a volumeAttribute would be, with a warning.
     """
     out = dict(params)
     for pair in pairs:
@@ -359,22 +359,17 @@ def _check_name(key: str, params: Mapping[str, str]) -> None:
             f"parameter names are case-sensitive: {key} is not {' or '.join(meant)}, which {where}",
             f"did you mean {' or '.join(meant)}? write --param {meant[0]}=...",
         )
-    field = next((name for name in OBJECT_FIELDS if name.lower() == key.lower()), "")
-    if field:
-        raise ConfigError(
-            "--param",
-            f"{key}=...",
-            f"{field} is a field of one object, not a parameter",
-            "set it in that object's entry under objects.array in the manifest",
-        )
     if key.startswith(KUBELET_PREFIX):
         return  # kubelet's pod-info keys, as a volume's attributes carry them
-    # Taken, as a pod's volumeAttributes are (the mount contract), but said: it is likely a typo.
-    close = difflib.get_close_matches(key, sorted({*USER_PARAMETERS, *params}), n=1)
+    # Taken, as a pod's volumeAttributes are (the mount contract), but said: it is likely a mistake.
+    field = next((name for name in OBJECT_FIELDS if name.lower() == key.lower()), "")
+    if field:
+        why = f"{field} is a field of one object, not a parameter (set it in that object's entry under objects.array)"
+    else:
+        close = difflib.get_close_matches(key, sorted({*USER_PARAMETERS, *params}), n=1)
+        why = (f"did you mean {close[0]}? " if close else "") + "parameters: " + ", ".join(USER_PARAMETERS)
     log.warning(
-        "--param %s=...: neither a parameter kvfs reads nor one the manifest sets, so it changes nothing (%s)",
-        key,
-        (f"did you mean {close[0]}? " if close else "") + "parameters: " + ", ".join(USER_PARAMETERS),
+        "--param %s=...: neither a parameter kvfs reads nor one the manifest sets, so it changes nothing (%s)", key, why
     )
 
 
