@@ -264,7 +264,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     node.add_argument(
         "--health-interval",
         type=float,
-        default=60.0,
+        default=60.0,  # kvfs.csi.volumes.DEFAULT_HEALTH_INTERVAL (not imported: help must stay quick)
         metavar="SECONDS",
         help="between health sweeps of mounted volumes (default %(default)s; 0 = only on kubelet's Probe)",
     )

@@ -10,8 +10,8 @@ stopped or stuck) wait in the kernel until it answers again. What the plugin doe
 - logs it once, naming the pod (namespace/name) and the cause;
 - posts a `VolumeFailed` Warning event on the pod (kvfs.csi.events: rate-limited, off-thread);
 - with `--restart-pods-with-failed-volumes`, deletes the pod (with its uid as precondition) so its
-  controller makes a fresh one (a hung volume only once a statfs stayed unanswered from one check to
-  the next): never a pod without a controller (an ownerReference with
+  controller makes a fresh one (a hung volume only once one statfs has gone unanswered for a whole
+  health interval): never a pod without a controller (an ownerReference with
   `controller: true`), never the same pod (namespace/name) twice within RESTART_INTERVAL. The
   deletions are remembered in `<state-dir>/restarted-pods.json`, so the limit holds across plugin
   restarts. Deleting talks to the API, so it runs in the plugin's sweep loop, never in kubelet's

@@ -102,9 +102,9 @@ class Health(enum.Enum):
 class Probe:
     health: Health
     detail: str = ""
-    # HUNG only: the statfs of an earlier check is still unanswered, so the mount has not answered
-    # for at least one check interval (one slow answer on a busy node is not that)
-    persistent: bool = False
+    # HUNG only: when (time.monotonic) the statfs of an earlier check, still unanswered, started;
+    # None when this check's own statfs timed out (one slow answer on a busy node may be that)
+    unanswered_since: float | None = None
 
 
 _DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED, errno.ESTALE, errno.EIO, errno.ENODEV}
@@ -114,7 +114,7 @@ class Prober:
     """Bounded statfs probes; at most one thread per target stays stuck on a hung mount."""
 
     def __init__(self) -> None:
-        self._inflight: dict[str, threading.Thread] = {}
+        self._inflight: dict[str, tuple[threading.Thread, float]] = {}  # target → statfs thread, its start
         self._lock = threading.Lock()
 
     def probe_many(self, targets: list[str], timeout: float = 1.0) -> dict[str, Probe]:
@@ -129,12 +129,12 @@ class Prober:
                 continue
             with self._lock:
                 stuck = self._inflight.get(target)
-                if stuck is not None and stuck.is_alive():
-                    results[target] = Probe(Health.HUNG, "an earlier statfs has not answered yet", persistent=True)
+                if stuck is not None and stuck[0].is_alive():
+                    results[target] = Probe(Health.HUNG, "an earlier statfs has not answered yet", unanswered_since=stuck[1])
                     continue
                 box: list[OSError | None] = []
                 thread = threading.Thread(target=_statfs, args=(target, box), name="statfs", daemon=True)
-                self._inflight[target] = thread
+                self._inflight[target] = (thread, time.monotonic())
             outcomes[target] = box
             threads[target] = thread
             thread.start()

@@ -22,7 +22,7 @@ from kvfs.csi.identity import IdentityServicer
 from kvfs.csi.metrics import NodeMetrics
 from kvfs.csi.proto import load
 from kvfs.csi.request import RequestError
-from kvfs.csi.volumes import NodeConfig, PublishRequest, Volumes
+from kvfs.csi.volumes import DEFAULT_HEALTH_INTERVAL, NodeConfig, PublishRequest, Volumes
 
 log = logging.getLogger(__name__)
 pb2, pb2_grpc = load()
@@ -109,7 +109,9 @@ def serve(volumes: Volumes, endpoint: str, *, workers: int = 16, metrics: NodeMe
     return server
 
 
-def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0, metrics_addr: str = "") -> int:
+def run_node(
+    config: NodeConfig, endpoint: str, *, health_interval: float = DEFAULT_HEALTH_INTERVAL, metrics_addr: str = ""
+) -> int:
     """The `kvfs csi node` process: mounter up, state recovered, gRPC served until SIGTERM."""
     syscalls.set_dumpable(False)  # it holds requests' secrets and tokens
     volumes = Volumes(config)
@@ -140,7 +142,7 @@ def run_node(config: NodeConfig, endpoint: str, *, health_interval: float = 60.0
         next_sweep = time.monotonic() + health_interval
         try:
             volumes.check_health()
-            volumes.restart_failed_pods()
+            volumes.restart_failed_pods(hung_for=health_interval)
         except Exception:  # noqa: BLE001 - keep serving
             log.exception("health sweep failed")
     log.info("stopping; mounted volumes keep being served by their daemons")

@@ -60,6 +60,7 @@ FETCH_TIMEOUT = 45.0  # seconds for a daemon's `fetch`: its reads answer within 
 # Outside system (< 1000), user, nobody (65534), systemd-container (0x80000-0x6fffffff is
 # partly used by systemd-nspawn) and the usual subuid ranges (100000 + 65536 * n); below 2^31.
 DEFAULT_DAEMON_UID_RANGE = (1_900_000_000, 1_900_999_999)
+DEFAULT_HEALTH_INTERVAL = 60.0  # seconds between the plugin's health sweeps (--health-interval)
 
 
 @dataclass
@@ -618,15 +619,21 @@ class Volumes:
         self.mounters.prune({s.mounter for s in self.store.all()})
         return dict(self.health)
 
-    def restart_failed_pods(self) -> list[str]:
+    def restart_failed_pods(self, *, hung_for: float = DEFAULT_HEALTH_INTERVAL) -> list[str]:
         """With --restart-pods-with-failed-volumes, delete the pods of the volumes the last sweep found
         failed (kvfs.csi.health); the pods deleted. Waits on the API: the sweep loop calls it.
 
-        A hung volume counts only once its statfs stayed unanswered from one check to the next: its
-        reads wait rather than fail, and one slow answer on a busy node must not cost a pod."""
-        failed = {
-            t for t, p in self.health.items() if p.health is not Health.HEALTHY and (p.health is not Health.HUNG or p.persistent)
-        }
+        A hung volume counts only once one statfs has gone unanswered for `hung_for` seconds (the
+        health interval): its reads wait rather than fail, and one slow answer on a busy node, or
+        kubelet's liveness probe just before a sweep, must not cost a pod."""
+        now = time.monotonic()
+
+        def failed_for_good(probe: Probe) -> bool:
+            if probe.health is Health.HUNG:
+                return probe.unanswered_since is not None and now - probe.unanswered_since >= hung_for
+            return probe.health is not Health.HEALTHY
+
+        failed = {t for t, p in self.health.items() if failed_for_good(p)}
         return self.failures.restart(s for s in self.store.all() if s.target_path in failed)
 
 
