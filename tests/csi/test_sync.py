@@ -17,7 +17,7 @@ import pytest
 from csi_harness import Kubelet, inline_params
 from fakekube import FakeKube
 from kvfs.csi.kube import KubeClient
-from kvfs.csi.podstatus import served_versions
+from kvfs.csi.podstatus import CHECK_INTERVAL, served_versions
 from kvfs.csi.sync import _shows
 
 pytestmark = pytest.mark.mount
@@ -94,12 +94,38 @@ def test_refused_status_objects_never_fail_a_publish_are_logged_once_and_made_at
     assert len(warnings) == 1 and "cannot create SecretProviderClassPodStatus shop/p1-shop-plain" in warnings[0]
     assert "secretproviderclasspodstatuses rights" in warnings[0]
     node.kube.denied.clear()
-    node.publish("p1", "plain")  # kubelet's republish
+    with caplog.at_level(logging.INFO, logger="kvfs.csi.podstatus"):
+        node.publish("p1", "plain")  # kubelet's republish
+    late = [r.getMessage() for r in caplog.records if r.name == "kvfs.csi.podstatus"]
+    assert any("made (its create at publish had failed)" in m for m in late) and not any("was deleted" in m for m in late)
     [status] = node.kube.items(STATUSES, NS)
     assert status["metadata"]["name"] == "p1-shop-plain" and status["status"]["objects"] == []
     calls = len(node.kube.requests)
     node.publish("p1", "plain")  # a republish with nothing missing makes no API call
     assert len(node.kube.requests) == calls
+
+
+def test_a_failing_status_check_is_not_repeated_at_every_republish(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An API that refuses (or a missing right, or an outage) is asked once per CHECK_INTERVAL, not at
+    each of kubelet's republishes of each volume."""
+    node.add_class("plain", a="A")
+    now = [0.0]
+    monkeypatch.setattr(node.volumes.statuses, "clock", lambda: now[0])
+    node.publish("p1", "plain")
+    node.kube.denied.add(("get", STATUSES))
+    now[0] += CHECK_INTERVAL
+    asked = len(node.kube.requests)
+    with caplog.at_level(logging.WARNING, logger="kvfs.csi.podstatus"):
+        for _ in range(3):
+            node.publish("p1", "plain")  # kubelet's republishes
+    assert [r.method for r in node.kube.requests[asked:] if STATUSES in r.path] == ["GET"]
+    assert any("cannot read SecretProviderClassPodStatus shop/p1-shop-plain" in r.getMessage() for r in caplog.records)
+    node.kube.denied.clear()
+    now[0] += CHECK_INTERVAL
+    node.publish("p1", "plain")
+    assert [r.method for r in node.kube.requests[asked:] if STATUSES in r.path] == ["GET", "GET"]
 
 
 def test_status_objects_list_upstreams_ids_and_only_grow(node: Node) -> None:

@@ -153,15 +153,16 @@ class PodStatuses:
 
     def republished(self, state: VolumeState) -> None:
         """kubelet's periodic call: creates a status that the publish could not, and checks, at most
-        once per CHECK_INTERVAL, that the status still exists (no API call otherwise)."""
+        once per CHECK_INTERVAL (whether the last check worked or not), that the status still exists
+        (no API call otherwise)."""
         if not applies(state):
             return
         with self._lock:
             missing = state.target_path in self._missing
             due = self.clock() - self._checked.get(state.target_path, float("-inf")) >= CHECK_INTERVAL
-        if missing:
-            self.published(state)
-        elif due:
+            if due and not missing:
+                self._checked[state.target_path] = self.clock()  # an API that is down is not asked per republish
+        if missing or due:
             self._existing(state)
 
     def renewed(self, state: VolumeState) -> bool:
@@ -248,7 +249,11 @@ class PodStatuses:
             self._failed("create", state, exc)
             return None
         self._log.succeeded("create")
-        if made == [True]:
+        with self._lock:
+            late = state.target_path in self._missing  # the publish's own create had failed: nothing was lost
+        if made == [True] and late:
+            log.info("SecretProviderClassPodStatus %s/%s made (its create at publish had failed)", state.pod_namespace, self.name(state))
+        elif made == [True]:
             log.warning(
                 "SecretProviderClassPodStatus %s/%s was deleted while pod %s still mounts the volume: made it again"
                 " (listing %d object version(s) its daemon served)",
