@@ -153,19 +153,30 @@ class AddressInUse(Exception):
     """Another process answers on the socket path already."""
 
 
+def nobody_listens(path: str, timeout: float = 1.0) -> bool:
+    """Whether no process listens on the unix socket `path`: connecting is refused or nothing is
+    there. A listener that accepts, has a full backlog or does not answer within `timeout` (a
+    stopped process) is one. Other errors (no permission, not a socket) raise."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except (TimeoutError, BlockingIOError):
+        return False
+    finally:
+        probe.close()
+    return False
+
+
 def listen(path: str, backlog: int) -> socket.socket:
     """A listening unix socket at `path`, mode 0600; a stale socket file left there is replaced.
 
     AddressInUse when a live process answers there: its socket is never taken over.
     """
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
+    if not nobody_listens(path):
         raise AddressInUse(f"another process already listens on {path}")
-    except (FileNotFoundError, ConnectionRefusedError):
-        pass
-    finally:
-        probe.close()
     try:
         os.unlink(path)
     except FileNotFoundError:
