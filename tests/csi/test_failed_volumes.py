@@ -24,7 +24,7 @@ from fakekube import FakeKube
 from kvfs.config.parameters import POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY
 from kvfs.csi.health import FAILURE_FILE, RESTART_INTERVAL
 from kvfs.csi.kube import KubeClient
-from kvfs.csi.state import process_alive
+from kvfs.csi.state import VolumeState, process_alive
 from kvfs.csi.status import collect, render
 from kvfs.csi.volumes import Volumes
 
@@ -82,6 +82,17 @@ def dead_volume(kubelet: Kubelet, fake: FakeKube, tmp_path: Path, name: str, **p
     os.kill(daemon.pid, signal.SIGKILL)
     wait_for(lambda: not process_alive(daemon.pid, daemon.pid_start), 10, "the daemon to die")
     return target
+
+
+def stopped_volume(kubelet: Kubelet, fake: FakeKube, tmp_path: Path, name: str) -> tuple[str, VolumeState]:
+    """A pod in the fake API, its volume published, its daemon stopped (SIGSTOP: the caller sends
+    SIGCONT or SIGKILL); the target and the volume's state."""
+    uid = fake.add_pod(NS, name)["metadata"]["uid"]
+    target = kubelet.target(tmp_path, name)
+    kubelet.publish(f"vol-{name}", target, inline_params(**{POD_NAMESPACE_KEY: NS, POD_NAME_KEY: name, POD_UID_KEY: uid}))
+    daemon = kubelet.state(target)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    return target, daemon
 
 
 def sweep(kubelet: Kubelet) -> list[str]:
@@ -231,11 +242,7 @@ def test_a_hung_volumes_pod_is_deleted_only_once_its_mount_stayed_silent_for_a_h
     liveness probe, then the sweep): the pod stays. A statfs unanswered for a whole health interval
     means the mount is stuck: the pod is deleted so its controller makes a fresh one."""
     kubelet = plugin(restart=True)
-    uid = fake_kube.add_pod(NS, "frozen")["metadata"]["uid"]
-    target = kubelet.target(tmp_path, "frozen")
-    kubelet.publish("vol-frozen", target, inline_params(**{POD_NAMESPACE_KEY: NS, POD_NAME_KEY: "frozen", POD_UID_KEY: uid}))
-    daemon = kubelet.state(target)
-    os.kill(daemon.pid, signal.SIGSTOP)
+    target, daemon = stopped_volume(kubelet, fake_kube, tmp_path, "frozen")
     try:
         assert sweep(kubelet) == []  # its own statfs timed out: maybe only slow
         assert volumes(kubelet).health[target].health.value == "hung"
@@ -254,11 +261,7 @@ def test_a_hung_volume_whose_daemon_then_dies_is_told_again(
     """Hung, then dead: the second finding changes what the pod's reads do (wait → fail), so it gets
     its own event within the events' rate-limit interval."""
     kubelet = plugin(restart=False)
-    uid = fake_kube.add_pod(NS, "worse")["metadata"]["uid"]
-    target = kubelet.target(tmp_path, "worse")
-    kubelet.publish("vol-worse", target, inline_params(**{POD_NAMESPACE_KEY: NS, POD_NAME_KEY: "worse", POD_UID_KEY: uid}))
-    daemon = kubelet.state(target)
-    os.kill(daemon.pid, signal.SIGSTOP)
+    target, daemon = stopped_volume(kubelet, fake_kube, tmp_path, "worse")
     try:
         sweep(kubelet)
     finally:
