@@ -12,7 +12,7 @@ name (`<pod>-<namespace>-<class>`), node label and fields (kvfs.csi.kube.spc_pod
   when kvfs cannot (the node went away);
 - made again when it goes while its volume stays mounted (an admin deleted it, or the CRD was
   removed and applied again during a switch-over): found at a republish (kubelet's periodic call,
-  at most once per CHECK_INTERVAL) or at once by a rotation's Secret sync, and written with the
+  at most once per CHECK_INTERVAL) or at once by the Secret sync of a rotation a Secret shows, and written with the
   versions the daemon's event ring still holds. Synced Secrets the garbage collector took with it
   are then synced again (kvfs.csi.sync).
 

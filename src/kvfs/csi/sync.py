@@ -18,7 +18,7 @@ namespace is created or updated with the bytes of the files it names (kvfs.csi.s
   events (`SecretSyncFailed`) and log lines; they never fail the volume or the publish. A sync that
   failed is tried again at the pod's next republish (kubelet's periodic call).
 - A status object deleted while its pod runs (and with it, by the garbage collector, the Secrets
-  only it owned) is made again by the next rotation's sync or republish check
+  only it owned) is made again by the sync of the next rotation a Secret shows, or the republish check
   (kvfs.csi.podstatus), and then every Secret of the class is synced again.
 """
 
@@ -130,11 +130,13 @@ class SecretSync:
         if not objects:
             self._remember(state, failed=objects is None)  # a class that cannot be read: try again
             return
+        if rotated is not None:
+            touched = [o for o in objects if any(_shows(file, name) for file in o.files for name in rotated)]
+            if not touched:
+                return  # no API call for a rotation no Secret shows
         owner = self.statuses.owner_reference(state)  # made again if it went, and then
         if rotated is not None and not self.statuses.renewed(state):  # every Secret it owned went too
-            objects = [o for o in objects if any(_shows(file, name) for file in o.files for name in rotated)]
-            if not objects:
-                return
+            objects = touched
         failed = False
         files, errors = self._fetch(state, sorted({f for o in objects for f in o.files})) if owner else ({}, {})
         for obj in objects:

@@ -84,8 +84,8 @@ class Zygote:
 
     def _refuse_dropped(self, exc: jsonline.FdsDropped) -> dict[str, Any]:
         """Out of file descriptors, the kernel dropped a fork command's fds: that volume fails
-        (RESOURCE_EXHAUSTED), and the command, read to its end, is not run; the zygote serves on."""
-        self.reader.close_fds()
+        (RESOURCE_EXHAUSTED), and the command, read to its end, is not run; the zygote serves on.
+        The caller closes whatever fds did arrive."""
         self.reader.read(10.0)
         code, text = syscalls.failure("receiving the daemon's file descriptors", exc.cause, "mounter's zygote")
         log.error("%s", text)
