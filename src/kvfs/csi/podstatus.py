@@ -12,8 +12,8 @@ name (`<pod>-<namespace>-<class>`), node label and fields (kvfs.csi.kube.spc_pod
   when kvfs cannot (the node went away);
 - made again when it goes while its volume stays mounted (an admin deleted it, or the CRD was
   removed and applied again during a switch-over): found at a republish (kubelet's periodic call,
-  at most once per CHECK_INTERVAL) or at once by the Secret sync of a rotation a Secret shows, and written with the
-  versions the daemon's event ring still holds. Synced Secrets the garbage collector took with it
+  at most once per CHECK_INTERVAL) or at once by the Secret sync of a rotation a Secret shows, and
+  written with the versions the daemon's event ring still holds. Synced Secrets the garbage collector took with it
   are then synced again (kvfs.csi.sync).
 
 Always on: the base RBAC grants it, and Secret sync (kvfs.csi.sync) hangs its Secrets on these
@@ -252,7 +252,11 @@ class PodStatuses:
         with self._lock:
             late = state.target_path in self._missing  # the publish's own create had failed: nothing was lost
         if made == [True] and late:
-            log.info("SecretProviderClassPodStatus %s/%s made (its create at publish had failed)", state.pod_namespace, self.name(state))
+            log.info(
+                "SecretProviderClassPodStatus %s/%s made (its create at publish had failed)",
+                state.pod_namespace,
+                self.name(state),
+            )
         elif made == [True]:
             log.warning(
                 "SecretProviderClassPodStatus %s/%s was deleted while pod %s still mounts the volume: made it again"

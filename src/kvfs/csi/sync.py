@@ -18,8 +18,8 @@ namespace is created or updated with the bytes of the files it names (kvfs.csi.s
   events (`SecretSyncFailed`) and log lines; they never fail the volume or the publish. A sync that
   failed is tried again at the pod's next republish (kubelet's periodic call).
 - A status object deleted while its pod runs (and with it, by the garbage collector, the Secrets
-  only it owned) is made again by the sync of the next rotation a Secret shows, or the republish check
-  (kvfs.csi.podstatus), and then every Secret of the class is synced again.
+  only it owned) is made again by the sync of the next rotation a Secret shows, or by the
+  republish check (kvfs.csi.podstatus), and then every Secret of the class is synced again.
 """
 
 from __future__ import annotations
